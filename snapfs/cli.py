@@ -1,0 +1,270 @@
+"""The `snapfs` command.
+
+`init`, `mount` and `umount` act on their own; every other command is one line written to
+the running daemon's `.snapfs/ctl`, whose JSON reply is printed as a table (or as JSON with
+`--json`). The daemon is found by `--mount MOUNTPOINT`, else from the current directory when
+it is inside a snapfs mount, else as the only snapfs mount on the machine.
+"""
+
+import errno
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+import trio
+
+from snapfs import __version__
+from snapfs.control import SPECS
+from snapfs.errors import SnapfsError
+from snapfs.units import format_size
+
+FSTYPE = "fuse.snapfs"
+
+
+class CliError(Exception):
+    pass
+
+
+def snapfs_mounts() -> list[str]:
+    mounts = []
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) > 2 and parts[2] == FSTYPE:
+                mounts.append(parts[1].replace("\\040", " "))
+    return mounts
+
+
+def find_mount(explicit: str | None) -> str:
+    mounts = snapfs_mounts()
+    if explicit:
+        path = os.path.realpath(explicit)
+        if path not in mounts:
+            raise CliError(f"{explicit} is not a snapfs mount")
+        return path
+    cwd = os.path.realpath(os.getcwd())
+    inside = [m for m in mounts if cwd == m or cwd.startswith(m.rstrip("/") + "/")]
+    if inside:
+        return max(inside, key=len)
+    if not mounts:
+        raise CliError("no snapfs mount found: run 'snapfs mount STORE_URL MOUNTPOINT' first")
+    if len(mounts) > 1:
+        raise CliError(f"{len(mounts)} snapfs mounts ({', '.join(mounts)}): "
+                       "choose one with --mount MOUNTPOINT")
+    return mounts[0]
+
+
+def ctl(mount: str, line: str) -> object:
+    """Send one command line; return the result or raise CliError with the daemon's reason."""
+    path = os.path.join(mount, ".snapfs", "ctl")
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError as exc:
+        raise CliError(f"cannot reach the daemon at {mount}: {exc.strerror}") from None
+    try:
+        try:
+            os.write(fd, (line + "\n").encode())
+        except OSError as exc:
+            if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED):
+                raise CliError(f"the daemon of {mount} is not running") from None
+        chunks = []
+        offset = 0
+        while True:
+            chunk = os.pread(fd, 1 << 20, offset)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            offset += len(chunk)
+    finally:
+        os.close(fd)
+    try:
+        reply = json.loads(b"".join(chunks) or b"null")
+    except ValueError:
+        raise CliError("the daemon sent an unreadable reply") from None
+    if not isinstance(reply, dict):
+        raise CliError("the daemon sent no reply")
+    if not reply.get("ok"):
+        raise CliError(reply.get("error", "failed"))
+    return reply.get("result")
+
+
+# ---------------------------------------------------------------------- output
+
+
+def table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    if not rows:
+        return "(none)"
+    cells = [[h for h, _ in columns]] + [[str(r.get(k, "")) for _, k in columns] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                     for row in cells)
+
+
+def _sizes(d: dict, *keys: str) -> dict:
+    out = dict(d)
+    for k in keys:
+        if isinstance(out.get(k), int):
+            out[k] = format_size(out[k])
+    return out
+
+
+def render(words: list[str], result) -> str:
+    cmd = tuple(words[:2])
+    if cmd == ("volume", "list"):
+        rows = [_sizes(r, "size", "block_size", "bytes_dirty") for r in result]
+        return table(rows, [("NAME", "name"), ("SIZE", "size"), ("BLOCK", "block_size"),
+                            ("DIRTY", "bytes_dirty"), ("SNAPSHOTS", "snapshots"),
+                            ("STATE", "state"), ("PARENT", "parent")])
+    if cmd == ("snapshot", "list"):
+        rows = [_sizes(r, "size") for r in result]
+        return table(rows, [("VOLUME", "volume"), ("SNAPSHOT", "name"), ("STATE", "state"),
+                            ("SIZE", "size"), ("CREATED", "created_at")])
+    if cmd[:1] == ("diff",):
+        lines = [f"{result['changed_blocks']} blocks changed "
+                 f"({format_size(result['changed_bytes'])}), block size "
+                 f"{format_size(result['block_size'])}"]
+        lines += [f"{e['offset']}\t{e['length']}" for e in result["extents"]]
+        return "\n".join(lines)
+    if isinstance(result, dict):
+        width = max((len(k) for k in result), default=0)
+        return "\n".join(f"{k.ljust(width)}  {v}" for k, v in result.items())
+    return json.dumps(result, indent=2)
+
+
+# ---------------------------------------------------------------------- local commands
+
+
+def cmd_init(args: list[str]) -> int:
+    if len(args) != 1:
+        raise CliError("usage: snapfs init STORE_URL")
+    from snapfs.store import open_store
+    from snapfs.volume.publish import init_store
+
+    async def run() -> dict:
+        store = open_store(args[0])
+        try:
+            if hasattr(store, "create_container"):
+                await store.create_container()
+            return await init_store(store)
+        finally:
+            await store.aclose()
+
+    manifest = trio.run(run)
+    print(f"initialised snapfs store {manifest['uuid']}")
+    return 0
+
+
+def cmd_mount(args: list[str]) -> int:
+    from snapfs import daemon
+
+    opts = daemon.arg_parser().parse_args(args)
+    if opts.foreground:
+        return daemon.serve(opts)
+    daemon.check_mountpoint(opts.mountpoint)
+    read_fd, write_fd = os.pipe()
+    cmd = [sys.executable, "-m", "snapfs.daemon", *args, "--ready-fd", str(write_fd)]
+    proc = subprocess.Popen(cmd, pass_fds=(write_fd,), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        line = pipe.readline().decode(errors="replace").strip()
+    if line == "ok":
+        print(f"mounted {opts.store} on {os.path.abspath(opts.mountpoint)} (pid {proc.pid})")
+        return 0
+    proc.wait(timeout=30)
+    raise CliError(line.removeprefix("error: ") if line else
+                   f"the daemon exited with status {proc.returncode} before mounting")
+
+
+def cmd_umount(args: list[str]) -> int:
+    if len(args) != 1:
+        raise CliError("usage: snapfs umount MOUNTPOINT")
+    mount = find_mount(args[0])
+    status = ctl(mount, "status")
+    pid = status["pid"] if isinstance(status, dict) else None
+    ctl(mount, "sync")
+    res = subprocess.run(["fusermount3", "-u", mount], capture_output=True, text=True)
+    if res.returncode != 0:
+        msg = (res.stderr.strip().splitlines() or ["unmount failed"])[-1]
+        raise CliError(f"cannot unmount {mount}: {msg.removeprefix('fusermount3: ')}")
+    deadline = time.monotonic() + 600
+    while pid and time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    print(f"unmounted {mount}")
+    return 0
+
+
+USAGE = """usage: snapfs [--mount MOUNTPOINT] [--json] COMMAND ...
+
+  init STORE_URL                          create a store (file:///path, swift://host:port/c)
+  mount STORE_URL MOUNTPOINT [--cache-dir D] [--cache-size SIZE] [--foreground]
+        [--read-only [--snapshot VOL@SNAP]]
+  umount MOUNTPOINT                       flush, publish and unmount
+"""
+
+
+def usage() -> str:
+    lines = [USAGE]
+    for spec in SPECS:
+        args = " ".join(a.upper().rstrip("?") for a in spec.args)
+        opts = " ".join(f"[--{o} X]" for o in spec.options)
+        flags = " ".join(f"[--{f}]" for f in spec.flags)
+        lines.append(f"  {' '.join((' '.join(spec.words), args, opts, flags)).strip():<40}"
+                     f"{spec.help}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    as_json = False
+    mount = None
+    words: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--json":
+            as_json = True
+        elif a == "--mount" and words[:1] != ["mount"]:
+            if i + 1 >= len(argv):
+                print("snapfs: --mount needs a mount point", file=sys.stderr)
+                return 2
+            mount = argv[i + 1]
+            i += 1
+        elif a.startswith("--mount="):
+            mount = a.split("=", 1)[1]
+        else:
+            words.append(a)
+        i += 1
+    if not words or words[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0 if words else 2
+    if words[0] == "--version":
+        print(f"snapfs {__version__}")
+        return 0
+    try:
+        if words[0] == "init":
+            return cmd_init(words[1:])
+        if words[0] == "mount":
+            return cmd_mount(words[1:])
+        if words[0] in ("umount", "unmount"):
+            return cmd_umount(words[1:])
+        result = ctl(find_mount(mount), shlex.join(words))
+        print(json.dumps(result, indent=2, default=str) if as_json else render(words, result))
+        return 0
+    except (CliError, SnapfsError) as exc:
+        print(f"snapfs: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""The command language shared by the ctl file and the CLI.
+
+A command is one line of shell-quoted words, the same words a user gives the `snapfs` CLI:
+
+    snapshot create db@nightly --temporary
+    volume create db2 --size 40G --from db@nightly
+
+`parse()` turns a line into (spec, params) or raises InvalidArgument with one line saying
+why; `execute()` runs it against the engine as a given uid and returns a JSON-able result.
+"""
+
+import shlex
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from snapfs.errors import InvalidArgument
+from snapfs.units import check_name, parse_size, split_snapshot_ref
+from snapfs.volume.engine import Engine, snapshot_info
+
+MAX_LINE = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Spec:
+    words: tuple[str, ...]
+    args: tuple[str, ...] = ()  # positional parameter names; a trailing '?' makes it optional
+    options: dict[str, Callable[[str], Any]] = field(default_factory=dict)
+    flags: tuple[str, ...] = ()
+    help: str = ""
+
+
+def _volume(text: str) -> str:
+    return check_name(text, "volume name")
+
+
+SPECS = [
+    Spec(("volume", "create"), ("name",),
+         {"size": parse_size, "block-size": lambda t: parse_size(t, "block size"),
+          "from": split_snapshot_ref},
+         help="create a volume (--size, or --from VOL@SNAP to clone)"),
+    Spec(("volume", "list"), help="list volumes"),
+    Spec(("volume", "show"), ("name",), help="show one volume"),
+    Spec(("volume", "resize"), ("name",), {"size": parse_size}, help="grow a volume"),
+    Spec(("volume", "delete"), ("name",), flags=("recursive",),
+         help="delete a volume (--recursive: with its snapshots)"),
+    Spec(("snapshot", "create"), ("ref",), flags=("temporary",), help="take a snapshot"),
+    Spec(("snapshot", "list"), ("volume?",), help="list snapshots"),
+    Spec(("snapshot", "show"), ("ref",), help="show one snapshot"),
+    Spec(("snapshot", "delete"), ("ref",), help="delete a snapshot"),
+    Spec(("snapshot", "rollback"), ("ref",), help="roll a volume back to a snapshot"),
+    Spec(("diff",), ("a", "b"), help="blocks changed between two snapshots of a volume"),
+    Spec(("sync",), help="upload everything dirty and publish the catalog"),
+    Spec(("stats",), help="daemon statistics"),
+    Spec(("fsck",), flags=("repair",), help="recompute refcounts and check the store"),
+    Spec(("evict",), help="drop clean cached blocks"),
+    Spec(("status",), help="daemon status"),
+]
+_BY_WORDS = {s.words: s for s in SPECS}
+
+
+def parse(line: str) -> tuple[Spec, dict[str, Any]]:
+    if len(line) > MAX_LINE:
+        raise InvalidArgument(f"command line longer than {MAX_LINE} bytes")
+    if "\x00" in line:
+        raise InvalidArgument("command line contains a NUL byte")
+    try:
+        words = shlex.split(line)
+    except ValueError as exc:
+        raise InvalidArgument(f"cannot parse command line: {exc}") from None
+    if not words:
+        raise InvalidArgument("empty command")
+    spec = _BY_WORDS.get(tuple(words[:2])) or _BY_WORDS.get(tuple(words[:1]))
+    if spec is None:
+        shown = " ".join(words[:2])[:60]
+        raise InvalidArgument(f"unknown command {shown!r}")
+    rest = words[len(spec.words):]
+    params: dict[str, Any] = {}
+    positional: list[str] = []
+    i = 0
+    while i < len(rest):
+        word = rest[i]
+        if word.startswith("--"):
+            name, eq, value = word[2:].partition("=")
+            if name in spec.flags and not eq:
+                params[name.replace("-", "_")] = True
+            elif name in spec.options:
+                if not eq:
+                    i += 1
+                    if i >= len(rest):
+                        raise InvalidArgument(f"option --{name} needs a value")
+                    value = rest[i]
+                params[name.replace("-", "_")] = spec.options[name](value)
+            else:
+                raise InvalidArgument(f"unknown option {word[:40]!r} for '{' '.join(spec.words)}'")
+        else:
+            positional.append(word)
+        i += 1
+    names = list(spec.args)
+    required = [n for n in names if not n.endswith("?")]
+    if len(positional) < len(required) or len(positional) > len(names):
+        usage = " ".join(n.upper().rstrip("?") for n in names)
+        raise InvalidArgument(f"usage: {' '.join(spec.words)} {usage}".rstrip())
+    for name, value in zip(names, positional, strict=False):
+        params[name.rstrip("?")] = value
+    return spec, params
+
+
+Handler = Callable[..., Awaitable[Any]]
+
+
+class Controller:
+    """Runs parsed commands against the engine on behalf of a uid."""
+
+    def __init__(self, engine: Engine, status: dict[str, Any]) -> None:
+        self.engine = engine
+        self.status = status
+
+    async def execute(self, line: str, uid: int) -> Any:
+        spec, params = parse(line)
+        handler: Handler = getattr(self, "do_" + "_".join(spec.words))
+        return await handler(uid=uid, **params)
+
+    def _visible(self, owner: int, uid: int) -> bool:
+        return uid == 0 or owner == uid
+
+    async def do_volume_create(self, uid, name, size=None, block_size=None, **kw):
+        source: tuple[str, str] | None = kw.get("from")
+        if source is None and size is None:
+            raise InvalidArgument("volume create needs --size SIZE or --from VOL@SNAP")
+        if source is not None and size is None:
+            size = (await self.engine.wait_available(*source)).size
+        _volume(name)
+        row = await self.engine.create_volume(name, size, block_size, uid=uid, source=source)
+        return self.engine.volume_info(row.name)
+
+    async def do_volume_list(self, uid):
+        return [self.engine.volume_info(n) for n, h in sorted(self.engine.heads.items())
+                if self._visible(h.row.owner, uid)]
+
+    async def do_volume_show(self, uid, name):
+        head = self.engine.head(_volume(name))
+        self.engine._check_access(head.row.owner, uid, f"volume {name!r}")
+        return self.engine.volume_info(name)
+
+    async def do_volume_resize(self, uid, name, size=None):
+        if size is None:
+            raise InvalidArgument("volume resize needs --size SIZE")
+        await self.engine.resize_volume(_volume(name), size, uid=uid)
+        return self.engine.volume_info(name)
+
+    async def do_volume_delete(self, uid, name, recursive=False):
+        await self.engine.delete_volume(_volume(name), recursive=recursive, uid=uid)
+        return {"deleted": name}
+
+    async def do_snapshot_create(self, uid, ref, temporary=False):
+        vol, snap = split_snapshot_ref(ref)
+        return snapshot_info(await self.engine.create_snapshot(vol, snap, temporary, uid=uid))
+
+    async def do_snapshot_list(self, uid, volume=None):
+        if volume is not None:
+            _volume(volume)
+            if volume not in self.engine.heads and not self.engine.catalog.snapshots(volume):
+                raise InvalidArgument(f"volume {volume!r} not found")
+        return [snapshot_info(s) for s in self.engine.catalog.snapshots(volume)
+                if s.state != "deleting" and self._visible(s.owner, uid)]
+
+    async def do_snapshot_show(self, uid, ref):
+        snap = self.engine.snapshot_row(*split_snapshot_ref(ref))
+        self.engine._check_access(snap.owner, uid, f"snapshot {ref}")
+        info = snapshot_info(snap)
+        info["parent_of"] = [v.name for v in self.engine.catalog.volumes() if v.parent == ref]
+        return info
+
+    async def do_snapshot_delete(self, uid, ref):
+        await self.engine.delete_snapshot(*split_snapshot_ref(ref), uid=uid)
+        return {"deleted": ref}
+
+    async def do_snapshot_rollback(self, uid, ref):
+        vol, snap = split_snapshot_ref(ref)
+        await self.engine.rollback(vol, snap, uid=uid)
+        await self.status.get("on_rollback", _noop)(vol)
+        return self.engine.volume_info(vol)
+
+    async def do_diff(self, uid, a, b):
+        va, sa = split_snapshot_ref(a)
+        vb, sb = split_snapshot_ref(b)
+        if va != vb:
+            raise InvalidArgument("diff compares two snapshots of the same volume")
+        snap = self.engine.snapshot_row(va, sa)
+        self.engine._check_access(snap.owner, uid, f"snapshot {a}")
+        blocks = await self.engine.diff(va, sa, sb)
+        bs = snap.block_size
+        extents: list[list[int]] = []
+        for blk in blocks:
+            if extents and extents[-1][0] + extents[-1][1] == blk * bs:
+                extents[-1][1] += bs
+            else:
+                extents.append([blk * bs, bs])
+        return {"block_size": bs, "changed_blocks": len(blocks),
+                "changed_bytes": len(blocks) * bs,
+                "extents": [{"offset": o, "length": n} for o, n in extents]}
+
+    async def do_sync(self, uid):
+        await self.engine.sync()
+        return asdict(self.engine.statistics())
+
+    async def do_stats(self, uid):
+        return asdict(self.engine.statistics())
+
+    async def do_fsck(self, uid, repair=False):
+        if uid != 0:
+            raise InvalidArgument("fsck is for root")
+        return (await self.engine.check(repair=repair)).as_dict()
+
+    async def do_evict(self, uid):
+        self.engine.evict_all()
+        return {"cached_bytes": self.engine.statistics().cached_bytes}
+
+    async def do_status(self, uid):
+        return {k: v for k, v in self.status.items() if not callable(v)}
+
+
+async def _noop(*_args) -> None:
+    return None

@@ -1,0 +1,197 @@
+"""The mount daemon: engine + flusher + FUSE, in one trio run.
+
+`snapfs mount` starts this module in the background (`python -m snapfs.daemon ...
+--ready-fd N`) and waits on the pipe for one line: "ok" once the mount is ready, or
+"error: <why>". On unmount (fusermount3 -u, `snapfs umount`, SIGTERM or SIGINT) it flushes
+everything, publishes the catalog and exits 0.
+"""
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+
+import pyfuse3
+import trio
+
+from snapfs.control import Controller
+from snapfs.errors import Busy, InvalidArgument, SnapfsError
+from snapfs.fuse.ops import Operations
+from snapfs.store import open_store
+from snapfs.units import parse_size, split_snapshot_ref
+from snapfs.volume.engine import Engine, EngineConfig
+
+log = logging.getLogger("snapfs.daemon")
+CACHE_ROOT = "/var/cache/snapfs"
+
+
+def default_cache_dir(store_url: str) -> str:
+    return os.path.join(CACHE_ROOT, hashlib.sha256(store_url.encode()).hexdigest()[:16])
+
+
+def arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="snapfs mount", description="mount a snapfs store")
+    p.add_argument("store", help="store URL: file:///path or swift://host:port/container")
+    p.add_argument("mountpoint")
+    p.add_argument("--cache-dir", help="local cache (default /var/cache/snapfs/<store hash>)")
+    p.add_argument("--cache-size", default="2G", help="bound of the local cache (default 2G)")
+    p.add_argument("--foreground", action="store_true", help="do not go to the background")
+    p.add_argument("--read-only", action="store_true", help="show the published snapshots only")
+    p.add_argument("--snapshot", help="with --read-only: show just this VOL@SNAP")
+    p.add_argument("--log-file", help="log here (default <cache-dir>/daemon.log)")
+    p.add_argument("--debug", action="store_true")
+    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    return p
+
+
+def check_mountpoint(path: str) -> str:
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise InvalidArgument(f"mount point {path} does not exist or is not a directory")
+    if os.path.ismount(path):
+        raise Busy(f"{path} is already a mount point")
+    return path
+
+
+def lock_cache_dir(cache_dir: str) -> int:
+    os.makedirs(cache_dir, mode=0o700, exist_ok=True)
+    fd = os.open(os.path.join(cache_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise Busy(f"cache dir {cache_dir} is in use by snapfs daemon pid {holder}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+class Daemon:
+    def __init__(self, opts: argparse.Namespace) -> None:
+        self.opts = opts
+        self.mountpoint = check_mountpoint(opts.mountpoint)
+        self.cache_size = parse_size(opts.cache_size, "cache size")
+        self.only = split_snapshot_ref(opts.snapshot) if opts.snapshot else None
+        if self.only and not opts.read_only:
+            raise InvalidArgument("--snapshot goes with --read-only")
+        self.temp_cache = None
+        if opts.cache_dir:
+            self.cache_dir = os.path.abspath(opts.cache_dir)
+        elif opts.read_only:
+            self.temp_cache = self.cache_dir = tempfile.mkdtemp(prefix="snapfs-ro-")
+        else:
+            self.cache_dir = default_cache_dir(opts.store)
+        self.store = open_store(opts.store)
+        self.lock_fd = lock_cache_dir(self.cache_dir)
+
+    async def run(self, ready) -> None:
+        config = EngineConfig(cache_size=self.cache_size)
+        engine = await Engine.open(self.store, self.cache_dir, config)
+        status = {"pid": os.getpid(), "store": self.store.url, "mountpoint": self.mountpoint,
+                  "cache_dir": self.cache_dir, "read_only": self.opts.read_only,
+                  "started": time.time()}
+        controller = Controller(engine, status)
+        ops = Operations(engine, controller, read_only=self.opts.read_only, only=self.only)
+        status["on_rollback"] = self._invalidator(ops)
+        options = {"fsname=snapfs", "subtype=snapfs", "allow_other", "default_permissions"}
+        if self.opts.read_only:
+            options.add("ro")
+        try:
+            pyfuse3.init(ops, self.mountpoint, options)
+        except Exception as exc:
+            await engine.close(flush=False)
+            raise SnapfsError(f"cannot mount {self.mountpoint}: {exc}") from None
+        try:
+            async with trio.open_nursery() as nursery:
+                if not self.opts.read_only:
+                    await nursery.start(engine.run_flusher)
+                nursery.start_soon(self._signals)
+                log.info("mounted %s on %s (cache %s)", self.store.url, self.mountpoint,
+                         self.cache_dir)
+                ready("ok")
+                await pyfuse3.main()
+                nursery.cancel_scope.cancel()
+        finally:
+            with contextlib.suppress(Exception):
+                pyfuse3.close(unmount=True)
+            log.info("unmounted %s: flushing", self.mountpoint)
+            await engine.close(flush=not self.opts.read_only)
+            await self.store.aclose()
+            if self.temp_cache:
+                shutil.rmtree(self.temp_cache, ignore_errors=True)
+            log.info("clean shutdown")
+
+    @staticmethod
+    def _invalidator(ops: Operations):
+        async def invalidate(volume: str) -> None:
+            head = ops.engine.heads.get(volume)
+            if head is None:
+                return
+            ino = ops._inode.get(("vol", head.row.id))
+            if ino is not None:
+                with contextlib.suppress(Exception):
+                    pyfuse3.invalidate_inode(ino, attr_only=False)
+
+        return invalidate
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            async for signum in sigs:
+                log.info("signal %d: unmounting", signum)
+                pyfuse3.terminate()
+
+
+def setup_logging(path: str | None, debug: bool) -> None:
+    handler: logging.Handler = (logging.FileHandler(path) if path
+                                else logging.StreamHandler(sys.stderr))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+def serve(opts: argparse.Namespace) -> int:
+    """Run the daemon in this process; report readiness on opts.ready_fd if given."""
+    ready_fd = opts.ready_fd
+
+    def ready(message: str) -> None:
+        nonlocal ready_fd
+        if ready_fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(ready_fd, (message.replace("\n", " ") + "\n").encode())
+                os.close(ready_fd)
+            ready_fd = None
+        elif message != "ok":
+            print(f"snapfs: {message}", file=sys.stderr)
+
+    try:
+        daemon = Daemon(opts)
+        setup_logging(opts.log_file or os.path.join(daemon.cache_dir, "daemon.log")
+                      if not opts.foreground or opts.log_file else None, opts.debug)
+        trio.run(daemon.run, ready)
+    except SnapfsError as exc:
+        log.error("%s", exc)
+        ready(f"error: {exc}")
+        return 1
+    except Exception as exc:
+        log.exception("daemon failed")
+        ready(f"error: {exc.__class__.__name__}: {exc}")
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = arg_parser().parse_args(argv)
+    return serve(opts)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

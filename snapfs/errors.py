@@ -1,0 +1,58 @@
+"""The one exception tree of snapfs.
+
+Every error a user can cause or meet derives from SnapfsError, carries a one-line message
+and an errno, so the FUSE layer and the CLI can report it without a traceback.
+"""
+
+import errno
+
+
+class SnapfsError(Exception):
+    """Base of every expected snapfs error: one line for the user, one errno for the kernel."""
+
+    errno = errno.EIO
+
+    def __str__(self) -> str:
+        return " ".join(str(a) for a in self.args) or self.__class__.__name__
+
+
+class InvalidArgument(SnapfsError):
+    errno = errno.EINVAL
+
+
+class NotFound(SnapfsError):
+    errno = errno.ENOENT
+
+
+class AlreadyExists(SnapfsError):
+    errno = errno.EEXIST
+
+
+class Busy(SnapfsError):
+    errno = errno.EBUSY
+
+
+class PermissionDenied(SnapfsError):
+    errno = errno.EACCES
+
+
+class StoreError(SnapfsError):
+    """The object store failed in a way that retrying did not fix."""
+
+    errno = errno.EIO
+
+
+class ObjectNotFound(StoreError):
+    """A key that should be in the store is not there."""
+
+    errno = errno.EIO
+
+
+class IntegrityError(StoreError):
+    """Bytes read back do not match their digest or format; names the object."""
+
+    errno = errno.EIO
+
+
+class InvalidReference(SnapfsError):
+    errno = errno.ENOENT

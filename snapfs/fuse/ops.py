@@ -1,0 +1,421 @@
+"""pyfuse3 Operations: translate the kernel's requests into engine and controller calls.
+
+    /volumes/<vol>            read-write file, mode 0600, owned by the volume's creator
+    /snapshots/<vol>/<snap>   read-only file, mode 0400
+    /.snapfs/ctl              write one command line, read one JSON reply (per open handle)
+
+This layer holds no business logic: it maps names to inodes, checks who may see what, and
+turns SnapfsError into the matching errno.
+"""
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyfuse3
+import trio
+
+from snapfs.control import MAX_LINE, Controller
+from snapfs.errors import SnapfsError
+from snapfs.volume.engine import Engine
+
+log = logging.getLogger("snapfs.fuse")
+
+ROOT = pyfuse3.ROOT_INODE
+VOLUMES, SNAPSHOTS, CTLDIR, CTL = ROOT + 1, ROOT + 2, ROOT + 3, ROOT + 4
+XATTR_SNAPSHOT = b"user.snapfs.snapshot"
+XATTR_SNAPSHOTS = b"user.snapfs.snapshots"
+XATTR_INFO = b"user.snapfs.info"
+TIMEOUT = 1.0
+
+
+@dataclass
+class Handle:
+    kind: str  # "vol" | "snap" | "ctl"
+    key: Any
+    uid: int
+    inbuf: bytearray = field(default_factory=bytearray)
+    reply: bytes = b""
+
+
+def _fuse_error(exc: BaseException) -> pyfuse3.FUSEError:
+    if isinstance(exc, SnapfsError):
+        return pyfuse3.FUSEError(exc.errno)
+    return pyfuse3.FUSEError(errno.EIO)
+
+
+class Operations(pyfuse3.Operations):
+    enable_writeback_cache = False
+    supports_dot_lookup = True
+
+    def __init__(self, engine: Engine, controller: Controller, read_only: bool = False,
+                 only: tuple[str, str] | None = None) -> None:
+        super().__init__()
+        self.engine = engine
+        self.controller = controller
+        self.read_only = read_only
+        self.only = only
+        self.started = time.time_ns()
+        self._inode: dict[tuple, int] = {}
+        self._key: dict[int, tuple] = {}
+        self._next = CTL + 1
+        self._handles: dict[int, Handle] = {}
+        self._dirs: dict[int, tuple[int, int]] = {}
+        self._next_fh = 1
+
+    # ------------------------------------------------------------------ names and inodes
+
+    def _ino(self, key: tuple) -> int:
+        ino = self._inode.get(key)
+        if ino is None:
+            ino = self._inode[key] = self._next
+            self._key[ino] = key
+            self._next += 1
+        return ino
+
+    def _visible(self, owner: int, uid: int) -> bool:
+        return uid == 0 or owner == uid
+
+    def _volumes(self, uid: int) -> dict[str, Any]:
+        if self.read_only:
+            return {}
+        return {n: h for n, h in self.engine.heads.items() if self._visible(h.row.owner, uid)}
+
+    def _snapshot_dirs(self, uid: int) -> list[str]:
+        names = {s.volume for s in self._snapshots(None, uid)}
+        return sorted(names)
+
+    def _snapshots(self, volume: str | None, uid: int):
+        snaps = [s for s in self.engine.catalog.snapshots(volume)
+                 if s.state in ("available", "creating") and self._visible(s.owner, uid)]
+        if self.only is not None:
+            snaps = [s for s in snaps if (s.volume, s.name) == self.only]
+        return snaps
+
+    def _children(self, ino: int, uid: int) -> list[tuple[bytes, int]]:
+        if ino == ROOT:
+            return [(b"volumes", VOLUMES), (b"snapshots", SNAPSHOTS), (b".snapfs", CTLDIR)]
+        if ino == VOLUMES:
+            return [(n.encode(), self._ino(("vol", h.row.id)))
+                    for n, h in sorted(self._volumes(uid).items())]
+        if ino == SNAPSHOTS:
+            return [(n.encode(), self._ino(("snapdir", n))) for n in self._snapshot_dirs(uid)]
+        if ino == CTLDIR:
+            return [(b"ctl", CTL)]
+        key = self._key.get(ino)
+        if key and key[0] == "snapdir":
+            return [(s.name.encode(), self._ino(("snap", s.id)))
+                    for s in self._snapshots(key[1], uid)]
+        raise pyfuse3.FUSEError(errno.ENOTDIR)
+
+    def _resolve(self, ino: int):
+        """inode → ("dir", None) | ("vol", head) | ("snap", row) | ("ctl", None)."""
+        if ino in (ROOT, VOLUMES, SNAPSHOTS, CTLDIR):
+            return "dir", None
+        if ino == CTL:
+            return "ctl", None
+        key = self._key.get(ino)
+        if key is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if key[0] == "vol":
+            for head in self.engine.heads.values():
+                if head.row.id == key[1]:
+                    return "vol", head
+        elif key[0] == "snapdir":
+            return "dir", key[1]
+        elif key[0] == "snap":
+            row = self.engine.catalog.db.execute(
+                "SELECT volume, name FROM snapshots WHERE id=?", (key[1],)).fetchone()
+            if row is not None:
+                snap = self.engine.catalog.snapshot(*row)
+                if snap is not None and snap.state in ("available", "creating"):
+                    return "snap", snap
+        raise pyfuse3.FUSEError(errno.ENOENT)
+
+    def _attrs(self, ino: int) -> pyfuse3.EntryAttributes:
+        kind, obj = self._resolve(ino)
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = ino
+        a.attr_timeout = a.entry_timeout = TIMEOUT
+        a.st_blksize = 4096
+        now = self.started
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = now
+        a.st_uid = a.st_gid = 0
+        if kind == "dir":
+            a.st_mode = stat.S_IFDIR | 0o755
+            a.st_nlink = 2
+        elif kind == "ctl":
+            a.st_mode = stat.S_IFREG | 0o666
+            a.st_nlink = 1
+        elif kind == "vol":
+            a.st_mode = stat.S_IFREG | 0o600
+            a.st_nlink = 1
+            a.st_uid = obj.row.owner
+            a.st_size = obj.row.size
+            a.st_blocks = self.engine.allocated_bytes(obj.row.name) // 512
+            a.st_blksize = obj.row.block_size
+            a.st_ctime_ns = int(obj.row.created * 1e9)
+        else:
+            a.st_mode = stat.S_IFREG | 0o400
+            a.st_nlink = 1
+            a.st_uid = obj.owner
+            a.st_size = obj.size
+            a.st_blksize = obj.block_size
+            a.st_blocks = (obj.size + 511) // 512
+            a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = int(obj.created * 1e9)
+        return a
+
+    # ------------------------------------------------------------------ namespace
+
+    async def lookup(self, parent_inode, name, ctx=None):
+        uid = ctx.uid if ctx else 0
+        if name == b".":
+            return self._attrs(parent_inode)
+        if name == b"..":
+            return self._attrs(ROOT if parent_inode in (VOLUMES, SNAPSHOTS, CTLDIR) else
+                               SNAPSHOTS if parent_inode != ROOT else ROOT)
+        for child, ino in self._children(parent_inode, uid):
+            if child == name:
+                return self._attrs(ino)
+        raise pyfuse3.FUSEError(errno.ENOENT)
+
+    async def getattr(self, inode, ctx=None):
+        return self._attrs(inode)
+
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        kind, obj = self._resolve(inode)
+        if fields.update_size:
+            if kind != "vol":
+                raise pyfuse3.FUSEError(errno.EPERM if kind == "snap" else errno.EINVAL)
+            try:
+                await self.engine.resize_volume(obj.row.name, attr.st_size, uid=ctx.uid)
+            except SnapfsError as exc:
+                raise _fuse_error(exc) from None
+        elif fields.update_mode or fields.update_uid or fields.update_gid:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        return self._attrs(inode)
+
+    async def opendir(self, inode, ctx):
+        kind, _ = self._resolve(inode)
+        if kind != "dir":
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        fh = self._next_fh
+        self._next_fh += 1
+        self._dirs[fh] = (inode, ctx.uid)  # readdir is not told the caller: remember it
+        return fh
+
+    async def readdir(self, fh, start_id, token):
+        inode, uid = self._dirs.get(fh, (ROOT, 0))
+        entries = self._children(inode, uid)
+        for i, (name, ino) in enumerate(entries[start_id:], start_id):
+            try:
+                attrs = self._attrs(ino)
+            except pyfuse3.FUSEError:
+                continue
+            if not pyfuse3.readdir_reply(token, name, attrs, i + 1):
+                break
+
+    async def releasedir(self, fh):
+        self._dirs.pop(fh, None)
+
+    async def statfs(self, ctx):
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 4096
+        total = sum(h.row.size for h in self.engine.heads.values()) or 1 << 30
+        used = self.engine.statistics().stored_bytes
+        s.f_blocks = max(total, used) // 4096
+        s.f_bfree = s.f_bavail = max(total - used, 0) // 4096
+        s.f_files = len(self._inode) + 5
+        s.f_ffree = s.f_favail = 1 << 20
+        s.f_namemax = 255
+        return s
+
+    async def _refuse(self, *args, **kwargs):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    create = mkdir = mknod = unlink = rmdir = rename = link = symlink = _refuse
+
+    # ------------------------------------------------------------------ files
+
+    async def open(self, inode, flags, ctx):
+        kind, obj = self._resolve(inode)
+        writing = flags & os.O_ACCMODE != os.O_RDONLY
+        if kind == "dir":
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if kind == "snap":
+            if writing:
+                raise pyfuse3.FUSEError(errno.EROFS)
+            if not self._visible(obj.owner, ctx.uid):
+                raise pyfuse3.FUSEError(errno.EACCES)
+            handle = Handle("snap", obj.id, ctx.uid)
+            self.engine.snap_opens[obj.id] = self.engine.snap_opens.get(obj.id, 0) + 1
+            info_direct = False
+        elif kind == "vol":
+            if not self._visible(obj.row.owner, ctx.uid):
+                raise pyfuse3.FUSEError(errno.EACCES)
+            handle = Handle("vol", obj.row.name, ctx.uid)
+            obj.opens += 1
+            info_direct = False
+        else:
+            handle = Handle("ctl", None, ctx.uid)
+            info_direct = True
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = handle
+        return pyfuse3.FileInfo(fh=fh, direct_io=info_direct, keep_cache=not info_direct,
+                                nonseekable=False)
+
+    def _handle(self, fh: int) -> Handle:
+        handle = self._handles.get(fh)
+        if handle is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return handle
+
+    async def read(self, fh, off, size):
+        handle = self._handle(fh)
+        try:
+            if handle.kind == "vol":
+                return await self.engine.read(handle.key, off, size)
+            if handle.kind == "snap":
+                snap = self._snapshot_by_id(handle.key)
+                if snap.state != "available":
+                    snap = await self.engine.wait_available(snap.volume, snap.name)
+                return await self.engine.read_snapshot(snap, off, size)
+        except SnapfsError as exc:
+            log.error("read failed: %s", exc)
+            raise _fuse_error(exc) from None
+        return handle.reply[off:off + size]
+
+    def _snapshot_by_id(self, sid: int):
+        _kind, snap = self._resolve(self._ino(("snap", sid)))
+        return snap
+
+    async def write(self, fh, off, buf):
+        handle = self._handle(fh)
+        if handle.kind == "vol":
+            try:
+                return await self.engine.write(handle.key, off, buf)
+            except SnapfsError as exc:
+                if "beyond the end" in str(exc):
+                    raise pyfuse3.FUSEError(errno.ENOSPC) from None
+                log.error("write failed: %s", exc)
+                raise _fuse_error(exc) from None
+        if handle.kind != "ctl":
+            raise pyfuse3.FUSEError(errno.EBADF)
+        handle.inbuf += buf
+        if len(handle.inbuf) > MAX_LINE:
+            handle.inbuf.clear()
+            handle.reply = _reply(False, f"command line longer than {MAX_LINE} bytes",
+                                  errno.EINVAL)
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        while b"\n" in handle.inbuf:
+            line, _, rest = bytes(handle.inbuf).partition(b"\n")
+            handle.inbuf = bytearray(rest)
+            await self._run_command(handle, line)
+        return len(buf)
+
+    async def _run_command(self, handle: Handle, line: bytes) -> None:
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            handle.reply = _reply(False, "command line is not UTF-8", errno.EINVAL)
+            raise pyfuse3.FUSEError(errno.EINVAL) from None
+        try:
+            result = await self.controller.execute(text, handle.uid)
+        except SnapfsError as exc:
+            handle.reply = _reply(False, str(exc), exc.errno)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except trio.Cancelled:
+            raise
+        except Exception as exc:  # a bug: keep the daemon up, say what happened
+            log.exception("command %r failed", text[:200])
+            handle.reply = _reply(False, f"internal error: {exc.__class__.__name__}: {exc}",
+                                  errno.EIO)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        handle.reply = _reply(True, result)
+
+    async def flush(self, fh):
+        return None
+
+    async def fsync(self, fh, datasync):
+        handle = self._handle(fh)
+        if handle.kind == "vol":
+            try:
+                await self.engine.fsync(handle.key)
+            except SnapfsError as exc:
+                raise _fuse_error(exc) from None
+
+    async def release(self, fh):
+        handle = self._handles.pop(fh, None)
+        if handle is None:
+            return
+        if handle.kind == "vol":
+            head = self.engine.heads.get(handle.key)
+            if head is not None:
+                head.opens = max(0, head.opens - 1)
+        elif handle.kind == "snap":
+            count = self.engine.snap_opens.get(handle.key, 1) - 1
+            if count:
+                self.engine.snap_opens[handle.key] = count
+            else:
+                self.engine.snap_opens.pop(handle.key, None)
+        elif handle.kind == "ctl" and handle.inbuf.strip():
+            with contextlib.suppress(pyfuse3.FUSEError):
+                await self._run_command(handle, bytes(handle.inbuf))
+
+    # ------------------------------------------------------------------ xattrs
+
+    async def getxattr(self, inode, name, ctx):
+        kind, obj = self._resolve(inode)
+        if kind != "vol":
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        if name == XATTR_SNAPSHOTS:
+            snaps = self.engine.catalog.snapshots(obj.row.name)
+            return "\n".join(s.name for s in snaps if s.state != "deleting").encode()
+        if name == XATTR_INFO:
+            info = self.engine.volume_info(obj.row.name)
+            info["allocated"] = self.engine.allocated_bytes(obj.row.name)
+            return json.dumps(info, sort_keys=True).encode()
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    async def listxattr(self, inode, ctx):
+        kind, _ = self._resolve(inode)
+        return [XATTR_SNAPSHOTS, XATTR_INFO] if kind == "vol" else []
+
+    async def setxattr(self, inode, name, value, ctx):
+        kind, obj = self._resolve(inode)
+        if kind != "vol" or name != XATTR_SNAPSHOT:
+            raise pyfuse3.FUSEError(errno.ENOTSUP)
+        try:
+            snap = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise pyfuse3.FUSEError(errno.EINVAL) from None
+        try:
+            await self.engine.create_snapshot(obj.row.name, snap, uid=ctx.uid)
+        except SnapfsError as exc:
+            log.info("snapshot via xattr refused: %s", exc)
+            raise _fuse_error(exc) from None
+
+    async def removexattr(self, inode, name, ctx):
+        raise pyfuse3.FUSEError(errno.ENOTSUP)
+
+    async def access(self, inode, mode, ctx):
+        return True
+
+
+def _reply(ok: bool, payload: Any, err: int = 0) -> bytes:
+    if ok:
+        doc = {"ok": True, "result": payload}
+    else:
+        doc = {"ok": False, "error": str(payload), "errno": err}
+    return (json.dumps(doc, default=str) + "\n").encode()
+
+
+Invalidate = Callable[[str], None]

@@ -1,0 +1,1 @@
+"""Volumes, snapshots and their engine: catalog, cache, flusher, publication and checks."""

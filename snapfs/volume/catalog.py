@@ -1,0 +1,270 @@
+"""The local catalog: SQLite in WAL mode, one transaction per metadata change.
+
+Tables (all in one file, <cache-dir>/catalog.sqlite3):
+
+    meta(key, value)                       store uuid, catalog seq, published seq, clean flag
+    volumes(id, name, size, block_size, root, root_level, epoch, owner, created, parent)
+    snapshots(id, volume, name, epoch, state, root, root_level, size, block_size,
+              created, temporary, owner)
+    refs(key, count, size)                 key = kind byte (b'c' | b'n') + 32-byte digest
+    dirty(volume_id, blk, epoch)           blocks of a head not yet in its committed tree
+    frozen(volume_id, snap_epoch, blk, slot)  copy-on-write saves for snapshots in `creating`
+    present(volume_id, blk)                clean cached blocks, written only at clean shutdown
+    garbage(key)                           objects whose count reached zero, to delete from
+                                           the store once a catalog without them is published
+
+refs, the present list and garbage are derived or transient: a fresh machine rebuilds refs
+from the published catalog by walking every root (see volume/check.py).
+"""
+
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS volumes(
+    id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT UNIQUE NOT NULL, size INTEGER NOT NULL,
+    block_size INTEGER NOT NULL, root BLOB, root_level INTEGER NOT NULL, epoch INTEGER NOT NULL,
+    owner INTEGER NOT NULL, created REAL NOT NULL, parent TEXT);
+CREATE TABLE IF NOT EXISTS snapshots(
+    id INTEGER PRIMARY KEY AUTOINCREMENT, volume TEXT NOT NULL, name TEXT NOT NULL,
+    epoch INTEGER NOT NULL, state TEXT NOT NULL, root BLOB, root_level INTEGER NOT NULL,
+    size INTEGER NOT NULL, block_size INTEGER NOT NULL, created REAL NOT NULL,
+    temporary INTEGER NOT NULL, owner INTEGER NOT NULL, UNIQUE(volume, name));
+CREATE TABLE IF NOT EXISTS refs(key BLOB PRIMARY KEY, count INTEGER NOT NULL,
+    size INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dirty(volume_id INTEGER, blk INTEGER, epoch INTEGER NOT NULL,
+    PRIMARY KEY(volume_id, blk)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS frozen(volume_id INTEGER, snap_epoch INTEGER, blk INTEGER,
+    slot INTEGER NOT NULL, PRIMARY KEY(volume_id, snap_epoch, blk)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS present(volume_id INTEGER, blk INTEGER,
+    PRIMARY KEY(volume_id, blk)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS garbage(key BLOB PRIMARY KEY) WITHOUT ROWID;
+"""
+
+
+@dataclass
+class VolumeRow:
+    id: int
+    name: str
+    size: int
+    block_size: int
+    root: bytes | None
+    root_level: int
+    epoch: int
+    owner: int
+    created: float
+    parent: str | None
+
+
+@dataclass
+class SnapshotRow:
+    id: int
+    volume: str
+    name: str
+    epoch: int
+    state: str
+    root: bytes | None
+    root_level: int
+    size: int
+    block_size: int
+    created: float
+    temporary: int
+    owner: int
+
+
+class Catalog:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(SCHEMA)
+        self._depth = 0
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One atomic, durable change. Nested uses join the outer transaction."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield self.db
+            finally:
+                self._depth -= 1
+            return
+        self.db.execute("BEGIN IMMEDIATE")
+        self._depth = 1
+        try:
+            yield self.db
+        except BaseException:
+            self._depth = 0
+            self.db.execute("ROLLBACK")
+            raise
+        self._depth = 0
+        self.db.execute("COMMIT")
+
+    # meta
+    def get_meta(self, key: str, default=None):
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return default if row is None else row[0]
+
+    def set_meta(self, key: str, value) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES(?, ?)", (key, value))
+
+    # volumes
+    def volumes(self) -> list[VolumeRow]:
+        return [VolumeRow(*r) for r in self.db.execute("SELECT * FROM volumes ORDER BY name")]
+
+    def volume(self, name: str) -> VolumeRow | None:
+        r = self.db.execute("SELECT * FROM volumes WHERE name=?", (name,)).fetchone()
+        return VolumeRow(*r) if r else None
+
+    def add_volume(self, name: str, size: int, block_size: int, root: bytes | None,
+                   root_level: int, owner: int, parent: str | None,
+                   created: float | None = None) -> int:
+        cur = self.db.execute(
+            "INSERT INTO volumes(name, size, block_size, root, root_level, epoch, owner,"
+            " created, parent) VALUES(?,?,?,?,?,0,?,?,?)",
+            (name, size, block_size, root, root_level, owner, created or time.time(), parent),
+        )
+        return int(cur.lastrowid or 0)
+
+    def update_volume(self, vid: int, **fields) -> None:
+        cols = ", ".join(f"{k}=?" for k in fields)
+        self.db.execute(f"UPDATE volumes SET {cols} WHERE id=?", (*fields.values(), vid))
+
+    def delete_volume(self, vid: int) -> None:
+        for table in ("dirty", "frozen", "present"):
+            self.db.execute(f"DELETE FROM {table} WHERE volume_id=?", (vid,))
+        self.db.execute("DELETE FROM volumes WHERE id=?", (vid,))
+
+    # snapshots
+    def snapshots(self, volume: str | None = None) -> list[SnapshotRow]:
+        if volume is None:
+            rows = self.db.execute("SELECT * FROM snapshots ORDER BY volume, epoch, id")
+        else:
+            rows = self.db.execute(
+                "SELECT * FROM snapshots WHERE volume=? ORDER BY epoch, id", (volume,))
+        return [SnapshotRow(*r) for r in rows]
+
+    def snapshot(self, volume: str, name: str) -> SnapshotRow | None:
+        r = self.db.execute(
+            "SELECT * FROM snapshots WHERE volume=? AND name=?", (volume, name)).fetchone()
+        return SnapshotRow(*r) if r else None
+
+    def add_snapshot(self, volume: str, name: str, epoch: int, state: str, root: bytes | None,
+                     root_level: int, size: int, block_size: int, temporary: bool, owner: int,
+                     created: float | None = None) -> int:
+        cur = self.db.execute(
+            "INSERT INTO snapshots(volume, name, epoch, state, root, root_level, size,"
+            " block_size, created, temporary, owner) VALUES(?,?,?,?,?,?,?,?,?,?,?)",
+            (volume, name, epoch, state, root, root_level, size, block_size,
+             created or time.time(), int(temporary), owner),
+        )
+        return int(cur.lastrowid or 0)
+
+    def update_snapshot(self, sid: int, **fields) -> None:
+        cols = ", ".join(f"{k}=?" for k in fields)
+        self.db.execute(f"UPDATE snapshots SET {cols} WHERE id=?", (*fields.values(), sid))
+
+    def delete_snapshot(self, sid: int) -> None:
+        self.db.execute("DELETE FROM snapshots WHERE id=?", (sid,))
+
+    # refs
+    def ref(self, key: bytes) -> int:
+        r = self.db.execute("SELECT count FROM refs WHERE key=?", (key,)).fetchone()
+        return r[0] if r else 0
+
+    def has_ref(self, key: bytes) -> bool:
+        return self.db.execute("SELECT 1 FROM refs WHERE key=?", (key,)).fetchone() is not None
+
+    def apply_refs(self, deltas: dict[bytes, int], sizes: dict[bytes, int]) -> list[bytes]:
+        """Add deltas to counts (creating rows with `sizes`); rows that reach zero are removed
+        and queued as garbage. Returns the keys that became garbage."""
+        dead = []
+        for key, delta in deltas.items():
+            if delta == 0 and key not in sizes:
+                continue
+            r = self.db.execute("SELECT count FROM refs WHERE key=?", (key,)).fetchone()
+            count = (r[0] if r else 0) + delta
+            if count < 0:
+                raise AssertionError(f"refcount of {key.hex()} would drop below zero")
+            if count == 0:
+                if r:
+                    self.db.execute("DELETE FROM refs WHERE key=?", (key,))
+                self.db.execute("INSERT OR IGNORE INTO garbage(key) VALUES(?)", (key,))
+                dead.append(key)
+            elif r:
+                self.db.execute("UPDATE refs SET count=? WHERE key=?", (count, key))
+            else:
+                self.db.execute("INSERT INTO refs(key, count, size) VALUES(?,?,?)",
+                                (key, count, sizes[key]))
+                self.db.execute("DELETE FROM garbage WHERE key=?", (key,))
+        return dead
+
+    def all_refs(self) -> dict[bytes, tuple[int, int]]:
+        return {k: (c, s) for k, c, s in self.db.execute("SELECT key, count, size FROM refs")}
+
+    def replace_refs(self, refs: dict[bytes, tuple[int, int]]) -> None:
+        self.db.execute("DELETE FROM refs")
+        self.db.executemany("INSERT INTO refs(key, count, size) VALUES(?,?,?)",
+                            ((k, c, s) for k, (c, s) in refs.items()))
+
+    def referenced_bytes(self, kind: bytes | None = None) -> int:
+        if kind is None:
+            r = self.db.execute("SELECT COALESCE(SUM(size),0), COUNT(*) FROM refs").fetchone()
+        else:
+            r = self.db.execute(
+                "SELECT COALESCE(SUM(size),0), COUNT(*) FROM refs WHERE substr(key,1,1)=?",
+                (kind,)).fetchone()
+        return int(r[0])
+
+    def ref_count_rows(self) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM refs").fetchone()[0])
+
+    # garbage
+    def garbage(self) -> list[bytes]:
+        return [r[0] for r in self.db.execute("SELECT key FROM garbage")]
+
+    def forget_garbage(self, keys: Iterable[bytes]) -> None:
+        self.db.executemany("DELETE FROM garbage WHERE key=?", ((k,) for k in keys))
+
+    # dirty / frozen / present
+    def dirty(self, vid: int) -> dict[int, int]:
+        return dict(self.db.execute("SELECT blk, epoch FROM dirty WHERE volume_id=?", (vid,)))
+
+    def set_dirty(self, vid: int, items: Iterable[tuple[int, int]]) -> None:
+        self.db.executemany(
+            "INSERT OR REPLACE INTO dirty(volume_id, blk, epoch) VALUES(?,?,?)",
+            ((vid, b, e) for b, e in items))
+
+    def clear_dirty(self, vid: int, blks: Iterable[int]) -> None:
+        self.db.executemany("DELETE FROM dirty WHERE volume_id=? AND blk=?",
+                            ((vid, b) for b in blks))
+
+    def frozen(self, vid: int) -> list[tuple[int, int, int]]:
+        return list(self.db.execute(
+            "SELECT snap_epoch, blk, slot FROM frozen WHERE volume_id=?", (vid,)))
+
+    def add_frozen(self, vid: int, snap_epoch: int, blk: int, slot: int) -> None:
+        self.db.execute("INSERT OR REPLACE INTO frozen VALUES(?,?,?,?)",
+                        (vid, snap_epoch, blk, slot))
+
+    def clear_frozen(self, vid: int, snap_epoch: int) -> None:
+        self.db.execute("DELETE FROM frozen WHERE volume_id=? AND snap_epoch=?",
+                        (vid, snap_epoch))
+
+    def take_present(self) -> list[tuple[int, int]]:
+        rows = list(self.db.execute("SELECT volume_id, blk FROM present"))
+        self.db.execute("DELETE FROM present")
+        return rows
+
+    def save_present(self, items: Iterable[tuple[int, int]]) -> None:
+        self.db.execute("DELETE FROM present")
+        self.db.executemany("INSERT OR IGNORE INTO present VALUES(?,?)", items)

@@ -1,0 +1,197 @@
+"""The whole path through the kernel: FUSE mount, loop devices, ext4, snapshots, restore."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests.conftest import Snapfs, run, sha256, write_random
+
+pytestmark = pytest.mark.fuse
+
+MiB = 1 << 20
+
+
+def snapshot_ext4_checks(fs: Snapfs, vol: str, snap: str, expected: dict[str, str], where):
+    """Attach a snapshot file read-only, e2fsck it, mount it, compare every file's hash."""
+    dev = fs.losetup(fs.snap(vol, snap), read_only=True)
+    fsck = run(["e2fsck", "-fn", dev], check=False)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    mnt = fs.mount_fs(dev, where, read_only=True)
+    found = {name: sha256(mnt / name) for name in os.listdir(mnt) if name != "lost+found"}
+    assert found == expected
+    run(["umount", str(mnt)])
+    run(["losetup", "-d", dev])
+
+
+def test_ext4_snapshots_and_store_only_restore(snapfs: Snapfs, workdir):
+    fs = snapfs
+    fs.cli("volume", "create", "db", "--size", "1G")
+    dev = fs.losetup(fs.vol("db"))
+    run(["mkfs.ext4", "-q", "-E", "lazy_itable_init=0,lazy_journal_init=0", dev])
+    ext = fs.mount_fs(dev, workdir / "ext4")
+
+    hashes: dict[str, dict[str, str]] = {}
+    for i in range(3):
+        write_random(ext / f"file{i}", (5 + 7 * i) * MiB, seed=i)
+    run(["sync"])
+    hashes["first"] = {f"file{i}": sha256(ext / f"file{i}") for i in range(3)}
+    # Snapshot through the xattr.
+    os.setxattr(fs.vol("db"), "user.snapfs.snapshot", b"first")
+
+    write_random(ext / "file0", 9 * MiB, seed=100)  # change
+    os.unlink(ext / "file1")  # delete
+    write_random(ext / "file3", 3 * MiB, seed=3)  # add
+    run(["sync"])
+    hashes["second"] = {n: sha256(ext / n) for n in ("file0", "file2", "file3")}
+    # Snapshot through the ctl file.
+    fd = os.open(fs.mnt / ".snapfs" / "ctl", os.O_RDWR)
+    try:
+        os.write(fd, b"snapshot create db@second\n")
+        reply = json.loads(os.pread(fd, 65536, 0))
+    finally:
+        os.close(fd)
+    assert reply["ok"] and reply["result"]["name"] == "second"
+
+    write_random(ext / "file2", 4 * MiB, seed=200)  # change again
+    os.unlink(ext / "file3")
+    run(["sync"])
+    head = {n: sha256(ext / n) for n in ("file0", "file2")}
+    names = os.getxattr(fs.vol("db"), "user.snapfs.snapshots").decode().split("\n")
+    assert names == ["first", "second"]
+    info = json.loads(os.getxattr(fs.vol("db"), "user.snapfs.info"))
+    assert info["size"] == 1 << 30 and info["block_size"] == 128 << 10
+
+    fs.cli("sync")
+    listing = fs.cli_json("snapshot", "list", "db")
+    assert [(s["name"], s["state"]) for s in listing] == [
+        ("first", "available"), ("second", "available")]
+    for snap in ("first", "second"):
+        snapshot_ext4_checks(fs, "db", snap, hashes[snap], workdir / f"ro-{snap}")
+
+    # Store-only restore: unmount, then mount the store with a new, empty cache dir.
+    run(["umount", str(ext)])
+    run(["losetup", "-d", dev])
+    fs.umount()
+    fs.mount(cache_dir=workdir / "fresh-cache")
+    for snap in ("first", "second"):
+        snapshot_ext4_checks(fs, "db", snap, hashes[snap], workdir / f"restored-{snap}")
+    dev = fs.losetup(fs.vol("db"))
+    assert run(["e2fsck", "-fn", dev], check=False).returncode == 0
+    ext = fs.mount_fs(dev, workdir / "ext4-restored")
+    assert {n: sha256(ext / n) for n in ("file0", "file2")} == head
+    assert sorted(os.listdir(ext)) == ["file0", "file2", "lost+found"]
+    report = fs.cli_json("fsck")
+    assert report["clean"], report
+
+
+def test_crash_after_fsync_loses_nothing(snapfs: Snapfs, workdir):
+    fs = snapfs
+    fs.cli("volume", "create", "v", "--size", "256M", "--block-size", "64K")
+    data = os.urandom(24 * MiB)
+    fd = os.open(fs.vol("v"), os.O_RDWR)
+    try:
+        os.pwrite(fd, data, 3 * MiB + 123)
+        os.fsync(fd)
+        fs.cli("snapshot", "create", "v@before-crash")
+        os.pwrite(fd, b"after" * 1000, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    # The snapshot kicked the flusher: kill the daemon while it uploads.
+    time.sleep(0.05)
+    os.kill(fs.pid, signal.SIGKILL)
+    time.sleep(0.2)
+    subprocess.run(["fusermount3", "-uz", str(fs.mnt)], capture_output=True)
+    assert fs.cli("status", check=False).returncode != 0
+
+    fs.mount()  # same cache dir: recovery
+    with open(fs.vol("v"), "rb") as f:
+        assert f.read(5000) == b"after" * 1000
+        f.seek(3 * MiB + 123)
+        assert f.read(len(data)) == data
+    fs.cli("sync")
+    snaps = fs.cli_json("snapshot", "list", "v")
+    assert [(s["name"], s["state"]) for s in snaps] == [("before-crash", "available")]
+    with open(fs.snap("v", "before-crash"), "rb") as f:
+        assert f.read(5000) == bytes(5000)
+        f.seek(3 * MiB + 123)
+        assert f.read(len(data)) == data
+    assert fs.cli_json("fsck")["clean"]
+
+
+def test_delete_middle_snapshot_frees_exactly_its_data(snapfs: Snapfs):
+    fs = snapfs
+    bs = 64 << 10
+    fs.cli("volume", "create", "v", "--size", "64M", "--block-size", "64K")
+    region = 4 * MiB  # 64 blocks
+    contents = {}
+    with open(fs.vol("v"), "r+b") as f:
+        f.seek(8 * MiB)
+        f.write(os.urandom(2 * MiB))  # shared by every snapshot
+        for name in ("a", "b", "c"):
+            contents[name] = os.urandom(region)
+            f.seek(16 * MiB)
+            f.write(contents[name])
+            f.flush()
+            os.fsync(f.fileno())
+            fs.cli("snapshot", "create", f"v@{name}")
+        f.seek(16 * MiB)
+        f.write(os.urandom(region))  # the head has its own data too
+    fs.cli("sync")
+    store_chunks = lambda: sum(len(files) for _d, _s, files in os.walk(fs.root / "store" / "c"))  # noqa: E731
+    before = fs.stats()
+    chunks_before = store_chunks()
+    fs.cli("snapshot", "delete", "v@b")
+    after = fs.stats()
+    unique = region // bs
+    assert before["stored_data_bytes"] - after["stored_data_bytes"] == unique * (bs + 1)
+    assert chunks_before - store_chunks() == unique
+    for name in ("a", "c"):
+        with open(fs.snap("v", name), "rb") as f:
+            f.seek(16 * MiB)
+            assert f.read(region) == contents[name]
+    assert not fs.snap("v", "b").exists()
+    assert fs.cli_json("fsck")["clean"]
+
+
+def test_two_volumes_with_the_same_data_store_it_once(snapfs: Snapfs):
+    fs = snapfs
+    data = os.urandom(8 * MiB)
+    for name in ("one", "two"):
+        fs.cli("volume", "create", name, "--size", "32M")
+    with open(fs.vol("one"), "r+b") as f:
+        f.write(data)
+    fs.cli("sync")
+    stored = fs.stats()["stored_data_bytes"]
+    with open(fs.vol("two"), "r+b") as f:
+        f.seek(1 * MiB)  # block-aligned (128K), so the blocks are identical
+        f.write(data)
+    fs.cli("sync")
+    stats = fs.stats()
+    assert stats["stored_data_bytes"] == stored
+    assert stats["deduplicated_blocks"] >= len(data) // (128 << 10)
+    with open(fs.vol("two"), "rb") as f:
+        f.seek(1 * MiB)
+        assert f.read(len(data)) == data
+
+
+def test_holes_and_zero_blocks(snapfs: Snapfs):
+    fs = snapfs
+    fs.cli("volume", "create", "z", "--size", "1G")
+    assert os.stat(fs.vol("z")).st_blocks == 0
+    with open(fs.vol("z"), "r+b") as f:
+        f.seek(100 * MiB)
+        f.write(os.urandom(4 * MiB))
+    fs.cli("sync")
+    assert os.stat(fs.vol("z")).st_blocks * 512 == 4 * MiB
+    with open(fs.vol("z"), "r+b") as f:
+        f.seek(100 * MiB)
+        f.write(bytes(2 * MiB))  # all-zero blocks become holes again
+        f.seek(0)
+        assert f.read(MiB) == bytes(MiB)
+    fs.cli("sync")
+    assert os.stat(fs.vol("z")).st_blocks * 512 == 2 * MiB
