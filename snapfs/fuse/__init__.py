@@ -1,0 +1,1 @@
+"""The FUSE layer: pyfuse3 Operations over the engine."""
