@@ -26,6 +26,7 @@ from snapfs.errors import Busy, InvalidArgument, SnapfsError
 from snapfs.fuse.ops import Operations
 from snapfs.store import open_store
 from snapfs.units import parse_size, split_snapshot_ref
+from snapfs.volume import lease
 from snapfs.volume.engine import Engine, EngineConfig
 
 log = logging.getLogger("snapfs.daemon")
@@ -45,6 +46,8 @@ def arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--foreground", action="store_true", help="do not go to the background")
     p.add_argument("--read-only", action="store_true", help="show the published snapshots only")
     p.add_argument("--snapshot", help="with --read-only: show just this VOL@SNAP")
+    p.add_argument("--takeover", action="store_true",
+                   help="take the store's lease even if another writer holds it")
     p.add_argument("--log-file", help="log here (default <cache-dir>/daemon.log)")
     p.add_argument("--debug", action="store_true")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
@@ -94,7 +97,27 @@ class Daemon:
 
     async def run(self, ready) -> None:
         config = EngineConfig(cache_size=self.cache_size)
-        engine = await Engine.open(self.store, self.cache_dir, config)
+        read_only = self.opts.read_only
+        held = None
+        if not read_only:
+            held = await lease.acquire(self.store, self.cache_dir, takeover=self.opts.takeover)
+        try:
+            engine = await Engine.open(self.store, self.cache_dir, config, read_only=read_only)
+        except BaseException:
+            if held is not None:
+                with trio.CancelScope(shield=True), contextlib.suppress(Exception):
+                    await lease.release(self.store, held)
+            raise
+        try:
+            await self._serve(engine, ready, held)
+        finally:
+            with trio.CancelScope(shield=True):
+                if held is not None and not engine.lease_lost:
+                    with contextlib.suppress(Exception):
+                        await lease.release(self.store, held)
+                await self.store.aclose()
+
+    async def _serve(self, engine: Engine, ready, held) -> None:
         status = {"pid": os.getpid(), "store": self.store.url, "mountpoint": self.mountpoint,
                   "cache_dir": self.cache_dir, "read_only": self.opts.read_only,
                   "started": time.time()}
@@ -102,8 +125,6 @@ class Daemon:
         ops = Operations(engine, controller, read_only=self.opts.read_only, only=self.only)
         status["on_rollback"] = self._invalidator(ops)
         options = {"fsname=snapfs", "subtype=snapfs", "allow_other", "default_permissions"}
-        if self.opts.read_only:
-            options.add("ro")
         try:
             pyfuse3.init(ops, self.mountpoint, options)
         except Exception as exc:
@@ -113,6 +134,7 @@ class Daemon:
             async with trio.open_nursery() as nursery:
                 if not self.opts.read_only:
                     await nursery.start(engine.run_flusher)
+                    await nursery.start(lease.keep_renewed, self.store, held, engine.lost)
                 nursery.start_soon(self._signals)
                 log.info("mounted %s on %s (cache %s)", self.store.url, self.mountpoint,
                          self.cache_dir)
@@ -124,7 +146,6 @@ class Daemon:
                 pyfuse3.close(unmount=True)
             log.info("unmounted %s: flushing", self.mountpoint)
             await engine.close(flush=not self.opts.read_only)
-            await self.store.aclose()
             if self.temp_cache:
                 shutil.rmtree(self.temp_cache, ignore_errors=True)
             log.info("clean shutdown")

@@ -56,3 +56,9 @@ class IntegrityError(StoreError):
 
 class InvalidReference(SnapfsError):
     errno = errno.ENOENT
+
+
+class ReadOnly(SnapfsError):
+    """The mount is read-only, or this writer lost the store's lease."""
+
+    errno = errno.EROFS

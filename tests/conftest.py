@@ -86,29 +86,31 @@ class Snapfs:
               mnt: Path | None = None) -> None:
         mnt = mnt or self.mnt
         cache = cache_dir or self.cache_dir
+        holder: dict[str, int | None] = {"pid": None}
+        self.cleanup.push(f"daemon on {mnt}", lambda: self._stop(mnt, holder["pid"]))
         self.cli("mount", self.store_url, str(mnt), "--cache-dir", str(cache), *extra,
                  mount=False)
         status = json.loads(run([*SNAPFS, "--json", "--mount", str(mnt), "status"],
                                 env=self.env).stdout)
-        pid = status["pid"]
+        holder["pid"] = status["pid"]
         if mnt == self.mnt:
-            self.pid = pid
-        self.cleanup.push(f"daemon {pid} on {mnt}", lambda: self._stop(mnt, pid))
+            self.pid = status["pid"]
 
-    def _stop(self, mnt: Path, pid: int) -> None:
+    def _stop(self, mnt: Path, pid: int | None) -> None:
         if is_mounted(str(mnt)):
             subprocess.run([*SNAPFS, "umount", str(mnt)], capture_output=True, timeout=300,
                            env=self.env)
         force_unmount(str(mnt))
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
+        while pid is not None and time.monotonic() < deadline:
             try:
                 os.kill(pid, 0)
             except ProcessLookupError:
                 return
             time.sleep(0.1)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     def umount(self) -> None:
         self.cli("umount", str(self.mnt), mount=False)

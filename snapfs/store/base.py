@@ -9,7 +9,7 @@ durable; the layers above call it before they publish anything that points at th
 import re
 from abc import ABC, abstractmethod
 
-from snapfs.errors import InvalidArgument
+from snapfs.errors import AlreadyExists, InvalidArgument
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-z0-9._-]*)*$")
 
@@ -44,6 +44,15 @@ class Store(ABC):
     @abstractmethod
     async def list(self, prefix: str = "") -> list[str]:
         """Every key starting with `prefix`, sorted."""
+
+    async def put_new(self, key: str, data: bytes) -> None:
+        """Put only if `key` is absent (or already holds exactly `data`, as after a retried
+        put); else raise AlreadyExists. Stores override this with an atomic check."""
+        if await self.head(key) is not None:
+            if await self.get(key) != data:
+                raise AlreadyExists(f"{self.url}/{key}: already written by another writer")
+            return
+        await self.put(key, data)
 
     async def barrier(self) -> None:  # noqa: B027 - most stores are durable on put
         """Return once every put that completed before the call is durable."""

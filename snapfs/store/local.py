@@ -13,7 +13,7 @@ import secrets
 
 import trio
 
-from snapfs.errors import ObjectNotFound, StoreError
+from snapfs.errors import AlreadyExists, ObjectNotFound, StoreError
 from snapfs.store.base import Store, check_key
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -45,6 +45,12 @@ class LocalStore(Store):
             raise StoreError(f"{self.url}: {exc.strerror or exc}") from None
 
     async def put(self, key: str, data: bytes) -> None:
+        await self._put(key, data, exclusive=False)
+
+    async def put_new(self, key: str, data: bytes) -> None:
+        await self._put(key, data, exclusive=True)
+
+    async def _put(self, key: str, data: bytes, exclusive: bool) -> None:
         path = self._path(key)
 
         def write() -> None:
@@ -60,7 +66,18 @@ class LocalStore(Store):
                     view = view[os.write(fd, view):]
             finally:
                 os.close(fd)
-            os.rename(tmp, path)
+            if not exclusive:
+                os.rename(tmp, path)
+                return
+            try:
+                os.link(tmp, path)  # atomic: fails when the key exists
+            except FileExistsError:
+                with open(path, "rb") as f:
+                    if f.read() != bytes(data):
+                        raise AlreadyExists(f"{self.url}/{key}: already written by another "
+                                            "writer") from None
+            finally:
+                os.unlink(tmp)
 
         await self._run(write)
         self.puts += 1

@@ -2,7 +2,7 @@
 
 import trio
 
-from snapfs.errors import ObjectNotFound
+from snapfs.errors import AlreadyExists, ObjectNotFound
 from snapfs.store.base import Store, check_key
 
 
@@ -18,6 +18,13 @@ class MemoryStore(Store):
         self.objects[check_key(key)] = bytes(data)
         self.puts += 1
         self.bytes_put += len(data)
+
+    async def put_new(self, key: str, data: bytes) -> None:
+        await trio.lowlevel.checkpoint()
+        old = self.objects.get(check_key(key))
+        if old is not None and old != data:
+            raise AlreadyExists(f"{self.url}{key}: already written by another writer")
+        self.objects[key] = bytes(data)
 
     async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         await trio.lowlevel.checkpoint()

@@ -42,7 +42,7 @@ import trio
 import urllib3.exceptions
 from swiftclient.exceptions import ClientException
 
-from snapfs.errors import InvalidArgument, ObjectNotFound, StoreError
+from snapfs.errors import AlreadyExists, InvalidArgument, ObjectNotFound, StoreError
 from snapfs.store.base import Store, check_key
 
 log = logging.getLogger("snapfs.store")
@@ -323,14 +323,29 @@ class SwiftStore(Store):
     # ------------------------------------------------------------------ the contract
 
     async def put(self, key: str, data: bytes) -> None:
+        await self._put(key, data, exclusive=False)
+
+    async def put_new(self, key: str, data: bytes) -> None:
+        """Conditional PUT (If-None-Match: *): Swift answers 412 when the object exists."""
+        try:
+            await self._put(key, data, exclusive=True)
+        except ClientException as exc:
+            if exc.http_status != 412:
+                raise self._failed(f"PUT {key}", exc) from None
+            if await self.get(key) != data:  # a retry of our own PUT is not a conflict
+                raise AlreadyExists(
+                    f"{self.url}/{key}: already written by another writer") from None
+
+    async def _put(self, key: str, data: bytes, exclusive: bool) -> None:
         name = self._name(key)
+        headers = {"If-None-Match": "*"} if exclusive else None
 
         def put(conn: swiftclient.client.Connection) -> None:
             md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
             # a fresh seekable body each try: swiftclient never retries plain bytes
             etag = conn.put_object(
                 self.container, name, io.BytesIO(data), content_length=len(data), etag=md5,
-                content_type="application/octet-stream",
+                content_type="application/octet-stream", headers=headers,
             )
             if (etag or "").strip('"') != md5:
                 raise _Transient("ETag mismatch")

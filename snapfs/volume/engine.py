@@ -32,6 +32,7 @@ from snapfs.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    ReadOnly,
     SnapfsError,
 )
 from snapfs.store.base import Store
@@ -82,6 +83,7 @@ class EngineStatistics:
     published_seq: int
     flush_errors: int
     last_error: str | None
+    lease_lost: str | None
 
 
 class Head:
@@ -129,7 +131,16 @@ class Head:
 
 
 class Engine:
-    def __init__(self, store: Store, catalog: Catalog, cache_dir: str, config: EngineConfig):
+    def __init__(
+        self,
+        store: Store,
+        catalog: Catalog,
+        cache_dir: str,
+        config: EngineConfig,
+        read_only: bool = False,
+    ):
+        self.read_only = read_only
+        self.lease_lost: str | None = None
         self.store = store
         self.chunks = ChunkStore(store)
         self.tree = TreeReader(self.chunks)
@@ -157,13 +168,19 @@ class Engine:
     # ------------------------------------------------------------------ lifecycle
 
     @classmethod
-    async def open(cls, store: Store, cache_dir: str, config: EngineConfig | None = None):
+    async def open(
+        cls,
+        store: Store,
+        cache_dir: str,
+        config: EngineConfig | None = None,
+        read_only: bool = False,
+    ):
         """Open the cache dir for `store`: restore from the store when it is empty, recover
         after a crash when the last shutdown was not clean."""
         manifest = await publish.read_manifest(store)
         os.makedirs(cache_dir, mode=0o700, exist_ok=True)
         catalog = Catalog(os.path.join(cache_dir, "catalog.sqlite3"))
-        engine = cls(store, catalog, cache_dir, config or EngineConfig())
+        engine = cls(store, catalog, cache_dir, config or EngineConfig(), read_only)
         try:
             await engine._load(manifest)
         except BaseException:
@@ -180,6 +197,15 @@ class Engine:
             raise InvalidArgument(
                 f"cache dir {self.cache_dir} belongs to another store; use another --cache-dir"
             )
+        elif not self.read_only:
+            published = int(cat.get_meta("published", 0))
+            newest = await publish.latest_seq(self.store)
+            if newest > published:
+                raise Busy(
+                    f"cache dir {self.cache_dir} is older than the store (catalog {newest} > "
+                    f"{published}): another writer has published since; mount with a new "
+                    "--cache-dir (what this cache had not uploaded is lost)"
+                )
         clean = bool(cat.get_meta("clean", 0))
         with cat.transaction():
             cat.set_meta("clean", 0)
@@ -280,7 +306,7 @@ class Engine:
         clean cache and mark the shutdown clean. Shielded: runs to the end when cancelled."""
         with trio.CancelScope(shield=True):
             try:
-                if flush:
+                if flush and not self.lease_lost and not self.read_only:
                     await self.sync()
                     for snap in [s for s in self.catalog.snapshots() if s.temporary]:
                         await self.delete_snapshot(snap.volume, snap.name, uid=0)
@@ -354,6 +380,21 @@ class Engine:
     def _bump_seq(self) -> None:
         self.catalog.set_meta("seq", int(self.catalog.get_meta("seq", 0)) + 1)
 
+    def writable(self) -> None:
+        """Raise ReadOnly on a read-only mount, or after this writer lost the store."""
+        if self.read_only:
+            raise ReadOnly("this mount is read-only")
+        if self.lease_lost:
+            raise ReadOnly(f"this writer lost the store ({self.lease_lost}): remount")
+
+    def lost(self, reason: str) -> None:
+        """This writer no longer owns the store: keep the cache, publish and delete nothing,
+        refuse snapshots until remounted."""
+        if not self.lease_lost:
+            log.error("lost the store: %s; keeping the local cache, publishing nothing", reason)
+            self.lease_lost = reason
+            self.last_error = reason
+
     def kick(self) -> None:
         self._kick.set()
 
@@ -367,6 +408,7 @@ class Engine:
         uid: int = 0,
         source: tuple[str, str] | None = None,
     ) -> VolumeRow:
+        self.writable()
         check_name(name, "volume name")
         if name in self.heads:
             raise AlreadyExists(f"volume {name!r} already exists")
@@ -403,6 +445,7 @@ class Engine:
         return row
 
     async def resize_volume(self, name: str, size: int, uid: int = 0) -> VolumeRow:
+        self.writable()
         head = self.head(name)
         self._check_access(head.row.owner, uid, f"volume {name!r}")
         check_volume_size(size)
@@ -420,6 +463,7 @@ class Engine:
         return head.row
 
     async def delete_volume(self, name: str, recursive: bool = False, uid: int = 0) -> None:
+        self.writable()
         head = self.head(name)
         self._check_access(head.row.owner, uid, f"volume {name!r}")
         if head.opens:
@@ -545,6 +589,8 @@ class Engine:
 
     async def write(self, name: str, offset: int, data: bytes) -> int:
         head = self.head(name)
+        if self.read_only:
+            raise ReadOnly("this mount is read-only")
         if offset < 0 or offset + len(data) > head.row.size:
             raise SnapfsError(f"write beyond the end of volume {name!r}")
         async with head.write_lock:
@@ -633,6 +679,7 @@ class Engine:
     ) -> SnapshotRow:
         """O(1): sync the cache file and the dirty map, then freeze the epoch. The data is
         neither copied nor hashed; the flusher uploads it and marks the snapshot available."""
+        self.writable()
         head = self.head(volume)
         self._check_access(head.row.owner, uid, f"volume {volume!r}")
         check_name(name, "snapshot name")
@@ -673,6 +720,7 @@ class Engine:
             await self.flush_once()
 
     async def delete_snapshot(self, volume: str, name: str, uid: int = 0) -> None:
+        self.writable()
         snap = self.snapshot_row(volume, name)
         self._check_access(snap.owner, uid, f"snapshot {volume}@{name}")
         if self.snap_opens.get(snap.id):
@@ -701,6 +749,7 @@ class Engine:
         await self._collect()
 
     async def rollback(self, volume: str, name: str, uid: int = 0) -> None:
+        self.writable()
         head = self.head(volume)
         self._check_access(head.row.owner, uid, f"volume {volume!r}")
         if head.opens:
@@ -768,6 +817,8 @@ class Engine:
     async def sync(self) -> None:
         """Upload everything written before the call, complete every pending snapshot and
         publish the catalog. Errors of the store propagate after its retries."""
+        if self.lease_lost:
+            raise ReadOnly(f"cannot sync: {self.lease_lost}")
         target = self.gen
         while await self.flush_once(upto_gen=target):
             pass
@@ -779,6 +830,8 @@ class Engine:
         """One flush cycle: the oldest pending snapshot of a volume, else a batch of dirty
         blocks of the heads (only those written up to `upto_gen`, when given). Returns
         whether it found work."""
+        if self.read_only or self.lease_lost:
+            return False
         async with self.commit_lock:
             for head in list(self.heads.values()):
                 if head.pending:
@@ -972,15 +1025,25 @@ class Engine:
                 await self._decref(deltas, kind + child)
 
     async def _publish(self) -> None:
+        """Publish the catalog as the next write-once object. If that seq is taken, another
+        writer owns the store now: stop publishing and deleting for good."""
         seq = int(self.catalog.get_meta("seq", 0))
-        if int(self.catalog.get_meta("published", 0)) == seq:
+        if self.read_only or int(self.catalog.get_meta("published", 0)) == seq:
             return
-        await publish.write_catalog(self.store, publish.catalog_doc(self.catalog, seq))
+        if self.lease_lost:
+            raise ReadOnly(f"not publishing: {self.lease_lost}")
+        try:
+            await publish.write_catalog(self.store, publish.catalog_doc(self.catalog, seq))
+        except AlreadyExists:
+            self.lost(f"catalog {seq} was published by another writer")
+            raise ReadOnly(f"not publishing: {self.lease_lost}") from None
         with self.catalog.transaction():
             self.catalog.set_meta("published", seq)
 
     async def _collect(self) -> None:
         """Delete objects whose count reached zero, now that a catalog without them is out."""
+        if self.read_only or self.lease_lost:
+            return
         if self.catalog.get_meta("published") != self.catalog.get_meta("seq"):
             return
         garbage = self.catalog.garbage()
@@ -1045,6 +1108,7 @@ class Engine:
             published_seq=int(self.catalog.get_meta("published", 0)),
             flush_errors=self.flush_errors,
             last_error=self.last_error,
+            lease_lost=self.lease_lost,
         )
 
     @staticmethod

@@ -51,6 +51,11 @@ async def read_manifest(store: Store) -> dict:
     return manifest
 
 
+async def latest_seq(store: Store) -> int:
+    keys = await store.list(CATALOG_PREFIX)
+    return max((int(k[len(CATALOG_PREFIX):], 16) for k in keys), default=0)
+
+
 async def latest_catalog(store: Store) -> dict | None:
     keys = await store.list(CATALOG_PREFIX)
     for key in reversed(keys):
@@ -83,7 +88,7 @@ def catalog_doc(catalog: Catalog, seq: int) -> dict:
 
 async def write_catalog(store: Store, doc: dict) -> None:
     """Publish one catalog; the caller has made every object it references durable."""
-    await store.put(catalog_key(doc["seq"]), codec.pack(doc))
+    await store.put_new(catalog_key(doc["seq"]), codec.pack(doc))  # AlreadyExists: not ours
     await store.barrier()
     for key in await store.list(CATALOG_PREFIX):
         if int(key[len(CATALOG_PREFIX):], 16) <= doc["seq"] - KEEP_CATALOGS:

@@ -11,7 +11,7 @@ import os
 import pytest
 import trio
 
-from snapfs.errors import InvalidArgument, ObjectNotFound, StoreError
+from snapfs.errors import AlreadyExists, InvalidArgument, ObjectNotFound, StoreError
 from snapfs.store import LocalStore, MemoryStore, open_store
 from snapfs.store.swift import SwiftStore
 
@@ -363,3 +363,12 @@ def test_swift_credentials_in_url_refused():
 def test_swift_bad_urls(url):
     with pytest.raises(InvalidArgument):
         SwiftStore.from_url(url, environ={"ST_USER": "a:b", "ST_KEY": SECRET})
+
+
+async def test_put_new_is_conditional(store):
+    await store.put_new("catalog/0001", b"first")
+    await store.put_new("catalog/0001", b"first")  # a retried put of the same bytes is fine
+    with pytest.raises(AlreadyExists):
+        await store.put_new("catalog/0001", b"second")
+    assert await store.get("catalog/0001") == b"first"
+    assert await store.list("catalog/") == ["catalog/0001"]

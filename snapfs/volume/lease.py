@@ -1,0 +1,126 @@
+"""One writer per store: a lease object in the store.
+
+    lease    msgpack {token, host, pid, mounted, expires, cache_dir}
+
+A read-write mount takes the lease and renews it every third of its time to live. A second
+read-write mount is refused with the holder's name, unless the lease has expired, the holder
+is a dead process on this very host, or `--takeover` says so. Read-only mounts never take it.
+
+The lease keeps honest writers apart; what keeps a writer that lost its lease (paused past
+the expiry, or taken over) from doing harm is that catalogs are published with a conditional
+put (`Store.put_new`): the loser's next publish finds the newer writer's seq taken, and from
+then on it publishes nothing and deletes nothing.
+"""
+
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import asdict, dataclass
+
+import trio
+
+from snapfs import codec
+from snapfs.errors import Busy, ObjectNotFound
+from snapfs.store.base import Store
+
+log = logging.getLogger("snapfs.lease")
+LEASE_KEY = "lease"
+DEFAULT_TTL = float(os.environ.get("SNAPFS_LEASE_SECONDS", "60"))
+
+
+@dataclass
+class Lease:
+    token: str
+    host: str
+    pid: int
+    mounted: float
+    expires: float
+    cache_dir: str
+
+    def describe(self) -> str:
+        until = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.expires))
+        return f"host {self.host} pid {self.pid} (lease expires {until})"
+
+
+def _pid_alive(pid: int) -> bool:
+    """A zombie (killed, not yet reaped) counts as dead."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+async def read_lease(store: Store) -> Lease | None:
+    try:
+        raw = codec.unpack(await store.get(LEASE_KEY), f"{store.url}/{LEASE_KEY}")
+    except ObjectNotFound:
+        return None
+    try:
+        return Lease(**raw)
+    except TypeError:
+        return None  # an unreadable lease protects nothing: treat as absent
+
+
+async def acquire(store: Store, cache_dir: str, ttl: float = DEFAULT_TTL,
+                  takeover: bool = False) -> Lease:
+    """Take the store's lease or raise Busy naming the holder."""
+    now = time.time()
+    host = socket.gethostname()
+    current = await read_lease(store)
+    if current is not None and current.expires > now and not takeover:
+        dead_here = current.host == host and not _pid_alive(current.pid)
+        if not dead_here:
+            raise Busy(f"{store.url} is mounted read-write by {current.describe()}; mount "
+                       "--read-only, wait for the lease to expire, or use --takeover if that "
+                       "writer is dead (a live one would be cut off from the store)")
+        log.warning("taking over the lease of dead pid %d on this host", current.pid)
+    elif current is not None and current.expires > now:
+        log.warning("taking over the lease of %s (--takeover)", current.describe())
+    lease = Lease(uuid.uuid4().hex, host, os.getpid(), now, now + ttl, cache_dir)
+    await store.put(LEASE_KEY, codec.pack(asdict(lease)))
+    await store.barrier()
+    check = await read_lease(store)
+    if check is None or check.token != lease.token:
+        holder = check.describe() if check else "another writer"
+        raise Busy(f"{store.url}: lost the race for the lease to {holder}")
+    return lease
+
+
+async def renew(store: Store, lease: Lease, ttl: float = DEFAULT_TTL) -> bool:
+    """Extend our lease; False when someone else holds it now."""
+    current = await read_lease(store)
+    if current is None or current.token != lease.token:
+        return False
+    lease.expires = time.time() + ttl
+    await store.put(LEASE_KEY, codec.pack(asdict(lease)))
+    return True
+
+
+async def release(store: Store, lease: Lease) -> None:
+    current = await read_lease(store)
+    if current is not None and current.token == lease.token:
+        await store.delete(LEASE_KEY)
+
+
+async def keep_renewed(store: Store, lease: Lease, on_lost, ttl: float = DEFAULT_TTL,
+                       task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Background task: renew every ttl/3. Store errors are retried until the lease would
+    expire; then, or when another writer holds it, call `on_lost(reason)` and stop."""
+    task_status.started()
+    while True:
+        await trio.sleep(ttl / 3)
+        try:
+            if not await renew(store, lease, ttl):
+                holder = await read_lease(store)
+                on_lost(f"lease taken over by {holder.describe() if holder else 'nobody'}")
+                return
+        except Exception as exc:  # the store is unreachable: keep trying until expiry
+            if time.time() > lease.expires:
+                on_lost(f"lease expired while the store was unreachable ({exc})")
+                return
+            log.warning("could not renew the lease (expires in %.0fs): %s",
+                        lease.expires - time.time(), exc)
