@@ -1,61 +1,332 @@
-"""Content-addressed objects on top of a store.
+"""Content-addressed blobs, packed into pack objects, with a rebuildable index.
 
-An object's id is the blake3 digest (32 bytes) of its plain bytes. Two kinds share the scheme:
-data blocks (`c/`) and tree nodes (`n/`). The stored bytes are one codec byte followed by the
-payload; codec 0 is plain (compression and encryption slot in here as further codecs). Every
-read is verified against its digest: a mismatch is an IntegrityError that names the object.
+A blob's id is the blake3 digest (32 bytes) of its plain bytes. Two kinds share the scheme:
+data blocks (`c`) and tree nodes (`n`); a blob's *key* is kind byte + id (33 bytes). A blob's
+stored body is one codec byte followed by the payload (codec 0 = plain; compression and
+encryption slot in as further codecs). Every read is verified against the id: a mismatch is
+an IntegrityError that names the blob and its pack.
 
-    key  = KIND "/" hex[0:2] "/" hex          e.g. c/3f/3f9a…
-    body = codec:u8 payload
+A Swift PUT costs ~12 ms whatever its size, so blobs travel in packs of a few MiB:
+
+    p/<hh>/<pack id>   body* trailer         (pack id = blake3 of the whole object)
+        trailer = msgpack {nonce: 16 random bytes, blobs: [[key, offset, length], ...]}
+                  u32le(len(msgpack))  b"SPK1"
+    i/<hh>/<frag id>   msgpack {format: 1, packs: {pack id: size},
+                                blobs: [[key, pack id, offset, length], ...]}
+
+The index (blob → pack, offset, length) lives in the local catalog (tables `blobs`, `packs`)
+and is published as write-once fragments, one per flush; `checkpoint()` folds them into one.
+Both are derived: a fresh machine reads the fragments, and a pack's trailer lists its blobs.
+`packs.live` counts the bytes of blobs still referenced, so GC knows which packs to drop
+(nothing live) or rewrite (live share under a threshold) without walking trees or listing
+the store.
 """
+
+import functools
+import secrets
+import sqlite3
+import struct
+from dataclasses import dataclass
 
 import blake3
 import trio
 
-from snapfs.errors import IntegrityError
+from snapfs import codec
+from snapfs.errors import IntegrityError, ObjectNotFound
 from snapfs.store.base import Store
+from snapfs.tasks import run_all
 
 CHUNK = "c"
 NODE = "n"
 _PLAIN = b"\x00"
+_MAGIC = b"SPK1"
+FORMAT = 1
+
+INDEX_SCHEMA = """
+CREATE TABLE IF NOT EXISTS blobs(key BLOB PRIMARY KEY, pack BLOB NOT NULL,
+    offset INTEGER NOT NULL, length INTEGER NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS blobs_by_pack ON blobs(pack);
+CREATE TABLE IF NOT EXISTS packs(id BLOB PRIMARY KEY, size INTEGER NOT NULL,
+    live INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS fragments(key TEXT PRIMARY KEY) WITHOUT ROWID;
+"""
 
 
 def digest(data: bytes) -> bytes:
     return blake3.blake3(data).digest()
 
 
-def object_key(kind: str, oid: bytes) -> str:
-    h = oid.hex()
-    return f"{kind}/{h[:2]}/{h}"
+def blob_key(kind: str, oid: bytes) -> bytes:
+    return kind.encode() + oid
+
+
+def pack_key(pid: bytes) -> str:
+    h = pid.hex()
+    return f"p/{h[:2]}/{h}"
+
+
+def fragment_key(fid: bytes) -> str:
+    h = fid.hex()
+    return f"i/{h[:2]}/{h}"
+
+
+@dataclass(frozen=True)
+class PackStatistics:
+    packs: int
+    pack_bytes: int
+    live_bytes: int
+    fragments: int
 
 
 class ChunkStore:
-    """put(kind, bytes) → id and get(kind, id) → verified bytes. Hashing large blocks runs in
-    a worker thread so the event loop stays responsive."""
+    """stage(kind, id, bytes) then flush() → blobs are in the store; record() (inside the
+    caller's catalog transaction) makes them known; get(kind, id) → verified bytes."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, db: sqlite3.Connection, pack_size: int = 4 << 20,
+                 uploads: int = 8) -> None:
         self.store = store
+        self.db = db
+        self.pack_size = pack_size
+        self.uploads = uploads
+        self._open: list[tuple[bytes, bytes]] = []  # (key, body) of the pack being filled
+        self._open_bytes = 0
+        self._sealed: list[list[tuple[bytes, bytes]]] = []
+        self._staged: dict[bytes, bytes] = {}  # key → body, until recorded
+        self._pending_rows: list[tuple[bytes, bytes, int, int]] = []
+        self._pending_packs: dict[bytes, int] = {}
+        self._pending_fragments: list[str] = []
 
     async def hash(self, data: bytes) -> bytes:
         if len(data) >= 16384:
             return await trio.to_thread.run_sync(digest, data)
         return digest(data)
 
-    async def put(self, kind: str, oid: bytes, data: bytes) -> int:
-        """Store `data` under its (already computed) id; returns the stored size."""
+    # ------------------------------------------------------------------ writing
+
+    def stage(self, kind: str, oid: bytes, data: bytes) -> int:
+        """Queue a blob for the next pack; returns its stored size."""
+        key = blob_key(kind, oid)
+        if key in self._staged:
+            return len(self._staged[key])
         body = _PLAIN + data
-        await self.store.put(object_key(kind, oid), body)
+        self._staged[key] = body
+        self._open.append((key, body))
+        self._open_bytes += len(body)
+        if self._open_bytes >= self.pack_size:
+            self._seal()
         return len(body)
 
+    def _seal(self) -> None:
+        if self._open:
+            self._sealed.append(self._open)
+            self._open, self._open_bytes = [], 0
+
+    async def flush(self) -> None:
+        """Upload every staged blob in packs, then one index fragment for them. The caller
+        makes them durable (store.barrier) and calls record() in its transaction."""
+        self._seal()
+        sealed, self._sealed = self._sealed, []
+        if not sealed:
+            return
+        rows: list[tuple[bytes, bytes, int, int]] = []
+        packs: dict[bytes, int] = {}
+
+        async def upload(entries: list[tuple[bytes, bytes]]) -> None:
+            body = bytearray()
+            table: list[tuple[bytes, int, int]] = []
+            for key, blob in entries:
+                table.append((key, len(body), len(blob)))
+                body += blob
+            # The nonce makes every pack unique: a repack of the same blobs never gets the id
+            # of a pack that is about to be deleted.
+            trailer = codec.pack({"nonce": secrets.token_bytes(16),
+                                  "blobs": [list(t) for t in table]})
+            body += trailer + struct.pack("<I", len(trailer)) + _MAGIC
+            pid = digest(bytes(body))
+            await self.store.put(pack_key(pid), bytes(body))
+            packs[pid] = len(body)
+            rows.extend((key, pid, off, length) for key, off, length in table)
+
+        await run_all([functools.partial(upload, e) for e in sealed], self.uploads)
+        fragment = codec.pack({"format": FORMAT, "packs": packs,
+                               "blobs": [list(r) for r in rows]})
+        fkey = fragment_key(digest(fragment))
+        await self.store.put(fkey, fragment)
+        self._pending_rows.extend(rows)
+        self._pending_packs.update(packs)
+        self._pending_fragments.append(fkey)
+
+    def record(self) -> None:
+        """Inside the caller's transaction: index what flush() uploaded. A blob that was
+        stored before (and is being brought back) moves its live bytes to the new pack."""
+        for key, pid, off, length in self._pending_rows:
+            old = self.db.execute("SELECT pack, length FROM blobs WHERE key=?", (key,)).fetchone()
+            if old is not None:
+                self.db.execute("UPDATE packs SET live = live - ? WHERE id=?", (old[1], old[0]))
+            self.db.execute("INSERT OR REPLACE INTO blobs VALUES(?,?,?,?)", (key, pid, off, length))
+        live: dict[bytes, int] = {}
+        for _key, pid, _off, length in self._pending_rows:
+            live[pid] = live.get(pid, 0) + length
+        for pid, size in self._pending_packs.items():
+            self.db.execute("INSERT OR REPLACE INTO packs VALUES(?,?,?)",
+                            (pid, size, live.get(pid, 0)))
+        self.db.executemany("INSERT OR IGNORE INTO fragments VALUES(?)",
+                            ((k,) for k in self._pending_fragments))
+        self._pending_rows, self._pending_packs, self._pending_fragments = [], {}, []
+        self._staged.clear()
+
+    def discard_staged(self) -> None:
+        """Forget what was staged or flushed but not recorded (a failed commit)."""
+        self._open, self._open_bytes, self._sealed = [], 0, []
+        self._staged.clear()
+        self._pending_rows, self._pending_packs, self._pending_fragments = [], {}, []
+
+    # ------------------------------------------------------------------ reading
+
+    def location(self, key: bytes) -> tuple[bytes, int, int] | None:
+        row = self.db.execute("SELECT pack, offset, length FROM blobs WHERE key=?",
+                              (key,)).fetchone()
+        return None if row is None else (row[0], row[1], row[2])
+
     async def get(self, kind: str, oid: bytes) -> bytes:
-        key = object_key(kind, oid)
-        body = await self.store.get(key)
-        if body[:1] != _PLAIN:
-            raise IntegrityError(f"{self.store.url}/{key}: unknown codec {body[:1].hex()}")
+        key = blob_key(kind, oid)
+        body = self._staged.get(key)
+        where = f"blob {kind}/{oid.hex()}"
+        if body is None:
+            loc = self.location(key)
+            if loc is None:
+                raise ObjectNotFound(f"{where}: not in the index")
+            pid, off, length = loc
+            where += f" in {pack_key(pid)}"
+            try:
+                body = await self.store.get(pack_key(pid), off, length)
+            except ObjectNotFound:
+                raise ObjectNotFound(f"{where}: pack missing from {self.store.url}") from None
+        if len(body) < 1 or body[:1] != _PLAIN:
+            raise IntegrityError(f"{where}: unknown codec")
         data = body[1:]
         if await self.hash(data) != oid:
-            raise IntegrityError(f"{self.store.url}/{key}: content does not match its digest")
+            raise IntegrityError(f"{where}: content does not match its digest")
         return data
 
-    async def delete(self, kind: str, oid: bytes) -> None:
-        await self.store.delete(object_key(kind, oid))
+    # ------------------------------------------------------------------ freeing
+
+    def release(self, keys: list[bytes]) -> list[bytes]:
+        """Inside the caller's transaction: blobs nothing references any more leave the
+        index; returns the packs with no live bytes left (to delete from the store)."""
+        touched = set()
+        for key in keys:
+            row = self.db.execute("SELECT pack, length FROM blobs WHERE key=?", (key,)).fetchone()
+            if row is None:
+                continue
+            self.db.execute("DELETE FROM blobs WHERE key=?", (key,))
+            self.db.execute("UPDATE packs SET live = live - ? WHERE id=?", (row[1], row[0]))
+            touched.add(row[0])
+        empty = [pid for pid in touched
+                 if (r := self.db.execute("SELECT live FROM packs WHERE id=?", (pid,)).fetchone())
+                 and r[0] <= 0]
+        for pid in empty:
+            self.db.execute("DELETE FROM packs WHERE id=?", (pid,))
+        return empty
+
+    async def delete_packs(self, pids: list[bytes]) -> None:
+        await run_all([functools.partial(self.store.delete, pack_key(p)) for p in pids],
+                      self.uploads)
+
+    def sparse_packs(self, threshold: float) -> list[tuple[bytes, int, int]]:
+        """Packs whose live share fell below `threshold`: (id, size, live)."""
+        return list(self.db.execute(
+            "SELECT id, size, live FROM packs WHERE live < size * ? ORDER BY live * 1.0 / size",
+            (threshold,)))
+
+    async def read_live(self, pid: bytes) -> list[tuple[bytes, bytes]]:
+        """The live blobs of a pack, (key, body), read with one GET and verified."""
+        body = await self.store.get(pack_key(pid))
+        if digest(body) != pid:
+            raise IntegrityError(f"{pack_key(pid)}: content does not match its digest")
+        out = []
+        for key, off, length in self.db.execute(
+                "SELECT key, offset, length FROM blobs WHERE pack=?", (pid,)):
+            out.append((key, body[off:off + length]))
+        return out
+
+    def stage_body(self, key: bytes, body: bytes) -> None:
+        """Re-stage an already encoded blob (used when repacking)."""
+        self._staged[key] = body
+        self._open.append((key, body))
+        self._open_bytes += len(body)
+        if self._open_bytes >= self.pack_size:
+            self._seal()
+
+    # ------------------------------------------------------------------ index publication
+
+    async def checkpoint(self) -> list[str]:
+        """Write one fragment with the whole index; return the older fragments, which the
+        caller deletes once the checkpoint is durable and recorded."""
+        packs = dict(self.db.execute("SELECT id, size FROM packs"))
+        rows = [list(r) for r in self.db.execute("SELECT key, pack, offset, length FROM blobs")]
+        fragment = codec.pack({"format": FORMAT, "packs": packs, "blobs": rows})
+        fkey = fragment_key(digest(fragment))
+        await self.store.put(fkey, fragment)
+        old = [k for (k,) in self.db.execute("SELECT key FROM fragments") if k != fkey]
+        self._pending_fragments.append(fkey)
+        return old
+
+    def forget_fragments(self, keys: list[str]) -> None:
+        self.db.executemany("DELETE FROM fragments WHERE key=?", ((k,) for k in keys))
+
+    async def load_index(self) -> None:
+        """Fresh cache: rebuild `blobs` and `packs` from the published fragments, keeping
+        entries whose pack is in the store (a later fragment wins). The caller wraps it in
+        a transaction, then releases what no root references."""
+        present = {key.rsplit("/", 1)[1] for key in await self.store.list("p/")}
+        fkeys = await self.store.list("i/")
+        sizes: dict[bytes, int] = {}
+        found: dict[bytes, tuple[bytes, int, int]] = {}
+        for fkey in fkeys:
+            try:
+                doc = codec.unpack(await self.store.get(fkey), f"{self.store.url}/{fkey}")
+            except ObjectNotFound:
+                continue
+            if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+                raise IntegrityError(f"{self.store.url}/{fkey}: unsupported index fragment")
+            for pid, size in doc["packs"].items():
+                if pid.hex() in present:
+                    sizes[pid] = size
+            for key, pid, off, length in doc["blobs"]:
+                if pid.hex() in present:
+                    found[key] = (pid, off, length)
+        live: dict[bytes, int] = {}
+        for key, (pid, off, length) in found.items():
+            self.db.execute("INSERT OR REPLACE INTO blobs VALUES(?,?,?,?)", (key, pid, off, length))
+            live[pid] = live.get(pid, 0) + length
+        for pid, size in sizes.items():
+            self.db.execute("INSERT OR REPLACE INTO packs VALUES(?,?,?)",
+                            (pid, size, live.get(pid, 0)))
+        self.db.executemany("INSERT OR IGNORE INTO fragments VALUES(?)", ((k,) for k in fkeys))
+
+    def live_mismatches(self) -> list[tuple[bytes, int, int]]:
+        """Packs whose live bytes differ from the blobs the index places in them."""
+        return list(self.db.execute(
+            "SELECT p.id, p.live, COALESCE(SUM(b.length), 0) AS counted FROM packs p "
+            "LEFT JOIN blobs b ON b.pack = p.id GROUP BY p.id HAVING p.live != counted"))
+
+    def recount_live(self) -> None:
+        self.db.execute("UPDATE packs SET live = (SELECT COALESCE(SUM(length), 0) FROM blobs "
+                        "WHERE blobs.pack = packs.id)")
+
+    def known_packs(self) -> set[bytes]:
+        return {p for (p,) in self.db.execute("SELECT id FROM packs")}
+
+    def forget_packs(self, pids: list[bytes]) -> None:
+        """Inside a transaction: packs whose blobs all moved elsewhere."""
+        self.db.executemany("DELETE FROM packs WHERE id=?", ((p,) for p in pids))
+
+    def indexed_keys(self) -> set[bytes]:
+        return {k for (k,) in self.db.execute("SELECT key FROM blobs")}
+
+    def statistics(self) -> PackStatistics:
+        n, size, live = self.db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(size),0), COALESCE(SUM(live),0) FROM packs").fetchone()
+        frags = self.db.execute("SELECT COUNT(*) FROM fragments").fetchone()[0]
+        return PackStatistics(n, size, live, frags)

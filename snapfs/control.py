@@ -30,6 +30,16 @@ class Spec:
     help: str = ""
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value <= 1.0:
+        raise InvalidArgument(f"invalid threshold {text[:20]!r}: a fraction in (0, 1]")
+    return value
+
+
 def _volume(text: str) -> str:
     return check_name(text, "volume name")
 
@@ -53,6 +63,8 @@ SPECS = [
     Spec(("sync",), help="upload everything dirty and publish the catalog"),
     Spec(("stats",), help="daemon statistics"),
     Spec(("fsck",), flags=("repair",), help="recompute refcounts and check the store"),
+    Spec(("gc",), options={"threshold": lambda t: _fraction(t)},
+         help="rewrite packs whose live share fell below --threshold (default 0.5)"),
     Spec(("evict",), help="drop clean cached blocks"),
     Spec(("status",), help="daemon status"),
 ]
@@ -212,6 +224,11 @@ class Controller:
         if uid != 0:
             raise InvalidArgument("fsck is for root")
         return (await self.engine.check(repair=repair)).as_dict()
+
+    async def do_gc(self, uid, threshold=None):
+        if uid != 0:
+            raise InvalidArgument("gc is for root")
+        return await self.engine.gc(threshold)
 
     async def do_evict(self, uid):
         self.engine.evict_all()

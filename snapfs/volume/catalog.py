@@ -23,6 +23,8 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from snapfs.chunks import INDEX_SCHEMA
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS volumes(
@@ -82,7 +84,7 @@ class Catalog:
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(SCHEMA)
+        self.db.executescript(SCHEMA + INDEX_SCHEMA)
         self._depth = 0
 
     def close(self) -> None:
@@ -231,6 +233,9 @@ class Catalog:
     # garbage
     def garbage(self) -> list[bytes]:
         return [r[0] for r in self.db.execute("SELECT key FROM garbage")]
+
+    def add_garbage(self, keys: Iterable[bytes]) -> None:
+        self.db.executemany("INSERT OR IGNORE INTO garbage(key) VALUES(?)", ((k,) for k in keys))
 
     def forget_garbage(self, keys: Iterable[bytes]) -> None:
         self.db.executemany("DELETE FROM garbage WHERE key=?", ((k,) for k in keys))

@@ -5,11 +5,12 @@ dir rebuilds its refcounts with it (store-only restore).
 
 from dataclasses import dataclass, field
 
-from snapfs.chunks import CHUNK, NODE, object_key
+from snapfs.chunks import CHUNK, NODE
 from snapfs.tree import TreeReader, encode_node
 
 K_CHUNK = CHUNK.encode()
 K_NODE = NODE.encode()
+K_PACK = b"p"  # in the garbage queue: a pack to delete from the store
 
 
 def ref_key(kind: bytes, oid: bytes) -> bytes:
@@ -17,7 +18,8 @@ def ref_key(kind: bytes, oid: bytes) -> bytes:
 
 
 def key_to_store_key(key: bytes) -> str:
-    return object_key(key[:1].decode(), key[1:])
+    """How a blob key is named in messages: kind/hex."""
+    return f"{key[:1].decode()}/{key[1:].hex()}"
 
 
 async def expected_refs(
@@ -57,6 +59,7 @@ class CheckReport:
     objects: int = 0
     wrong_counts: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
+    orphan_packs: int = 0
     repaired: bool = False
 
     @property
@@ -65,4 +68,5 @@ class CheckReport:
 
     def as_dict(self) -> dict:
         return {"objects": self.objects, "clean": self.clean, "repaired": self.repaired,
-                "wrong_counts": self.wrong_counts[:50], "missing": self.missing[:50]}
+                "wrong_counts": self.wrong_counts[:50], "missing": self.missing[:50],
+                "orphan_packs": self.orphan_packs}

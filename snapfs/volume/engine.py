@@ -25,10 +25,11 @@ from dataclasses import dataclass
 import trio
 import trio.lowlevel
 
-from snapfs.chunks import CHUNK, NODE, ChunkStore, digest
+from snapfs.chunks import CHUNK, NODE, ChunkStore, digest, pack_key
 from snapfs.errors import (
     AlreadyExists,
     Busy,
+    IntegrityError,
     InvalidArgument,
     NotFound,
     PermissionDenied,
@@ -40,7 +41,14 @@ from snapfs.tree import TreeReader, levels_for
 from snapfs.units import MAX_VOLUME_SIZE, check_name, format_size
 from snapfs.volume import publish
 from snapfs.volume.catalog import Catalog, SnapshotRow, VolumeRow
-from snapfs.volume.check import K_CHUNK, K_NODE, CheckReport, expected_refs, key_to_store_key
+from snapfs.volume.check import (
+    K_CHUNK,
+    K_NODE,
+    K_PACK,
+    CheckReport,
+    expected_refs,
+    key_to_store_key,
+)
 
 log = logging.getLogger("snapfs.engine")
 
@@ -63,6 +71,8 @@ class EngineConfig:
     flush_delay: float = 1.0
     uploads: int = 8
     batch_bytes: int = 256 << 20
+    pack_size: int = 4 << 20
+    gc_threshold: float = 0.5  # rewrite packs whose live share fell below this
 
 
 @dataclass(frozen=True)
@@ -83,6 +93,10 @@ class EngineStatistics:
     published_seq: int
     flush_errors: int
     last_error: str | None
+    packs: int
+    pack_bytes: int
+    live_bytes: int
+    index_fragments: int
     lease_lost: str | None
 
 
@@ -142,7 +156,7 @@ class Engine:
         self.read_only = read_only
         self.lease_lost: str | None = None
         self.store = store
-        self.chunks = ChunkStore(store)
+        self.chunks = ChunkStore(store, catalog.db, config.pack_size, config.uploads)
         self.tree = TreeReader(self.chunks)
         self.catalog = catalog
         self.cache_dir = cache_dir
@@ -237,12 +251,22 @@ class Engine:
     async def _restore_from_store(self, store_uuid: str) -> None:
         doc = await publish.latest_catalog(self.store)
         refs: dict[bytes, tuple[int, int]] = {}
+        cat = self.catalog
+        with cat.transaction():  # the index first: walking the roots reads nodes through it
+            await self.chunks.load_index()
         if doc is not None:
             roots = [(v["root"], v["block_size"]) for v in doc["volumes"]]
             roots += [(s["root"], s["block_size"]) for s in doc["snapshots"]]
             refs = await expected_refs(self.tree, roots)
-        cat = self.catalog
+        indexed = self.chunks.indexed_keys()
+        missing = set(refs) - indexed
+        if missing:
+            raise IntegrityError(
+                f"{self.store.url}: {len(missing)} objects the catalog references are in no "
+                "pack; run fsck on the writer"
+            )
         with cat.transaction():
+            cat.add_garbage(indexed - set(refs))  # left over from crashed cycles
             if doc is not None:
                 for v in doc["volumes"]:
                     cat.add_volume(
@@ -879,6 +903,18 @@ class Engine:
 
     async def _commit(self, head: Head, snap: SnapshotRow | None, blocks: list[int] | None = None):
         """Upload blocks, derive the new tree, make it durable, then commit the catalog in one
+        transaction and publish it. Called with commit_lock held. On error nothing is
+        recorded: what was uploaded stays as unreferenced pack space."""
+        try:
+            await self._commit_inner(head, snap, blocks)
+        except BaseException:
+            self.chunks.discard_staged()
+            raise
+
+    async def _commit_inner(
+        self, head: Head, snap: SnapshotRow | None, blocks: list[int] | None = None
+    ):
+        """Upload blocks, derive the new tree, make it durable, then commit the catalog in one
         transaction and publish it. Called with commit_lock held."""
         bs = head.bs
         vid = head.row.id
@@ -914,7 +950,9 @@ class Engine:
             if oid is not None and oid not in uploads and not self.catalog.has_ref(K_CHUNK + oid):
                 uploads[oid] = data
         self.deduplicated += sum(1 for _b, oid, _d in hashed if oid is not None) - len(uploads)
-        await self._upload(CHUNK, uploads)
+        for oid, data in uploads.items():
+            self.uploaded_bytes += self.chunks.stage(CHUNK, oid, data)
+            self.uploaded_objects += 1
 
         old_root, old_level = head.row.root, head.row.root_level
         update = await self.tree.update(
@@ -928,8 +966,15 @@ class Engine:
             for oid, data in update.new_nodes.items()
             if not self.catalog.has_ref(K_NODE + oid)
         }
-        await self._upload(NODE, new_nodes)
-        await self.store.barrier()
+        for oid, data in new_nodes.items():
+            self.uploaded_bytes += self.chunks.stage(NODE, oid, data)
+            self.uploaded_objects += 1
+        try:
+            await self.chunks.flush()
+            await self.store.barrier()
+        except BaseException:
+            self.chunks.discard_staged()
+            raise
 
         deltas: dict[bytes, int] = {}
         sizes: dict[bytes, int] = {}
@@ -962,6 +1007,7 @@ class Engine:
             and head.dirty.get(blk, 1 << 62) <= target
         ]
         with self.catalog.transaction():
+            self.chunks.record()
             self.catalog.apply_refs(deltas, sizes)
             self.catalog.update_volume(vid, root=update.root, root_level=update.level)
             if snap is not None:
@@ -999,21 +1045,6 @@ class Engine:
         await self._publish()
         await self._collect()
 
-    async def _upload(self, kind: str, objects: dict[bytes, bytes]) -> None:
-        if not objects:
-            return
-        limiter = trio.CapacityLimiter(self.config.uploads)
-
-        async def one(oid: bytes, data: bytes) -> None:
-            async with limiter:
-                await self.chunks.put(kind, oid, data)
-                self.uploaded_bytes += len(data)
-                self.uploaded_objects += 1
-
-        async with trio.open_nursery() as nursery:
-            for oid, data in objects.items():
-                nursery.start_soon(one, oid, data)
-
     async def _decref(self, deltas: dict[bytes, int], key: bytes) -> None:
         """Drop one reference to `key` in `deltas`; when its count reaches zero, drop the
         references it holds (cascading down the tree). Increments must already be in."""
@@ -1041,27 +1072,88 @@ class Engine:
             self.catalog.set_meta("published", seq)
 
     async def _collect(self) -> None:
-        """Delete objects whose count reached zero, now that a catalog without them is out."""
+        """Once a catalog without them is out: drop dead blobs from the index (their packs
+        lose live bytes), then delete packs with nothing live left. Both steps are queued in
+        the `garbage` table first, so a crash in between only repeats them."""
         if self.read_only or self.lease_lost:
             return
         if self.catalog.get_meta("published") != self.catalog.get_meta("seq"):
             return
         garbage = self.catalog.garbage()
-        if not garbage:
-            return
-        limiter = trio.CapacityLimiter(self.config.uploads)
+        blobs = [k for k in garbage if k[:1] in (K_CHUNK, K_NODE)]
+        if blobs:
+            with self.catalog.transaction():
+                empty = self.chunks.release(blobs)
+                self.catalog.forget_garbage(blobs)
+                self.catalog.add_garbage(K_PACK + pid for pid in empty)
+        packs = [k for k in self.catalog.garbage() if k[:1] == K_PACK]
+        if packs:
+            await self.chunks.delete_packs([k[1:] for k in packs])
+            with self.catalog.transaction():
+                self.catalog.forget_garbage(packs)
 
-        async def one(key: bytes) -> None:
-            async with limiter:
-                await self.store.delete(key_to_store_key(key))
-
-        async with trio.open_nursery() as nursery:
-            for key in garbage:
-                nursery.start_soon(one, key)
-        with self.catalog.transaction():
-            self.catalog.forget_garbage(garbage)
+    async def gc(self, threshold: float | None = None) -> dict:
+        """Rewrite packs whose live share fell below `threshold` (their live blobs move to new
+        packs, then the old packs go), and fold the index fragments into a checkpoint when
+        they have piled up. The work follows the garbage, not the data kept."""
+        self.writable()
+        threshold = self.config.gc_threshold if threshold is None else threshold
+        async with self.commit_lock:
+            await self._publish()
+            await self._collect()
+            before = self.chunks.statistics()
+            sparse = self.chunks.sparse_packs(threshold)
+            moved = 0
+            try:
+                for pid, _size, _live in sparse:
+                    for key, body in await self.chunks.read_live(pid):
+                        self.chunks.stage_body(key, body)
+                        moved += len(body)
+                await self.chunks.flush()
+                await self.store.barrier()
+            except BaseException:
+                self.chunks.discard_staged()
+                raise
+            with self.catalog.transaction():
+                self.chunks.record()
+                self.chunks.forget_packs([pid for pid, _s, _l in sparse])
+                self.catalog.add_garbage(K_PACK + pid for pid, _s, _l in sparse)
+            await self._collect()
+            if self.chunks.statistics().fragments > 32:
+                old = await self.chunks.checkpoint()
+                await self.store.barrier()
+                with self.catalog.transaction():
+                    self.chunks.record()
+                    self.chunks.forget_fragments(old)
+                for fkey in old:
+                    await self.store.delete(fkey)
+            after = self.chunks.statistics()
+            return {
+                "rewritten_packs": len(sparse),
+                "moved_bytes": moved,
+                "store_bytes_before": before.pack_bytes,
+                "store_bytes_after": after.pack_bytes,
+                "live_bytes": after.live_bytes,
+                "packs": after.packs,
+            }
 
     # ------------------------------------------------------------------ checks and stats
+
+    async def _check_store(self, expected) -> tuple[list[str], list[bytes]]:
+        """Every referenced blob is indexed and its pack is in the store; and which packs
+        in the store nothing indexes (left by a crashed cycle)."""
+        missing = []
+        packs = set()
+        for key in expected:
+            loc = self.chunks.location(key)
+            if loc is None:
+                missing.append(f"{key_to_store_key(key)}: not in the index")
+            else:
+                packs.add(loc[0])
+        listed = {bytes.fromhex(k.rsplit("/", 1)[1]) for k in await self.store.list("p/")}
+        missing += [f"{pack_key(pid)}: missing from the store" for pid in packs - listed]
+        known = self.chunks.known_packs()
+        return missing, sorted(listed - known)
 
     async def check(self, repair: bool = False, verify_store: bool = True) -> CheckReport:
         """Recompute every refcount from the roots and compare; check the store has every
@@ -1081,16 +1173,25 @@ class Engine:
                         f"referenced {expected.get(key, (0, 0))[0]}"
                     )
             if verify_store:
-                for key in expected:
-                    if await self.store.head(key_to_store_key(key)) is None:
-                        report.missing.append(key_to_store_key(key))
+                report.missing, orphans = await self._check_store(expected)
+                report.orphan_packs = len(orphans)
+                if repair and orphans:
+                    await self.chunks.delete_packs(orphans)
+                    report.repaired = True
+            if not self.catalog.garbage():
+                for pid, live, counted in self.chunks.live_mismatches():
+                    report.wrong_counts.append(
+                        f"{pack_key(pid)}: live bytes {live}, blobs indexed in it {counted}"
+                    )
             if repair and report.wrong_counts:
                 with self.catalog.transaction():
                     self.catalog.replace_refs(expected)
+                    self.chunks.recount_live()
                 report.repaired = True
             return report
 
     def statistics(self) -> EngineStatistics:
+        packs = self.chunks.statistics()
         return EngineStatistics(
             volumes=len(self.heads),
             snapshots=len(self.catalog.snapshots()),
@@ -1108,6 +1209,10 @@ class Engine:
             published_seq=int(self.catalog.get_meta("published", 0)),
             flush_errors=self.flush_errors,
             last_error=self.last_error,
+            packs=packs.packs,
+            pack_bytes=packs.pack_bytes,
+            live_bytes=packs.live_bytes,
+            index_fragments=packs.fragments,
             lease_lost=self.lease_lost,
         )
 

@@ -18,7 +18,7 @@ SIZES = [8 * BS, 13 * BS + 512, 40 * BS]
 
 KINDS = ["write"] * 8 + ["zero", "read", "read"] + [
     "snapshot", "snapshot", "snapshot", "delete_snapshot", "clone", "clone_head", "flush", "sync",
-    "evict", "grow", "rollback", "restart",
+    "evict", "grow", "rollback", "restart", "gc",
 ]
 # Every operation draws the same fields and uses those it needs; writes are most of them.
 ops = st.lists(
@@ -44,7 +44,9 @@ async def _run_model(ops, sizes, cache_blocks):
     store = MemoryStore()
     await publish.init_store(store)
     cache_dir = tempfile.mkdtemp(prefix="snapfs-model-")
-    config = EngineConfig(cache_size=cache_blocks * BS, batch_bytes=5 * BS, uploads=3)
+    config = EngineConfig(
+        cache_size=cache_blocks * BS, batch_bytes=5 * BS, uploads=3, pack_size=3 * BS
+    )
     engine = await Engine.open(store, cache_dir, config)
     model: dict[str, bytearray] = {}
     snaps: dict[tuple[str, str], bytes] = {}
@@ -100,6 +102,10 @@ async def _run_model(ops, sizes, cache_blocks):
                 await engine.flush_once()
             elif kind == "sync":
                 await engine.sync()
+                report = await engine.check()
+                assert report.clean, report.as_dict()
+            elif kind == "gc":
+                await engine.gc(threshold=0.2 + op[2] * 0.8)
                 report = await engine.check()
                 assert report.clean, report.as_dict()
             elif kind == "evict":

@@ -1,0 +1,36 @@
+"""Bounded concurrency with plain errors.
+
+trio nurseries raise ExceptionGroup; callers of the store layer expect one SnapfsError they
+can report in one line. `run_all` runs calls concurrently (at most `limit` at a time) and, if
+any failed, raises the first failure itself (outer cancellation propagates untouched).
+"""
+
+from collections.abc import Awaitable, Callable, Iterable
+
+import trio
+
+
+def _leaves(exc: BaseException):
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
+
+
+async def run_all(calls: Iterable[Callable[[], Awaitable[object]]], limit: int) -> None:
+    limiter = trio.CapacityLimiter(limit)
+
+    async def one(call: Callable[[], Awaitable[object]]) -> None:
+        async with limiter:
+            await call()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for call in calls:
+                nursery.start_soon(one, call)
+    except BaseExceptionGroup as group:
+        failures = [e for e in _leaves(group) if not isinstance(e, trio.Cancelled)]
+        if not failures:
+            raise
+        raise failures[0] from None
