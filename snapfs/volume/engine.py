@@ -893,6 +893,8 @@ class Engine:
                     async with self.commit_lock:
                         await self._publish()
                         await self._collect()
+                if not self.lease_lost and self.chunks.sparse_packs(self.config.gc_threshold):
+                    await self.gc()  # background gc: work follows the garbage
                 backoff = 1.0
             except SnapfsError as exc:
                 self.flush_errors += 1
