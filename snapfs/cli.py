@@ -114,8 +114,9 @@ def _sizes(d: dict, *keys: str) -> dict:
 def render(words: list[str], result) -> str:
     cmd = tuple(words[:2])
     if cmd == ("volume", "list"):
-        rows = [_sizes(r, "size", "block_size", "bytes_dirty") for r in result]
-        return table(rows, [("NAME", "name"), ("SIZE", "size"), ("BLOCK", "block_size"),
+        rows = [_sizes(r, "size", "allocated", "block_size", "bytes_dirty") for r in result]
+        return table(rows, [("NAME", "name"), ("SIZE", "size"), ("ALLOCATED", "allocated"),
+                            ("BLOCK", "block_size"),
                             ("DIRTY", "bytes_dirty"), ("SNAPSHOTS", "snapshots"),
                             ("STATE", "state"), ("PARENT", "parent")])
     if cmd == ("snapshot", "list"):

@@ -381,7 +381,6 @@ class Operations(pyfuse3.Operations):
             return "\n".join(s.name for s in snaps if s.state != "deleting").encode()
         if name == XATTR_INFO:
             info = self.engine.volume_info(obj.row.name)
-            info["allocated"] = self.engine.allocated_bytes(obj.row.name)
             return json.dumps(info, sort_keys=True).encode()
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
 

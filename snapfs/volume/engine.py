@@ -544,6 +544,7 @@ class Engine:
             "created": row.created,
             "parent": row.parent,
             "state": "in-use" if head.opens else "available",
+            "allocated": self.allocated_bytes(name),
             "bytes_dirty": len(head.dirty) * row.block_size,
             "bytes_cached": cached + len(head.dirty) * row.block_size,
             "bytes_frozen": sum(len(f) for f in head.frozen.values()) * row.block_size,
