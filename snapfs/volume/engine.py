@@ -897,10 +897,13 @@ class Engine:
                 if not self.lease_lost and self.chunks.sparse_packs(self.config.gc_threshold):
                     await self.gc()  # background gc: work follows the garbage
                 backoff = 1.0
-            except SnapfsError as exc:
+            except Exception as exc:  # the daemon must outlive any failure of a cycle
                 self.flush_errors += 1
-                self.last_error = str(exc)
-                log.warning("flush failed, retrying in %.0fs: %s", backoff, exc)
+                self.last_error = str(exc) or exc.__class__.__name__
+                if isinstance(exc, SnapfsError):
+                    log.warning("flush failed, retrying in %.0fs: %s", backoff, exc)
+                else:
+                    log.exception("flush failed unexpectedly, retrying in %.0fs", backoff)
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
 
