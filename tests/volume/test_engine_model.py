@@ -29,7 +29,11 @@ ops = st.lists(
 )
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(
     ops=ops,
     sizes=st.lists(st.sampled_from(SIZES), min_size=1, max_size=2),
