@@ -46,6 +46,10 @@ from snapfs.errors import AlreadyExists, InvalidArgument, ObjectNotFound, StoreE
 from snapfs.store.base import Store, check_key
 
 log = logging.getLogger("snapfs.store")
+# The retry WARNINGs are for the daemon's log (its handlers get them by propagation). In a
+# process that configured no logging (`snapfs init`), they must not reach stderr through
+# logging's last-resort handler: the CLI's contract is one error line.
+log.addHandler(logging.NullHandler())
 
 T = TypeVar("T")
 
@@ -323,7 +327,10 @@ class SwiftStore(Store):
     # ------------------------------------------------------------------ the contract
 
     async def put(self, key: str, data: bytes) -> None:
-        await self._put(key, data, exclusive=False)
+        try:
+            await self._put(key, data, exclusive=False)
+        except ClientException as exc:  # a permanent 4xx: never let swiftclient's escape
+            raise self._put_failed(key, exc) from None
 
     async def put_new(self, key: str, data: bytes) -> None:
         """Conditional PUT (If-None-Match: *): Swift answers 412 when the object exists."""
@@ -331,7 +338,7 @@ class SwiftStore(Store):
             await self._put(key, data, exclusive=True)
         except ClientException as exc:
             if exc.http_status != 412:
-                raise self._failed(f"PUT {key}", exc) from None
+                raise self._put_failed(key, exc) from None
             if await self.get(key) != data:  # a retry of our own PUT is not a conflict
                 raise AlreadyExists(
                     f"{self.url}/{key}: already written by another writer") from None
@@ -482,3 +489,10 @@ class SwiftStore(Store):
 
     def _failed(self, what: str, exc: ClientException) -> StoreError:
         return StoreError(f"{self.url}: {what} failed: {_reason(exc)}")
+
+    def _put_failed(self, key: str, exc: ClientException) -> StoreError:
+        if exc.http_status == 404:  # an object PUT finds no container
+            return StoreError(
+                f"{self.url}: container {self.container!r} not found (snapfs init creates it)"
+            )
+        return self._failed(f"PUT {key}", exc)
