@@ -112,6 +112,7 @@ class Head:
         self.frozen_fd = os.open(self.frozen_path, os.O_RDWR | os.O_CREAT, 0o600)
         self.dirty: dict[int, int] = {}  # blk → epoch of its last write
         self.gen: dict[int, int] = {}  # blk → write generation (detects writes during upload)
+        self.touched: dict[int, float] = {}  # blk → trio time of its last write
         self.unsynced: set[int] = set()  # dirty blocks whose dirty row is not yet committed
         self.frozen: dict[int, dict[int, int]] = {}  # snapshot epoch → {blk → slot}
         self.free_slots: list[int] = []
@@ -645,6 +646,7 @@ class Engine:
                 head.dirty[blk] = head.row.epoch
                 self.gen += 1
                 head.gen[blk] = self.gen
+                head.touched[blk] = trio.current_time()
                 head.unsynced.add(blk)
                 pos += n
         return len(data)
@@ -798,6 +800,7 @@ class Engine:
             self.dirty_bytes -= len(head.dirty) * head.bs
             head.dirty.clear()
             head.gen.clear()
+            head.touched.clear()
             head.unsynced.clear()
             for key in [k for k in self.lru if k[0] == head.row.id]:
                 self.lru_bytes -= self.lru.pop(key)
@@ -851,10 +854,12 @@ class Engine:
             await self._publish()
             await self._collect()
 
-    async def flush_once(self, upto_gen: int | None = None) -> bool:
+    async def flush_once(self, upto_gen: int | None = None, min_age: float = 0.0) -> bool:
         """One flush cycle: the oldest pending snapshot of a volume, else a batch of dirty
-        blocks of the heads (only those written up to `upto_gen`, when given). Returns
-        whether it found work."""
+        blocks of the heads: only those written up to `upto_gen`, when given, and only
+        those left alone for `min_age` seconds (the background flusher lets hot blocks be
+        rewritten in the cache instead of uploading every version). Returns whether it
+        found work."""
         if self.read_only or self.lease_lost:
             return False
         async with self.commit_lock:
@@ -864,11 +869,14 @@ class Engine:
                     return True
             budget = self.config.batch_bytes
             did = False
+            settled = trio.current_time() - min_age
             for head in list(self.heads.values()):
                 blocks = []
                 for blk in head.dirty:
                     if budget <= 0:
                         break
+                    if min_age and head.touched.get(blk, 0.0) > settled:
+                        continue
                     if upto_gen is None or head.gen[blk] <= upto_gen:
                         blocks.append(blk)
                         budget -= head.bs
@@ -888,7 +896,7 @@ class Engine:
                 await self._kick.wait()
             self._kick = trio.Event()
             try:
-                while await self.flush_once():
+                while await self.flush_once(min_age=self.config.flush_delay):
                     await trio.lowlevel.checkpoint()
                 if self.catalog.get_meta("published") != self.catalog.get_meta("seq"):
                     async with self.commit_lock:
@@ -1032,6 +1040,7 @@ class Engine:
         for blk in cleaned:
             del head.dirty[blk]
             del head.gen[blk]
+            head.touched.pop(blk, None)
             head.dirty_new.discard(blk)
             head.unsynced.discard(blk)
             self.dirty_bytes -= bs
