@@ -940,17 +940,24 @@ class Engine:
             target = head.row.epoch
             frozen = {}
             cache_blocks = blocks or []
-        reads: list[tuple[int, bytes, int | None]] = []
+        # (blk, bytes or None to read in the worker thread, fd, offset, gen). A head commit
+        # reads in the thread: a write racing with it bumps the block's generation, so the
+        # block stays dirty. A snapshot needs exactly the content it froze: read here.
+        in_thread = snap is None
+        reads: list[tuple[int, bytes | None, int, int, int | None]] = []
         for blk in cache_blocks:
-            data = os.pread(head.cache_fd, head.blen(blk), blk * bs)
-            reads.append((blk, data, head.gen[blk]))
+            data = None if in_thread else os.pread(head.cache_fd, head.blen(blk), blk * bs)
+            reads.append((blk, data, head.cache_fd, blk * bs, head.gen[blk]))
         for blk, slot in frozen.items():
-            reads.append((blk, os.pread(head.frozen_fd, head.blen(blk), slot * bs), None))
+            data = os.pread(head.frozen_fd, head.blen(blk), slot * bs)
+            reads.append((blk, data, head.frozen_fd, slot * bs, None))
         zero = self._zeros(bs)
 
         def hash_all() -> list[tuple[int, bytes | None, bytes]]:
             out = []
-            for blk, data, _gen in reads:
+            for blk, data, fd, offset, _gen in reads:
+                if data is None:
+                    data = os.pread(fd, head.blen(blk), offset)
                 if len(data) < bs:
                     data += bytes(bs - len(data))
                 out.append((blk, None if data == zero else digest(data), data))
@@ -1015,7 +1022,7 @@ class Engine:
         # From here to the end of the transaction: no await.
         cleaned = [
             blk
-            for blk, _data, gen in reads
+            for blk, _data, _fd, _offset, gen in reads
             if gen is not None
             and head.gen.get(blk) == gen
             and head.dirty.get(blk, 1 << 62) <= target
