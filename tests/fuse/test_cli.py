@@ -15,8 +15,19 @@ MiB = 1 << 20
 def test_the_daemon_is_found_from_the_current_directory(snapfs: Snapfs, workdir):
     res = run([*SNAPFS, "volume", "create", "here", "--size", "4M"], cwd=snapfs.mnt / "volumes")
     assert "here" in res.stdout
-    # Outside any mount, with exactly one snapfs mount on the machine, that one is used.
-    assert "here" in run([*SNAPFS, "volume", "list"], cwd=workdir).stdout
+    # Outside any mount, with exactly one snapfs mount on the machine, that one is used; with
+    # several (another test run, a benchmark), the CLI names them all and asks for --mount.
+    res = run([*SNAPFS, "volume", "list"], cwd=workdir, check=False)
+    if _snapfs_mounts() == 1:
+        assert res.returncode == 0 and "here" in res.stdout
+    else:
+        assert res.returncode == 1 and str(snapfs.mnt) in res.stderr
+        assert "--mount" in res.stderr and len(res.stderr.splitlines()) == 1
+
+
+def _snapfs_mounts() -> int:
+    with open("/proc/self/mounts") as f:
+        return sum(1 for line in f if line.split()[2] == "fuse.snapfs")
 
 
 def test_show_resize_clone_rollback_delete(snapfs: Snapfs):
