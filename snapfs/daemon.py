@@ -123,6 +123,9 @@ class Daemon:
                   "started": time.time()}
         controller = Controller(engine, status)
         ops = Operations(engine, controller, read_only=self.opts.read_only, only=self.only)
+        if not getattr(pyfuse3, "SNAPFS_FALLOCATE", False):
+            log.warning("discard (fstrim, fallocate) is unavailable: this pyfuse3 has no "
+                        "fallocate handler; scripts/setup builds one")
         status["on_rollback"] = self._invalidator(ops)
         options = {"fsname=snapfs", "subtype=snapfs", "allow_other", "default_permissions"}
         try:

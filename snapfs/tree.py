@@ -146,8 +146,11 @@ class TreeReader:
         out.root, out.level = root, level
         return out
 
-    async def items(self, root: bytes | None, level: int) -> AsyncIterator[tuple[int, bytes]]:
-        """Every mapped (block, chunk id), in block order."""
+    async def items(
+        self, root: bytes | None, level: int, lo: int = 0, hi: int | None = None
+    ) -> AsyncIterator[tuple[int, bytes]]:
+        """Every mapped (block, chunk id) with lo <= block < hi, in block order. Subtrees
+        outside the range are not read."""
         if root is None:
             return
         stack = [(root, 0)]
@@ -156,11 +159,14 @@ class TreeReader:
             node_level, entries = await self.node(oid)
             if node_level == 0:
                 for slot in sorted(entries):
-                    yield base + slot, entries[slot]
+                    if lo <= base + slot and (hi is None or base + slot < hi):
+                        yield base + slot, entries[slot]
             else:
                 shift = BITS * node_level
                 for slot in sorted(entries, reverse=True):
-                    stack.append((entries[slot], base + (slot << shift)))
+                    start = base + (slot << shift)
+                    if start + (1 << shift) > lo and (hi is None or start < hi):
+                        stack.append((entries[slot], start))
 
     async def diff(self, a: bytes | None, a_level: int, b: bytes | None, b_level: int) -> list[int]:
         """Blocks whose mapping differs between two trees, sorted. Equal subtrees are skipped

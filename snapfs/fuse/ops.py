@@ -34,6 +34,7 @@ XATTR_SNAPSHOT = b"user.snapfs.snapshot"
 XATTR_SNAPSHOTS = b"user.snapfs.snapshots"
 XATTR_INFO = b"user.snapfs.info"
 TIMEOUT = 1.0
+FALLOC_KEEP_SIZE, FALLOC_PUNCH_HOLE, FALLOC_ZERO_RANGE = 0x01, 0x02, 0x10
 
 
 @dataclass
@@ -340,6 +341,35 @@ class Operations(pyfuse3.Operations):
                                   errno.EIO)
             raise pyfuse3.FUSEError(errno.EIO) from None
         handle.reply = _reply(True, result)
+
+    async def fallocate(self, fh, mode, off, length):
+        """PUNCH_HOLE|KEEP_SIZE and ZERO_RANGE discard (loop devices turn TRIM into these);
+        plain allocation inside the size succeeds (a volume has no space to reserve); every
+        other mode, and growing a volume this way, is EOPNOTSUPP."""
+        handle = self._handle(fh)
+        if handle.kind == "snap":
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if handle.kind != "vol":
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        if mode & ~(FALLOC_KEEP_SIZE | FALLOC_PUNCH_HOLE | FALLOC_ZERO_RANGE) or (
+            mode & FALLOC_PUNCH_HOLE and mode & FALLOC_ZERO_RANGE
+        ):
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        if mode & FALLOC_PUNCH_HOLE and not mode & FALLOC_KEEP_SIZE:
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        if off < 0 or length <= 0:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        try:
+            size = self.engine.head(handle.key).row.size
+            if not mode & FALLOC_KEEP_SIZE and off + length > size:
+                raise pyfuse3.FUSEError(errno.EOPNOTSUPP)  # `snapfs volume resize` grows
+            if mode & (FALLOC_PUNCH_HOLE | FALLOC_ZERO_RANGE):
+                await self.engine.discard(handle.key, off, length)
+            elif self.engine.read_only:
+                raise pyfuse3.FUSEError(errno.EROFS)
+        except SnapfsError as exc:
+            log.error("fallocate failed: %s", exc)
+            raise _fuse_error(exc) from None
 
     async def flush(self, fh):
         return None

@@ -86,6 +86,7 @@ class EngineStatistics:
     stored_data_bytes: int
     stored_objects: int
     uploaded_bytes: int
+    discarded_bytes: int
     uploaded_objects: int
     deduplicated_blocks: int
     fetched_blocks: int
@@ -123,6 +124,7 @@ class Head:
         self.fetching: dict[int, trio.Event] = {}
         self.mapped = 0  # blocks the committed tree maps to data
         self.dirty_new: set[int] = set()  # dirty blocks the committed tree does not map
+        self.holes: dict[int, bool] = {}  # discarded dirty blocks → the committed tree maps it
 
     @property
     def bs(self) -> int:
@@ -171,6 +173,7 @@ class Engine:
         self.gen = 0
         self.snap_opens: dict[int, int] = {}
         self.uploaded_bytes = 0
+        self.discarded_bytes = 0
         self.uploaded_objects = 0
         self.deduplicated = 0
         self.fetched = 0
@@ -530,7 +533,7 @@ class Engine:
         """Bytes of the volume that are not holes (dirty all-zero blocks count until the
         flusher turns them into holes)."""
         head = self.head(name)
-        return (head.mapped + len(head.dirty_new)) * head.bs
+        return (head.mapped - sum(head.holes.values()) + len(head.dirty_new)) * head.bs
 
     def volume_info(self, name: str) -> dict:
         head = self.head(name)
@@ -623,33 +626,109 @@ class Engine:
             await self._wait_dirty_room()
             if head is not self.heads.get(name):
                 raise NotFound(f"volume {name!r} not found")
-            bs = head.bs
-            pos = 0
-            view = memoryview(data)
-            while pos < len(data):
-                blk, boff = divmod(offset + pos, bs)
-                n = min(bs - boff, len(data) - pos)
-                if n < head.blen(blk) and blk not in head.dirty:
-                    await self._fetch_block(head, blk)  # read-modify-write
-                if blk in head.dirty and head.dirty[blk] < head.row.epoch:
-                    await self._freeze(head, blk)
-                unmapped = blk not in head.dirty and (
-                    await self.tree.lookup(head.row.root, head.row.root_level, blk) is None
-                )
-                # No await from here until the block is marked dirty.
-                os.pwrite(head.cache_fd, view[pos : pos + n], offset + pos)
-                if blk not in head.dirty:
-                    self._lru_drop(head, blk)
-                    self.dirty_bytes += bs
-                    if unmapped:
-                        head.dirty_new.add(blk)
-                head.dirty[blk] = head.row.epoch
-                self.gen += 1
-                head.gen[blk] = self.gen
-                head.touched[blk] = trio.current_time()
-                head.unsynced.add(blk)
-                pos += n
+            await self._write_locked(head, offset, memoryview(data))
         return len(data)
+
+    async def _write_locked(self, head: Head, offset: int, view: memoryview) -> None:
+        bs = head.bs
+        pos = 0
+        while pos < len(view):
+            blk, boff = divmod(offset + pos, bs)
+            n = min(bs - boff, len(view) - pos)
+            if n < head.blen(blk) and blk not in head.dirty:
+                await self._fetch_block(head, blk)  # read-modify-write
+            if blk in head.dirty and head.dirty[blk] < head.row.epoch:
+                await self._freeze(head, blk)
+            unmapped = blk not in head.dirty and (
+                await self.tree.lookup(head.row.root, head.row.root_level, blk) is None
+            )
+            # No await from here until the block is marked dirty.
+            os.pwrite(head.cache_fd, view[pos : pos + n], offset + pos)
+            if blk not in head.dirty:
+                self._lru_drop(head, blk)
+                self.dirty_bytes += bs
+                if unmapped:
+                    head.dirty_new.add(blk)
+            elif blk in head.holes and not head.holes.pop(blk):
+                head.dirty_new.add(blk)  # a discarded block that the tree does not map
+            self._mark_dirty(head, blk)
+            pos += n
+
+    def _mark_dirty(self, head: Head, blk: int) -> None:
+        head.dirty[blk] = head.row.epoch
+        self.gen += 1
+        head.gen[blk] = self.gen
+        head.touched[blk] = trio.current_time()
+        head.unsynced.add(blk)
+
+    async def discard(self, name: str, offset: int, length: int) -> None:
+        """Discard (TRIM, fallocate PUNCH_HOLE): the range reads as zeros at once. Whole
+        blocks become holes: the cache gives their space back, their dirty data is dropped
+        instead of uploaded, and the next flush maps them to nothing. Partial blocks at the
+        edges are zeroed. A snapshot taken before keeps the old data (copy-on-write, as for
+        a write). Durable like a write: at the next fsync, snapshot or flush."""
+        head = self.head(name)
+        if self.read_only:
+            raise ReadOnly("this mount is read-only")
+        if offset < 0 or length < 0:
+            raise InvalidArgument("discard: negative offset or length")
+        end = min(offset + length, head.row.size)
+        if offset >= end:
+            return
+        bs = head.bs
+        first = -(-offset // bs)  # first whole block
+        last = end // bs if end < head.row.size else head.nblocks  # after the last whole one
+        async with head.write_lock:
+            if head is not self.heads.get(name):
+                raise NotFound(f"volume {name!r} not found")
+            if first >= last:  # no whole block: one or two partial ones
+                cut = min(end, (offset // bs + 1) * bs)
+                await self._zero_range(head, offset, cut)
+                await self._zero_range(head, cut, end)
+                return
+            await self._zero_range(head, offset, first * bs)
+            await self._zero_range(head, last * bs, end)
+            mapped = {
+                blk
+                async for blk, _oid in self.tree.items(
+                    head.row.root, head.row.root_level, first, last
+                )
+            }
+            if last - first <= 2 * len(head.dirty):
+                dirty = {b for b in range(first, last) if b in head.dirty}
+            else:
+                dirty = {b for b in head.dirty if first <= b < last}
+            todo = sorted(mapped | dirty)
+            for i in range(0, len(todo), 1024):  # the dirty limit holds for discards too
+                await self._wait_dirty_room()
+                if head is not self.heads.get(name):
+                    raise NotFound(f"volume {name!r} not found")
+                for blk in todo[i : i + 1024]:
+                    if blk in head.holes and head.dirty.get(blk) == head.row.epoch:
+                        continue  # already discarded since the last snapshot
+                    if blk in head.dirty and head.dirty[blk] < head.row.epoch:
+                        await self._freeze(head, blk)
+                    # No await from here until the block is marked dirty.
+                    punch_hole(head.cache_fd, blk * bs, head.blen(blk))
+                    if blk not in head.dirty:
+                        self._lru_drop(head, blk)
+                        self.dirty_bytes += bs
+                    head.dirty_new.discard(blk)
+                    head.holes[blk] = blk in mapped
+                    self._mark_dirty(head, blk)
+        self.discarded_bytes += end - offset
+
+    async def _zero_range(self, head: Head, start: int, end: int) -> None:
+        """Zero part of a block, unless it reads as zeros already (a hole nobody wrote)."""
+        if start >= end:
+            return
+        blk = start // head.bs
+        if blk in head.holes and head.dirty[blk] == head.row.epoch:
+            return
+        clean = blk not in head.dirty  # then the tree says what it holds
+        if clean and await self.tree.lookup(head.row.root, head.row.root_level, blk) is None:
+            return
+        await self._write_locked(head, start, memoryview(self._zeros(end - start)))
 
     async def _freeze(self, head: Head, blk: int) -> None:
         """Save a block that a pending snapshot still needs before it is overwritten: copy to
@@ -806,6 +885,7 @@ class Engine:
                 self.lru_bytes -= self.lru.pop(key)
             head.row.root, head.row.root_level = snap.root, snap.root_level
             head.dirty_new.clear()
+            head.holes.clear()
             await self._count_mapped(head)
             head.row.size = snap.size
             os.ftruncate(head.cache_fd, 0)
@@ -1049,6 +1129,7 @@ class Engine:
             del head.gen[blk]
             head.touched.pop(blk, None)
             head.dirty_new.discard(blk)
+            head.holes.pop(blk, None)
             head.unsynced.discard(blk)
             self.dirty_bytes -= bs
             if changes.get(blk) is None:
@@ -1224,6 +1305,7 @@ class Engine:
             stored_data_bytes=self.catalog.referenced_bytes(K_CHUNK),
             stored_objects=self.catalog.ref_count_rows(),
             uploaded_bytes=self.uploaded_bytes,
+            discarded_bytes=self.discarded_bytes,
             uploaded_objects=self.uploaded_objects,
             deduplicated_blocks=self.deduplicated,
             fetched_blocks=self.fetched,

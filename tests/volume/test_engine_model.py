@@ -16,7 +16,7 @@ from snapfs.volume.engine import Engine, EngineConfig
 BS = 4096
 SIZES = [8 * BS, 13 * BS + 512, 40 * BS]
 
-KINDS = ["write"] * 8 + ["zero", "read", "read"] + [
+KINDS = ["write"] * 8 + ["zero", "discard", "discard", "read", "read"] + [
     "snapshot", "snapshot", "snapshot", "delete_snapshot", "clone", "clone_head", "flush", "sync",
     "evict", "grow", "rollback", "restart", "gc",
 ]
@@ -66,13 +66,19 @@ async def _run_model(ops, sizes, cache_blocks):
 
         for op in ops:
             kind = op[0]
-            if kind in ("write", "zero", "read"):
+            if kind in ("write", "zero", "read", "discard"):
                 name = vol(op[1])
                 size = len(model[name])
                 off = min(int(op[2] * size), size - 1)
-                n = min(op[3], size - off)
+                n = min(op[3] * (8 if kind == "discard" and op[5] else 1), size - off)
                 if kind == "read":
                     assert await engine.read(name, off, n) == bytes(model[name][off:off + n])
+                    continue
+                if kind == "discard":
+                    before = engine.allocated_bytes(name)
+                    await engine.discard(name, off, n)
+                    model[name][off:off + n] = bytes(n)
+                    assert engine.allocated_bytes(name) <= before
                     continue
                 data = bytes((op[4] + j) % 256 for j in range(n)) if kind == "write" else bytes(n)
                 await engine.write(name, off, data)
@@ -108,6 +114,9 @@ async def _run_model(ops, sizes, cache_blocks):
                 await engine.sync()
                 report = await engine.check()
                 assert report.clean, report.as_dict()
+                for name, data in model.items():  # allocated = the blocks that are not zero
+                    nonzero = sum(1 for b in range(0, len(data), BS) if any(data[b:b + BS]))
+                    assert engine.allocated_bytes(name) == nonzero * BS, name
             elif kind == "gc":
                 await engine.gc(threshold=0.2 + op[2] * 0.8)
                 report = await engine.check()
