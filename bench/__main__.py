@@ -12,6 +12,7 @@ Figures (names or numbers for --only):
   6 flush        flush (sync) throughput beside the raw store's PUTs (local, Swift)
   7 memory       daemon peak RSS, 1 TiB volume with data written; catalog size
   8 delete       time to delete 1 of 100 snapshots and what it frees; qcow2 commit
+  9 trim         fstrim after deleting files (ext4); store bytes before and after gc
 
 Every figure runs --repeat times (default 3, 1 with --quick; memory: once) and the median
 is printed; all runs go to the JSON file. Everything mounted, attached or started is torn
@@ -212,7 +213,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for item in (opts.only or ",".join(figures.FIGURES)).split(","):
         item = NUMBERS.get(item.strip(), item.strip())
         if item and item not in figures.FIGURES:
-            p.error(f"unknown figure {item!r}: choose from {', '.join(figures.FIGURES)} or 1-8")
+            p.error(f"unknown figure {item!r}: choose from {', '.join(figures.FIGURES)} or 1-9")
         if item and item not in wanted:
             wanted.append(item)
     opts.figures = [f for f in figures.FIGURES if f in wanted]  # issue order

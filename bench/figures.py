@@ -20,6 +20,7 @@ from bench.sysutil import (
     TiB,
     evict,
     loop_attach,
+    loop_detach,
     proc_status_kib,
     read_sequential,
     sh,
@@ -54,6 +55,7 @@ def sizes(quick: bool) -> dict:
             "raw_local": 256 * MiB,
             "raw_swift_small": 16 * MiB,
             "raw_swift_pack": 64 * MiB,
+            "trim_files": 256 * MiB,
         }
     return {
         "fio_size": 1 * GiB,
@@ -70,6 +72,7 @@ def sizes(quick: bool) -> dict:
         "raw_local": 1 * GiB,
         "raw_swift_small": 64 * MiB,
         "raw_swift_pack": 256 * MiB,
+        "trim_files": 1 * GiB,
     }
 
 
@@ -907,6 +910,113 @@ def fig_memory(run) -> None:
     )
 
 
+# ---------------------------------------------------------------------- 9. discard
+
+
+def _trim_cycle(c, work: Path, backing: Path, files: int, seed: int, before_trim=None) -> dict:
+    """ext4 on a loop device over `backing`: write `files` bytes of files, sync, delete
+    them, sync, time fstrim. `before_trim` runs after the write (a snapshot, say)."""
+    dev, _dio = loop_attach(c, backing, direct_io=False)
+    sh("mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0,nodiscard", dev)
+    mnt = work / "ext4"
+    mnt.mkdir(exist_ok=True)
+    sh("mount", dev, mnt)
+    c.push(f"umount {mnt}", lambda: sh("umount", mnt, check=False))
+    piece = 64 * MiB
+    for i in range(files // piece):
+        f = mnt / f"f{i}"
+        f.touch()
+        write_random(f, piece, seed=seed * 1000 + i, fsync=False)
+    sh("sync")
+    out = before_trim() if before_trim else {}
+    for f in mnt.iterdir():
+        if f.name.startswith("f"):
+            f.unlink()
+    sh("sync")
+    t = time.perf_counter()
+    sh("fstrim", mnt)
+    out["fstrim_s"] = time.perf_counter() - t
+    sh("umount", mnt)
+    loop_detach(dev)
+    return out
+
+
+def _store_bytes(sf: Snapfs) -> int:
+    return sum(tree_listing(sf.store_dir).values()) if sf.store_dir else 0
+
+
+def fig_trim(run) -> None:
+    """9. time of fstrim after deleting files, and the store bytes before and after gc
+    (the snapshot that held them deleted)."""
+    files = run.sizes["trim_files"]
+    vol_size = 2 * files + 256 * MiB
+    work = run.dir / "trim"
+    work.mkdir()
+    c = run.cleanup
+    plain = work / "plain.img"
+    with open(plain, "wb") as f:
+        f.truncate(vol_size)
+    sf = Snapfs(c, work / "snapfs").init().mount()
+    sf.ctl(f"volume create t --size {vol_size}")
+    took, base, alloc_before, alloc_after, store_full, store_gc = [], [], [], [], [], []
+    for rep in range(run.repeat):
+        run.progress(f"trim, run {rep + 1}/{run.repeat}")
+        base.append(_trim_cycle(c, work, plain, files, rep)["fstrim_s"] * 1e3)
+
+        def snapshot(rep=rep) -> dict:
+            sf.ctl(f"snapshot create t@r{rep}")
+            sf.ctl("sync")
+            return {"alloc": os.stat(sf.vol("t")).st_blocks * 512, "store": _store_bytes(sf)}
+
+        got = _trim_cycle(c, work, sf.vol("t"), files, rep, before_trim=snapshot)
+        took.append(got["fstrim_s"] * 1e3)
+        time.sleep(1.1)  # the kernel caches attributes for a second
+        alloc_before.append(got["alloc"] / MiB)
+        alloc_after.append(os.stat(sf.vol("t")).st_blocks * 512 / MiB)
+        store_full.append(got["store"] / MiB)
+        sf.ctl(f"snapshot delete t@r{rep}")
+        sf.ctl("sync")
+        sf.ctl("gc --threshold 0.5")
+        store_gc.append(_store_bytes(sf) / MiB)
+    run.raw["trim"] = {
+        "files": files,
+        "volume": vol_size,
+        "fstrim_ms": took,
+        "plain_fstrim_ms": base,
+        "allocated_before_MiB": alloc_before,
+        "allocated_after_MiB": alloc_after,
+        "store_before_gc_MiB": store_full,
+        "store_after_gc_MiB": store_gc,
+    }
+    run.add(
+        Row(
+            f"fstrim after deleting {human(files)} of files (ext4)",
+            "ms",
+            median(took),
+            took,
+            [Baseline("same on a loop device over a plain file", median(base), base)],
+        )
+    )
+    run.add(
+        Row(
+            "  volume allocated (st_blocks) after fstrim",
+            "MiB",
+            median(alloc_after),
+            alloc_after,
+            [Baseline("allocated before the delete", median(alloc_before), alloc_before)],
+        )
+    )
+    run.add(
+        Row(
+            "  store bytes after snapshot delete + gc",
+            "MiB",
+            median(store_gc),
+            store_gc,
+            [Baseline("store bytes before (files + snapshot)", median(store_full), store_full)],
+        )
+    )
+
+
 FIGURES = {
     "fio": fig_fio,
     "snapshot": fig_snapshot,
@@ -916,4 +1026,5 @@ FIGURES = {
     "flush": fig_flush,
     "memory": fig_memory,
     "delete": fig_delete,
+    "trim": fig_trim,
 }
