@@ -525,9 +525,14 @@ class Engine:
             await self._collect()
 
     async def _count_mapped(self, head: Head) -> None:
+        """Count the blocks the committed tree maps, and which dirty blocks it does not."""
         head.mapped = 0
         async for _ in self.tree.items(head.row.root, head.row.root_level):
             head.mapped += 1
+        head.dirty_new = set()
+        for blk in list(head.dirty):  # after a crash: dirty rows the tree never saw
+            if await self.tree.lookup(head.row.root, head.row.root_level, blk) is None:
+                head.dirty_new.add(blk)
 
     def allocated_bytes(self, name: str) -> int:
         """Bytes of the volume that are not holes (dirty all-zero blocks count until the
@@ -688,35 +693,69 @@ class Engine:
                 return
             await self._zero_range(head, offset, first * bs)
             await self._zero_range(head, last * bs, end)
-            mapped = {
+            # Blocks that are neither mapped nor dirty read as zeros already, and stay so
+            # (a flush changes only dirty blocks; writes wait for the lock).
+            todo = {
                 blk
                 async for blk, _oid in self.tree.items(
                     head.row.root, head.row.root_level, first, last
                 )
             }
             if last - first <= 2 * len(head.dirty):
-                dirty = {b for b in range(first, last) if b in head.dirty}
+                todo.update(b for b in range(first, last) if b in head.dirty)
             else:
-                dirty = {b for b in head.dirty if first <= b < last}
-            todo = sorted(mapped | dirty)
+                todo.update(b for b in head.dirty if first <= b < last)
+            todo = sorted(todo)
             for i in range(0, len(todo), 1024):  # the dirty limit holds for discards too
-                await self._wait_dirty_room()
-                if head is not self.heads.get(name):
-                    raise NotFound(f"volume {name!r} not found")
-                for blk in todo[i : i + 1024]:
+                chunk = todo[i : i + 1024]
+                mapped = await self._settle_for_discard(name, head, chunk)
+                # No await from here to the end of the chunk: blocks are marked dirty first,
+                # then their cache ranges are punched in runs.
+                run: list[int] = []
+                for blk in chunk:
                     if blk in head.holes and head.dirty.get(blk) == head.row.epoch:
                         continue  # already discarded since the last snapshot
-                    if blk in head.dirty and head.dirty[blk] < head.row.epoch:
-                        await self._freeze(head, blk)
-                    # No await from here until the block is marked dirty.
-                    punch_hole(head.cache_fd, blk * bs, head.blen(blk))
+                    if run and blk != run[-1] + 1:
+                        self._punch_run(head, run)
+                    run.append(blk)
                     if blk not in head.dirty:
                         self._lru_drop(head, blk)
                         self.dirty_bytes += bs
                     head.dirty_new.discard(blk)
                     head.holes[blk] = blk in mapped
                     self._mark_dirty(head, blk)
+                self._punch_run(head, run)
         self.discarded_bytes += end - offset
+
+    async def _settle_for_discard(self, name: str, head: Head, chunk: list[int]) -> set[int]:
+        """Wait for dirty room, freeze what a pending snapshot needs, and return which blocks
+        of the chunk the committed tree maps, in a state where nothing changed since (a
+        flush or a new snapshot during these awaits makes it start over)."""
+        while True:
+            await self._wait_dirty_room()
+            if head is not self.heads.get(name):
+                raise NotFound(f"volume {name!r} not found")
+            for blk in chunk:
+                if blk in head.dirty and head.dirty[blk] < head.row.epoch:
+                    await self._freeze(head, blk)
+            root, epoch = head.row.root, head.row.epoch
+            mapped = {
+                blk
+                async for blk, _oid in self.tree.items(
+                    root, head.row.root_level, chunk[0], chunk[-1] + 1
+                )
+            }
+            stale = any(b in head.dirty and head.dirty[b] < epoch for b in chunk)
+            if head.row.root == root and head.row.epoch == epoch and not stale:
+                return mapped
+
+    @staticmethod
+    def _punch_run(head: Head, run: list[int]) -> None:
+        """Punch the cache ranges of consecutive blocks in one call; empties `run`."""
+        if run:
+            start = run[0] * head.bs
+            punch_hole(head.cache_fd, start, min((run[-1] + 1) * head.bs, head.row.size) - start)
+            run.clear()
 
     async def _zero_range(self, head: Head, start: int, end: int) -> None:
         """Zero part of a block, unless it reads as zeros already (a hole nobody wrote)."""
@@ -1124,6 +1163,14 @@ class Engine:
                 self._bump_seq()
         head.row.root, head.row.root_level = update.root, update.level
         head.mapped += mapped_delta
+        for blk, oid in changes.items():
+            if blk in head.dirty:  # written again meanwhile, or a snapshot's older version
+                if blk in head.holes:
+                    head.holes[blk] = oid is not None
+                elif oid is None:
+                    head.dirty_new.add(blk)
+                else:
+                    head.dirty_new.discard(blk)
         for blk in cleaned:
             del head.dirty[blk]
             del head.gen[blk]

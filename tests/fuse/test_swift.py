@@ -20,6 +20,7 @@ from snapfs.store import open_store
 from snapfs.volume import publish
 from tests.conftest import SNAPFS, Snapfs, force_unmount, run
 from tests.faultproxy import FAULTS, FaultProxy
+from tests.fuse.test_discard import KEEP_SIZE, PUNCH_HOLE, fallocate
 from tests.fuse.test_end_to_end import ext4_snapshots_and_store_only_restore
 from tests.swift_fixtures import SAIO
 
@@ -372,3 +373,51 @@ def test_kill_9_during_upload_loses_nothing(swift_env, swift_snapfs: Snapfs, wor
     check_contents(fs)
     report = fs.cli_json("fsck")
     assert report["clean"], report
+
+
+# ---------------------------------------------------------------- 6. one writer, discard
+
+
+def test_one_writer_and_discard_on_swift(swift_env, workdir, cleanup):
+    """The lease and the conditional publish on Swift (If-None-Match), and discard giving
+    the space back in the container after gc."""
+    env = {"SNAPFS_LEASE_SECONDS": "3"}
+    fs = swift_fs(swift_env, workdir / "first", cleanup, env=env)
+    fs.cli("volume", "create", "v", "--size", "16M", "--block-size", "64K")
+    with open(fs.vol("v"), "r+b") as f:
+        f.write(os.urandom(8 << 20))
+    fs.cli("snapshot", "create", "v@one")
+    fs.cli("sync")
+    stored = fs.stats()["stored_data_bytes"]
+
+    other = workdir / "mnt2"
+    other.mkdir()
+    res = run([*SNAPFS, "mount", fs.store_url, str(other), "--cache-dir",
+               str(workdir / "cache2")], check=False, env=fs.env)
+    assert res.returncode != 0 and len(res.stderr.strip().splitlines()) == 1
+    assert f"pid {fs.pid}" in res.stderr and "--takeover" in res.stderr
+
+    # Discard on Swift: the snapshot keeps the data until it is deleted, then gc frees it.
+    fd = os.open(fs.vol("v"), os.O_RDWR)
+    try:
+        assert fallocate(fd, PUNCH_HOLE | KEEP_SIZE, 0, 8 << 20) == 0
+    finally:
+        os.close(fd)
+    fs.cli("snapshot", "delete", "v@one")
+    fs.cli("sync")
+    fs.cli("gc", "--threshold", "0.5")
+    assert fs.stats()["stored_data_bytes"] <= stored - (8 << 20)
+
+    # A forced takeover: the old writer can publish nothing over the new one.
+    second = Snapfs(workdir / "second", cleanup, store_url=fs.store_url, env=fs.env)
+    second.mount(extra=("--takeover",))
+    second.cli("snapshot", "create", "v@from-second")
+    second.cli("sync")
+    with open(fs.vol("v"), "r+b") as f:
+        f.write(b"old" * 1000)
+    fs.cli("sync", check=False)
+    deadline = time.monotonic() + 30
+    while not fs.stats()["lease_lost"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert fs.stats()["lease_lost"]
+    assert published_snapshots(fs.store_url) == ["v@from-second"]

@@ -42,18 +42,24 @@ async def test_a_pending_snapshot_keeps_the_discarded_data():
     engine = await open_engine()
     try:
         await engine.create_volume("v", 16 * BS, BS)
-        old = os.urandom(16 * BS)
+        old = os.urandom(15 * BS) + bytes(BS)
         await engine.write("v", 0, old)
         await engine.sync()
-        # Dirty when the snapshot is taken: a partial edge and a whole block of the discard.
+        # Dirty when the snapshot is taken: a partial edge, a whole mapped block and a whole
+        # block the tree does not map yet.
         await engine.write("v", 0, b"x" * BS)
         await engine.write("v", 5 * BS, b"y" * BS)
-        old = b"x" * BS + old[BS : 5 * BS] + b"y" * BS + old[6 * BS :]
+        await engine.write("v", 15 * BS, b"z" * BS)
+        old = b"x" * BS + old[BS : 5 * BS] + b"y" * BS + old[6 * BS : 15 * BS] + b"z" * BS
         await engine.create_snapshot("v", "s")  # pending until the flusher commits it
-        await engine.discard("v", 100, 15 * BS)
-        new = old[:100] + bytes(15 * BS) + old[15 * BS + 100 :]
+        await engine.discard("v", 100, 14 * BS)
+        await engine.discard("v", 15 * BS, BS)
+        new = old[:100] + bytes(14 * BS) + old[14 * BS + 100 : 15 * BS] + bytes(BS)
         assert await engine.read("v", 0, 16 * BS) == new
+        assert engine.allocated_bytes("v") == 2 * BS  # the partial blocks at the edges
         snap = await engine.wait_available("v", "s")
+        # The snapshot's commit mapped the frozen block 15: here it is still a hole.
+        assert engine.allocated_bytes("v") == 2 * BS
         assert await engine.read_snapshot(snap, 0, 16 * BS) == old
         await engine.sync()
         engine.evict_all()

@@ -141,6 +141,8 @@ async def _run_model(ops, sizes, cache_blocks):
                 temporary = {(s.volume, s.name) for s in engine.catalog.snapshots()}
                 snaps = {k: v for k, v in snaps.items() if k in temporary}
 
+            for name in model:
+                await check_allocated(engine, name)
             for (name, snap_name), data in snaps.items():
                 if kind in ("sync", "restart"):
                     snap = await engine.wait_available(name, snap_name)
@@ -159,3 +161,11 @@ async def _run_model(ops, sizes, cache_blocks):
         assert report.clean, report.as_dict()
     finally:
         await engine.close(flush=False)
+
+
+async def check_allocated(engine: Engine, name: str) -> None:
+    """allocated = dirty blocks that are not discarded + clean blocks the tree maps."""
+    head = engine.head(name)
+    mapped = {b async for b, _ in engine.tree.items(head.row.root, head.row.root_level)}
+    live = {b for b in head.dirty if b not in head.holes} | (mapped - set(head.dirty))
+    assert engine.allocated_bytes(name) == len(live) * BS, name
