@@ -695,17 +695,17 @@ class Engine:
             await self._zero_range(head, last * bs, end)
             # Blocks that are neither mapped nor dirty read as zeros already, and stay so
             # (a flush changes only dirty blocks; writes wait for the lock).
-            todo = {
+            candidates = {
                 blk
                 async for blk, _oid in self.tree.items(
                     head.row.root, head.row.root_level, first, last
                 )
             }
             if last - first <= 2 * len(head.dirty):
-                todo.update(b for b in range(first, last) if b in head.dirty)
+                candidates.update(b for b in range(first, last) if b in head.dirty)
             else:
-                todo.update(b for b in head.dirty if first <= b < last)
-            todo = sorted(todo)
+                candidates.update(b for b in head.dirty if first <= b < last)
+            todo = sorted(candidates)
             for i in range(0, len(todo), 1024):  # the dirty limit holds for discards too
                 chunk = todo[i : i + 1024]
                 mapped = await self._settle_for_discard(name, head, chunk)

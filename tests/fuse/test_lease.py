@@ -115,10 +115,7 @@ def test_forced_takeover_the_old_writer_never_overwrites(writer: Snapfs, workdir
     with open(writer.vol("v"), "r+b") as f:
         f.write(b"old" * 1000)
     writer.cli("sync", check=False)
-    deadline = time.monotonic() + 30
-    while not writer.stats()["lease_lost"] and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert writer.stats()["lease_lost"]
+    wait_lease_lost(writer)
     res = writer.cli("snapshot", "create", "v@old-writer", check=False)
     assert res.returncode != 0 and "lost" in res.stderr
     assert latest_catalog(writer)["seq"] == published["seq"]
@@ -128,3 +125,11 @@ def test_forced_takeover_the_old_writer_never_overwrites(writer: Snapfs, workdir
     with open(second.snap("v", "from-second"), "rb") as f:
         assert f.read(3000) == b"new" * 1000
     assert json.loads(second.cli("--json", "fsck").stdout)["clean"]
+
+
+def wait_lease_lost(fs: Snapfs, timeout: float = 30.0) -> None:
+    """The old writer notices the takeover at its next publish or lease renewal."""
+    deadline = time.monotonic() + timeout
+    while not fs.stats()["lease_lost"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert fs.stats()["lease_lost"]

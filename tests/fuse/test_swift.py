@@ -22,6 +22,7 @@ from tests.conftest import SNAPFS, Snapfs, force_unmount, run
 from tests.faultproxy import FAULTS, FaultProxy
 from tests.fuse.test_discard import KEEP_SIZE, PUNCH_HOLE, fallocate
 from tests.fuse.test_end_to_end import ext4_snapshots_and_store_only_restore
+from tests.fuse.test_lease import wait_lease_lost
 from tests.swift_fixtures import SAIO
 
 pytestmark = [pytest.mark.fuse, pytest.mark.swift]
@@ -416,8 +417,5 @@ def test_one_writer_and_discard_on_swift(swift_env, workdir, cleanup):
     with open(fs.vol("v"), "r+b") as f:
         f.write(b"old" * 1000)
     fs.cli("sync", check=False)
-    deadline = time.monotonic() + 30
-    while not fs.stats()["lease_lost"] and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert fs.stats()["lease_lost"]
+    wait_lease_lost(fs)
     assert published_snapshots(fs.store_url) == ["v@from-second"]
