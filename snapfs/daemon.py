@@ -138,6 +138,7 @@ class Daemon:
                 if not self.opts.read_only:
                     await nursery.start(engine.run_flusher)
                     await nursery.start(lease.keep_renewed, self.store, held, engine.lost)
+                await nursery.start(engine.readahead.run)
                 nursery.start_soon(self._signals)
                 log.info("mounted %s on %s (cache %s)", self.store.url, self.mountpoint,
                          self.cache_dir)

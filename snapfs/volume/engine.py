@@ -49,6 +49,7 @@ from snapfs.volume.check import (
     expected_refs,
     key_to_store_key,
 )
+from snapfs.volume.readahead import ReadAhead
 
 log = logging.getLogger("snapfs.engine")
 
@@ -73,6 +74,7 @@ class EngineConfig:
     batch_bytes: int = 256 << 20
     pack_size: int = 4 << 20
     gc_threshold: float = 0.5  # rewrite packs whose live share fell below this
+    readahead_bytes: int = 4 << 20  # fetched ahead of a sequential reader (0: off)
 
 
 @dataclass(frozen=True)
@@ -181,7 +183,10 @@ class Engine:
         self.last_error: str | None = None
         self._kick = trio.Event()
         self._zero: dict[int, bytes] = {}
+        self.readahead = ReadAhead(config.readahead_bytes, config.uploads)
         self._snap_cache: OrderedDict[bytes, bytes] = OrderedDict()
+        self._snap_cache_blocks = 2 * 256 + 16  # read-ahead's largest window, twice
+        self._snap_fetching: dict[bytes, trio.Event] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -569,6 +574,16 @@ class Engine:
         if offset >= end:
             return b""
         bs = head.bs
+        vid = head.row.id
+        self.readahead.note(
+            ("vol", vid),
+            offset // bs,
+            (end - 1) // bs,
+            bs,
+            head.nblocks,
+            lambda b: self._prefetch_block(head, b),
+            lambda b: not (b in head.dirty or (vid, b) in self.lru or b in head.fetching),
+        )
         out = bytearray()
         pos = offset
         while pos < end:
@@ -592,6 +607,10 @@ class Engine:
             out += data[boff : boff + n] if data is not None else self._zeros(n)
             pos += n
         return bytes(out)
+
+    async def _prefetch_block(self, head: Head, blk: int) -> None:
+        if head is self.heads.get(head.row.name) and blk < head.nblocks:
+            await self._fetch_block(head, blk)
 
     async def _fetch_block(self, head: Head, blk: int) -> bytes | None:
         """Content of a block that was not present (None for a hole), cached on the way."""
@@ -934,7 +953,17 @@ class Engine:
 
     async def read_snapshot(self, snap: SnapshotRow, offset: int, size: int) -> bytes:
         end = min(offset + size, snap.size)
+        if offset >= end:
+            return b""
         bs = snap.block_size
+        self.readahead.note(
+            ("snap", snap.id),
+            offset // bs,
+            (end - 1) // bs,
+            bs,
+            -(-snap.size // bs),
+            lambda b: self._prefetch_snap(snap, b),
+        )
         out = bytearray()
         pos = offset
         while pos < end:
@@ -944,16 +973,39 @@ class Engine:
             if oid is None:
                 out += self._zeros(n)
             else:
-                data = self._snap_cache.get(oid)
-                if data is None:
-                    data = await self.chunks.get(CHUNK, oid)
-                    self.fetched += 1
-                    self._snap_cache[oid] = data
-                    if len(self._snap_cache) > 64:
-                        self._snap_cache.popitem(last=False)
+                data = await self._snap_chunk(oid)
                 out += data[boff : boff + n]
             pos += n
         return bytes(out)
+
+    async def _prefetch_snap(self, snap: SnapshotRow, blk: int) -> None:
+        oid = await self.tree.lookup(snap.root, snap.root_level, blk)
+        if oid is not None:
+            await self._snap_chunk(oid)
+
+    async def _snap_chunk(self, oid: bytes) -> bytes:
+        """A chunk read through a snapshot, from a small LRU of chunks (snapshot reads do
+        not go through a volume's cache file); concurrent readers share one fetch."""
+        while True:
+            data = self._snap_cache.get(oid)
+            if data is not None:
+                self._snap_cache.move_to_end(oid)
+                return data
+            event = self._snap_fetching.get(oid)
+            if event is None:
+                break
+            await event.wait()
+        event = self._snap_fetching[oid] = trio.Event()
+        try:
+            data = await self.chunks.get(CHUNK, oid)
+            self.fetched += 1
+            self._snap_cache[oid] = data
+            while len(self._snap_cache) > self._snap_cache_blocks:
+                self._snap_cache.popitem(last=False)
+            return data
+        finally:
+            del self._snap_fetching[oid]
+            event.set()
 
     async def diff(self, volume: str, a: str, b: str) -> list[int]:
         sa, sb = await self.wait_available(volume, a), await self.wait_available(volume, b)
