@@ -185,7 +185,8 @@ class Engine:
         self._zero: dict[int, bytes] = {}
         self.readahead = ReadAhead(config.readahead_bytes, config.uploads)
         self._snap_cache: OrderedDict[bytes, bytes] = OrderedDict()
-        self._snap_cache_blocks = 2 * 256 + 16  # read-ahead's largest window, twice
+        self._snap_cache_bytes = 0
+        self._snap_cache_limit = 2 * config.readahead_bytes + (4 << 20)
         self._snap_fetching: dict[bytes, trio.Event] = {}
 
     # ------------------------------------------------------------------ lifecycle
@@ -581,7 +582,7 @@ class Engine:
             (end - 1) // bs,
             bs,
             head.nblocks,
-            lambda b: self._prefetch_block(head, b),
+            lambda blocks: self._prefetch_blocks(head, blocks),
             lambda b: not (b in head.dirty or (vid, b) in self.lru or b in head.fetching),
         )
         out = bytearray()
@@ -608,9 +609,42 @@ class Engine:
             pos += n
         return bytes(out)
 
-    async def _prefetch_block(self, head: Head, blk: int) -> None:
-        if head is self.heads.get(head.row.name) and blk < head.nblocks:
-            await self._fetch_block(head, blk)
+    async def _prefetch_blocks(self, head: Head, blocks: list[int]) -> None:
+        """Read-ahead: fetch blocks that are not present, with as few GETs as possible, into
+        the cache (the rules of `_fetch_block`; its readers wait for these fetches)."""
+        vid = head.row.id
+        if head is not self.heads.get(head.row.name):
+            return
+        todo = [
+            b
+            for b in blocks
+            if b < head.nblocks
+            and b not in head.dirty
+            and (vid, b) not in self.lru
+            and b not in head.fetching
+        ]
+        events = {b: trio.Event() for b in todo}
+        head.fetching.update(events)
+        try:
+            root, level = head.row.root, head.row.root_level
+            oids = {b: await self.tree.lookup(root, level, b) for b in todo}
+            datas = await self.chunks.get_many(CHUNK, [o for o in oids.values() if o])
+            if head.row.root != root or head is not self.heads.get(head.row.name):
+                return
+            for b, oid in oids.items():
+                if b in head.dirty or (vid, b) in self.lru:
+                    continue
+                if oid is None:
+                    punch_hole(head.cache_fd, b * head.bs, head.blen(b))
+                else:
+                    self.fetched += 1
+                    os.pwrite(head.cache_fd, memoryview(datas[oid])[: head.blen(b)], b * head.bs)
+                self._lru_add(head, b)
+            self._evict()
+        finally:
+            for b, event in events.items():
+                del head.fetching[b]
+                event.set()
 
     async def _fetch_block(self, head: Head, blk: int) -> bytes | None:
         """Content of a block that was not present (None for a hole), cached on the way."""
@@ -962,7 +996,7 @@ class Engine:
             (end - 1) // bs,
             bs,
             -(-snap.size // bs),
-            lambda b: self._prefetch_snap(snap, b),
+            lambda blocks: self._prefetch_snap(snap, blocks),
         )
         out = bytearray()
         pos = offset
@@ -978,10 +1012,30 @@ class Engine:
             pos += n
         return bytes(out)
 
-    async def _prefetch_snap(self, snap: SnapshotRow, blk: int) -> None:
-        oid = await self.tree.lookup(snap.root, snap.root_level, blk)
-        if oid is not None:
-            await self._snap_chunk(oid)
+    async def _prefetch_snap(self, snap: SnapshotRow, blocks: list[int]) -> None:
+        """Read-ahead of a snapshot: its chunks into the chunk LRU, in ranged GETs."""
+        oids = set()
+        for blk in blocks:
+            oid = await self.tree.lookup(snap.root, snap.root_level, blk)
+            if oid is not None and oid not in self._snap_cache and oid not in self._snap_fetching:
+                oids.add(oid)
+        events = {oid: trio.Event() for oid in oids}
+        self._snap_fetching.update(events)
+        try:
+            for oid, data in (await self.chunks.get_many(CHUNK, list(oids))).items():
+                self.fetched += 1
+                self._snap_cache_put(oid, data)
+        finally:
+            for oid, event in events.items():
+                del self._snap_fetching[oid]
+                event.set()
+
+    def _snap_cache_put(self, oid: bytes, data: bytes) -> None:
+        if oid not in self._snap_cache:
+            self._snap_cache_bytes += len(data)
+        self._snap_cache[oid] = data
+        while self._snap_cache_bytes > self._snap_cache_limit and len(self._snap_cache) > 1:
+            self._snap_cache_bytes -= len(self._snap_cache.popitem(last=False)[1])
 
     async def _snap_chunk(self, oid: bytes) -> bytes:
         """A chunk read through a snapshot, from a small LRU of chunks (snapshot reads do
@@ -999,9 +1053,7 @@ class Engine:
         try:
             data = await self.chunks.get(CHUNK, oid)
             self.fetched += 1
-            self._snap_cache[oid] = data
-            while len(self._snap_cache) > self._snap_cache_blocks:
-                self._snap_cache.popitem(last=False)
+            self._snap_cache_put(oid, data)
             return data
         finally:
             del self._snap_fetching[oid]

@@ -2,8 +2,9 @@
 next blocks from the store before they are asked for, several at a time.
 
 A cold read otherwise pays one store round trip per block, one after the other (the kernel
-sends a FUSE read of one block and waits for it). With the next `window` blocks already on
-their way, `limit` GETs run at once and the reader finds most blocks in the cache.
+sends a FUSE read of one block and waits for it). Blocks ahead are fetched in batches of up
+to 1 MiB: the engine turns a batch into ranged GETs of whole runs of a pack (blocks written
+together lie together), `limit` batches at a time.
 """
 
 import logging
@@ -13,7 +14,8 @@ import trio
 
 log = logging.getLogger("snapfs.readahead")
 
-Fetch = Callable[[int], Awaitable[object]]
+Fetch = Callable[[list[int]], Awaitable[object]]
+BATCH_BYTES = 1 << 20
 
 
 class ReadAhead:
@@ -56,18 +58,19 @@ class ReadAhead:
             self._streams[key] = (last, ahead)
             return
         end = min(last + window, nblocks - 1)
-        for blk in range(max(ahead, last) + 1, end + 1):
-            if wanted(blk):
-                self.nursery.start_soon(self._one, fetch, blk)
-                self.issued += 1
+        todo = [b for b in range(max(ahead, last) + 1, end + 1) if wanted(b)]
+        per = max(1, BATCH_BYTES // block_size)
+        for i in range(0, len(todo), per):
+            self.nursery.start_soon(self._one, fetch, todo[i : i + per])
+        self.issued += len(todo)
         self._streams[key] = (last, max(ahead, end))
 
     def forget(self, key: Hashable) -> None:
         self._streams.pop(key, None)
 
-    async def _one(self, fetch: Fetch, blk: int) -> None:
+    async def _one(self, fetch: Fetch, blocks: list[int]) -> None:
         async with self.limiter:
             try:
-                await fetch(blk)
+                await fetch(blocks)
             except Exception as exc:  # the reader's own fetch will retry and report
-                log.debug("read-ahead of block %d failed: %s", blk, exc)
+                log.debug("read-ahead of blocks %d-%d failed: %s", blocks[0], blocks[-1], exc)
