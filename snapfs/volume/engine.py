@@ -601,6 +601,8 @@ class Engine:
                 for b in range(blk, (run_end - 1) // bs + 1):
                     if (head.row.id, b) in self.lru:
                         self.lru.move_to_end((head.row.id, b))
+                if pos == offset and run_end == end:  # the common case: no copies
+                    return os.pread(head.cache_fd, end - pos, pos)
                 out += os.pread(head.cache_fd, run_end - pos, pos)
                 pos = run_end
                 continue
