@@ -361,6 +361,9 @@ class ChunkStore:
         self.db.execute("UPDATE packs SET live = (SELECT COALESCE(SUM(length), 0) FROM blobs "
                         "WHERE blobs.pack = packs.id)")
 
+    def fragment_keys(self) -> set[str]:
+        return {k for (k,) in self.db.execute("SELECT key FROM fragments")}
+
     def known_packs(self) -> set[bytes]:
         return {p for (p,) in self.db.execute("SELECT id FROM packs")}
 

@@ -89,6 +89,7 @@ class EngineStatistics:
     stored_objects: int
     uploaded_bytes: int
     discarded_bytes: int
+    orphans_removed: int
     uploaded_objects: int
     deduplicated_blocks: int
     fetched_blocks: int
@@ -176,6 +177,8 @@ class Engine:
         self.snap_opens: dict[int, int] = {}
         self.uploaded_bytes = 0
         self.discarded_bytes = 0
+        self.orphans_removed = 0
+        self.sweep_needed = False  # a cycle failed after uploading, or a crash: sweep
         self.uploaded_objects = 0
         self.deduplicated = 0
         self.fetched = 0
@@ -253,6 +256,7 @@ class Engine:
         for snap in temporary:  # dropped on unmount; after a crash, dropped now
             await self._drop_snapshot(snap)
         if not clean:
+            self.sweep_needed = not self.read_only
             log.warning(
                 "recovering after an unclean shutdown: %d dirty blocks to upload",
                 sum(len(h.dirty) for h in self.heads.values()),
@@ -1129,6 +1133,8 @@ class Engine:
                         await self._collect()
                 if not self.lease_lost and self.chunks.sparse_packs(self.config.gc_threshold):
                     await self.gc()  # background gc: work follows the garbage
+                if self.sweep_needed and not self.lease_lost:
+                    await self.sweep_orphans()
                 backoff = 1.0
             except Exception as exc:  # the daemon must outlive any failure of a cycle
                 self.flush_errors += 1
@@ -1148,6 +1154,7 @@ class Engine:
             await self._commit_inner(head, snap, blocks)
         except BaseException:
             self.chunks.discard_staged()
+            self.sweep_needed = True
             raise
 
     async def _commit_inner(
@@ -1369,6 +1376,7 @@ class Engine:
                 await self.store.barrier()
             except BaseException:
                 self.chunks.discard_staged()
+                self.sweep_needed = True
                 raise
             with self.catalog.transaction():
                 self.chunks.record()
@@ -1392,6 +1400,29 @@ class Engine:
                 "live_bytes": after.live_bytes,
                 "packs": after.packs,
             }
+
+    async def sweep_orphans(self) -> int:
+        """Delete the packs and index fragments that no committed catalog knows: what a
+        flush or gc cycle uploaded before it failed (store error, crash, cancellation).
+        The flusher runs it once after such a failure or an unclean shutdown. Packs still
+        waiting for deletion after a publish are not orphans (an older published catalog
+        may need them until then). Returns how many objects went."""
+        self.writable()
+        async with self.commit_lock:
+            await self._publish()
+            await self._collect()
+            keep = self.chunks.known_packs()
+            keep.update(k[1:] for k in self.catalog.garbage() if k[:1] == K_PACK)
+            doomed = [k for k in await self.store.list("p/") if _pack_id(k) not in keep]
+            fragments = self.chunks.fragment_keys()
+            doomed += [k for k in await self.store.list("i/") if k not in fragments]
+            for key in doomed:
+                await self.store.delete(key)
+            if doomed:
+                log.info("removed %d objects that a failed cycle left in the store", len(doomed))
+            self.orphans_removed += len(doomed)
+            self.sweep_needed = False
+            return len(doomed)
 
     # ------------------------------------------------------------------ checks and stats
 
@@ -1459,6 +1490,7 @@ class Engine:
             stored_objects=self.catalog.ref_count_rows(),
             uploaded_bytes=self.uploaded_bytes,
             discarded_bytes=self.discarded_bytes,
+            orphans_removed=self.orphans_removed,
             uploaded_objects=self.uploaded_objects,
             deduplicated_blocks=self.deduplicated,
             fetched_blocks=self.fetched,
@@ -1477,6 +1509,13 @@ class Engine:
     def _check_access(owner: int, uid: int, what: str) -> None:
         if uid not in (0, owner):
             raise PermissionDenied(f"{what} belongs to another user")
+
+
+def _pack_id(key: str) -> bytes | None:
+    try:
+        return bytes.fromhex(key.rsplit("/", 1)[1])
+    except ValueError:
+        return None  # not a name snapfs writes: left alone
 
 
 def check_block_size(block_size: int) -> None:

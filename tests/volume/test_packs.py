@@ -105,3 +105,50 @@ async def test_crash_in_the_middle_of_gc_loses_nothing(fresh_cache):
             assert report.orphan_packs == 0
     finally:
         await engine.close(flush=False)
+
+
+class FailingFragments(MemoryStore):
+    """A store that refuses index fragments while armed: a flush fails after its packs
+    went up, which leaves them orphaned."""
+
+    armed = False
+
+    async def put(self, key: str, data: bytes) -> None:
+        if self.armed and key.startswith("i/"):
+            raise StoreError("injected failure")
+        await super().put(key, data)
+
+
+async def test_a_failed_flush_leaves_orphans_that_the_sweep_removes():
+    store = FailingFragments()
+    await publish.init_store(store)
+    engine = await make(store)
+    try:
+        contents = await fill_snapshots(engine)
+        for i in range(0, 4):  # garbage too: gc will want to rewrite and delete packs
+            await engine.delete_snapshot("v", f"s{i}")
+            del contents[f"s{i}"]
+        store.armed = True
+        await engine.write("v", 0, os.urandom(SIZE))
+        with pytest.raises(StoreError):
+            await engine.sync()
+        assert engine.sweep_needed
+        report = await engine.check()
+        assert report.orphan_packs > 0
+        store.armed = False
+        removed = await engine.sweep_orphans()
+        assert removed >= report.orphan_packs and not engine.sweep_needed
+        assert (await engine.check()).orphan_packs == 0
+        await engine.sync()
+        contents["head"] = await engine.read("v", 0, SIZE)
+        await engine.create_snapshot("v", "head")
+        await engine.sync()
+        await check_exact(engine, contents)
+        # The store alone still restores everything.
+        fresh = await make(store)
+        try:
+            await check_exact(fresh, contents)
+        finally:
+            await fresh.close(flush=False)
+    finally:
+        await engine.close(flush=False)
