@@ -14,13 +14,14 @@ def _install(session: nox.Session, *extras: str) -> None:
 def tests(session: nox.Session) -> None:
     """The whole suite (needs root, /dev/fuse and loop devices; starts a loopback Swift)."""
     _install(session, "test")
+    session.run("python", "scripts/pyfuse3-fallocate.py")  # discard needs it
     session.run("pytest", "-p", "no:cacheprovider", *session.posargs)
 
 
 @nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff")
-    session.run("ruff", "check", "snapfs", "tests", "noxfile.py")
+    session.run("ruff", "check", "snapfs", "tests", "bench", "scripts", "noxfile.py")
 
 
 @nox.session
