@@ -88,10 +88,15 @@ class ChunkStore:
         self.db = db
         self.pack_size = pack_size
         self.uploads = uploads
-        self._open: list[tuple[bytes, bytes]] = []  # (key, body) of the pack being filled
+        # A blob's body is kept as parts (codec byte, payload) so that staging copies nothing.
+        self._open: list[tuple[bytes, tuple[bytes, ...]]] = []  # the pack being filled
         self._open_bytes = 0
-        self._sealed: list[list[tuple[bytes, bytes]]] = []
-        self._staged: dict[bytes, bytes] = {}  # key → body, until recorded
+        self._sealed: list[list[tuple[bytes, tuple[bytes, ...]]]] = []
+        self._staged: dict[bytes, tuple[bytes, ...]] = {}  # key → body parts, until uploaded
+        # Uploaded in a pack but not yet in a fragment / not yet recorded: key → location.
+        self._uploaded: dict[bytes, tuple[bytes, int, int]] = {}
+        self._unindexed_rows: list[tuple[bytes, bytes, int, int]] = []
+        self._unindexed_packs: dict[bytes, int] = {}
         self._pending_rows: list[tuple[bytes, bytes, int, int]] = []
         self._pending_packs: dict[bytes, int] = {}
         self._pending_fragments: list[str] = []
@@ -106,52 +111,81 @@ class ChunkStore:
     def stage(self, kind: str, oid: bytes, data: bytes) -> int:
         """Queue a blob for the next pack; returns its stored size."""
         key = blob_key(kind, oid)
-        if key in self._staged:
-            return len(self._staged[key])
-        body = _PLAIN + data
-        self._staged[key] = body
-        self._open.append((key, body))
-        self._open_bytes += len(body)
+        known = self._stored_length(key)
+        if known is not None:
+            return known
+        self._add(key, (_PLAIN, data))
+        return 1 + len(data)
+
+    def stage_body(self, key: bytes, body: bytes) -> None:
+        """Re-stage an already encoded blob (used when repacking)."""
+        self._add(key, (body,))
+
+    def _stored_length(self, key: bytes) -> int | None:
+        parts = self._staged.get(key)
+        if parts is not None:
+            return sum(map(len, parts))
+        loc = self._uploaded.get(key)
+        return None if loc is None else loc[2]
+
+    def _add(self, key: bytes, parts: tuple[bytes, ...]) -> None:
+        self._staged[key] = parts
+        self._open.append((key, parts))
+        self._open_bytes += sum(map(len, parts))
         if self._open_bytes >= self.pack_size:
             self._seal()
-        return len(body)
 
     def _seal(self) -> None:
         if self._open:
             self._sealed.append(self._open)
             self._open, self._open_bytes = [], 0
 
-    async def flush(self) -> None:
-        """Upload every staged blob in packs, then one index fragment for them. The caller
-        makes them durable (store.barrier) and calls record() in its transaction."""
-        self._seal()
+    async def upload_sealed(self) -> None:
+        """Upload the packs that are full, so that staged blobs do not pile up in memory.
+        Their index rows wait for flush(); nothing is durable or recorded yet."""
         sealed, self._sealed = self._sealed, []
-        if not sealed:
-            return
-        rows: list[tuple[bytes, bytes, int, int]] = []
-        packs: dict[bytes, int] = {}
+        await run_all([functools.partial(self._upload, e) for e in sealed], self.uploads)
 
-        async def upload(entries: list[tuple[bytes, bytes]]) -> None:
-            body = bytearray()
+    async def _upload(self, entries: list[tuple[bytes, tuple[bytes, ...]]]) -> None:
+        def build() -> tuple[bytes, bytes, list[tuple[bytes, int, int]]]:
+            pieces: list[bytes] = []
             table: list[tuple[bytes, int, int]] = []
-            for key, blob in entries:
-                table.append((key, len(body), len(blob)))
-                body += blob
+            offset = 0
+            for key, parts in entries:
+                length = sum(map(len, parts))
+                table.append((key, offset, length))
+                pieces.extend(parts)
+                offset += length
             # The nonce makes every pack unique: a repack of the same blobs never gets the id
             # of a pack that is about to be deleted.
-            trailer = codec.pack({"nonce": secrets.token_bytes(16),
-                                  "blobs": [list(t) for t in table]})
-            body += trailer + struct.pack("<I", len(trailer)) + _MAGIC
-            pid = digest(bytes(body))
-            await self.store.put(pack_key(pid), bytes(body))
-            packs[pid] = len(body)
-            rows.extend((key, pid, off, length) for key, off, length in table)
+            trailer = codec.pack(
+                {"nonce": secrets.token_bytes(16), "blobs": [list(t) for t in table]}
+            )
+            pieces += [trailer, struct.pack("<I", len(trailer)), _MAGIC]
+            body = b"".join(pieces)
+            return digest(body), body, table
 
-        await run_all([functools.partial(upload, e) for e in sealed], self.uploads)
-        fragment = codec.pack({"format": FORMAT, "packs": packs,
-                               "blobs": [list(r) for r in rows]})
+        pid, body, table = await trio.to_thread.run_sync(build)
+        await self.store.put(pack_key(pid), body)
+        self._unindexed_packs[pid] = len(body)
+        for key, offset, length in table:
+            self._unindexed_rows.append((key, pid, offset, length))
+            self._uploaded[key] = (pid, offset, length)
+            self._staged.pop(key, None)
+
+    async def flush(self) -> None:
+        """Upload every staged blob in packs, then one index fragment for the packs uploaded
+        since the last one. The caller makes them durable (store.barrier) and calls record()
+        in its transaction."""
+        self._seal()
+        await self.upload_sealed()
+        if not self._unindexed_packs:
+            return
+        rows, packs = self._unindexed_rows, self._unindexed_packs
+        fragment = codec.pack({"format": FORMAT, "packs": packs, "blobs": [list(r) for r in rows]})
         fkey = fragment_key(digest(fragment))
         await self.store.put(fkey, fragment)
+        self._unindexed_rows, self._unindexed_packs = [], {}
         self._pending_rows.extend(rows)
         self._pending_packs.update(packs)
         self._pending_fragments.append(fkey)
@@ -174,11 +208,14 @@ class ChunkStore:
                             ((k,) for k in self._pending_fragments))
         self._pending_rows, self._pending_packs, self._pending_fragments = [], {}, []
         self._staged.clear()
+        self._uploaded.clear()
 
     def discard_staged(self) -> None:
         """Forget what was staged or flushed but not recorded (a failed commit)."""
         self._open, self._open_bytes, self._sealed = [], 0, []
         self._staged.clear()
+        self._uploaded.clear()
+        self._unindexed_rows, self._unindexed_packs = [], {}
         self._pending_rows, self._pending_packs, self._pending_fragments = [], {}, []
 
     # ------------------------------------------------------------------ reading
@@ -190,10 +227,11 @@ class ChunkStore:
 
     async def get(self, kind: str, oid: bytes) -> bytes:
         key = blob_key(kind, oid)
-        body = self._staged.get(key)
+        parts = self._staged.get(key)
+        body = None if parts is None else b"".join(parts)
         where = f"blob {kind}/{oid.hex()}"
         if body is None:
-            loc = self.location(key)
+            loc = self._uploaded.get(key) or self.location(key)
             if loc is None:
                 raise ObjectNotFound(f"{where}: not in the index")
             pid, off, length = loc
@@ -295,14 +333,6 @@ class ChunkStore:
                 "SELECT key, offset, length FROM blobs WHERE pack=?", (pid,)):
             out.append((key, body[off:off + length]))
         return out
-
-    def stage_body(self, key: bytes, body: bytes) -> None:
-        """Re-stage an already encoded blob (used when repacking)."""
-        self._staged[key] = body
-        self._open.append((key, body))
-        self._open_bytes += len(body)
-        if self._open_bytes >= self.pack_size:
-            self._seal()
 
     # ------------------------------------------------------------------ index publication
 

@@ -71,7 +71,8 @@ class EngineConfig:
     dirty_fraction: float = 0.5
     flush_delay: float = 1.0
     uploads: int = 8
-    batch_bytes: int = 256 << 20
+    batch_bytes: int = 256 << 20  # dirty blocks per flush commit
+    slice_bytes: int = 32 << 20  # of which a commit holds at most this much in memory
     pack_size: int = 4 << 20
     gc_threshold: float = 0.5  # rewrite packs whose live share fell below this
     readahead_bytes: int = 4 << 20  # fetched ahead of a sequential reader (0: off)
@@ -1172,40 +1173,55 @@ class Engine:
             target = head.row.epoch
             frozen = {}
             cache_blocks = blocks or []
-        # (blk, bytes or None to read in the worker thread, fd, offset, gen). A head commit
-        # reads in the thread: a write racing with it bumps the block's generation, so the
-        # block stays dirty. A snapshot needs exactly the content it froze: read here.
-        in_thread = snap is None
-        reads: list[tuple[int, bytes | None, int, int, int | None]] = []
-        for blk in cache_blocks:
-            data = None if in_thread else os.pread(head.cache_fd, head.blen(blk), blk * bs)
-            reads.append((blk, data, head.cache_fd, blk * bs, head.gen[blk]))
-        for blk, slot in frozen.items():
-            data = os.pread(head.frozen_fd, head.blen(blk), slot * bs)
-            reads.append((blk, data, head.frozen_fd, slot * bs, None))
+        # (blk, fd, offset, gen): read, hashed, staged and uploaded a slice at a time, so that
+        # a commit holds about slice_bytes of blocks in memory however big it is.
+        reads = [(blk, head.cache_fd, blk * bs, head.gen[blk]) for blk in cache_blocks]
+        reads += [(blk, head.frozen_fd, slot * bs, None) for blk, slot in frozen.items()]
         zero = self._zeros(bs)
 
-        def hash_all() -> list[tuple[int, bytes | None, bytes]]:
+        def load(todo, saved: dict[int, int]) -> list[tuple[int, bytes]]:
             out = []
-            for blk, data, fd, offset, _gen in reads:
-                if data is None:
-                    data = os.pread(fd, head.blen(blk), offset)
-                if len(data) < bs:
-                    data += bytes(bs - len(data))
-                out.append((blk, None if data == zero else digest(data), data))
+            for blk, fd, offset, gen in todo:
+                if gen is not None and blk in saved:  # overwritten since, saved before that
+                    fd, offset = head.frozen_fd, saved[blk] * bs
+                data = os.pread(fd, head.blen(blk), offset)
+                out.append((blk, data + bytes(bs - len(data)) if len(data) < bs else data))
             return out
 
-        hashed = await trio.to_thread.run_sync(hash_all) if reads else []
+        def hash_all(blocks: list[tuple[int, bytes]]) -> list[tuple[int, bytes | None, bytes]]:
+            return [(blk, None if data == zero else digest(data), data) for blk, data in blocks]
+
+        def load_and_hash(todo) -> list[tuple[int, bytes | None, bytes]]:
+            return hash_all(load(todo, {}))
+
         changes: dict[int, bytes | None] = {}
-        uploads: dict[bytes, bytes] = {}
-        for blk, oid, data in hashed:
-            changes[blk] = oid
-            if oid is not None and oid not in uploads and not self.catalog.has_ref(K_CHUNK + oid):
-                uploads[oid] = data
-        self.deduplicated += sum(1 for _b, oid, _d in hashed if oid is not None) - len(uploads)
-        for oid, data in uploads.items():
-            self.uploaded_bytes += self.chunks.stage(CHUNK, oid, data)
-            self.uploaded_objects += 1
+        uploads: dict[bytes, None] = {}  # chunk ids this commit stores (an ordered set)
+        per_slice = max(1, self.config.slice_bytes // bs)
+        for first in range(0, len(reads), per_slice):
+            todo = reads[first : first + per_slice]
+            if snap is None:
+                # A head commit reads in the thread: a write racing with it bumps the block's
+                # generation, so the block stays dirty.
+                hashed = await trio.to_thread.run_sync(load_and_hash, todo)
+            else:
+                # A snapshot needs exactly the content it froze: read here, with no await
+                # since the check. A block overwritten since the commit began was copied to
+                # the frozen file before that.
+                loaded = load(todo, head.frozen.get(target, {}))
+                hashed = await trio.to_thread.run_sync(hash_all, loaded)
+                del loaded
+            for blk, oid, data in hashed:
+                changes[blk] = oid
+                if oid is None:
+                    continue
+                if oid in uploads or self.catalog.has_ref(K_CHUNK + oid):
+                    self.deduplicated += 1
+                    continue
+                uploads[oid] = None
+                self.uploaded_bytes += self.chunks.stage(CHUNK, oid, data)
+                self.uploaded_objects += 1
+            del hashed
+            await self.chunks.upload_sealed()
 
         old_root, old_level = head.row.root, head.row.root_level
         update = await self.tree.update(
@@ -1254,7 +1270,7 @@ class Engine:
         # From here to the end of the transaction: no await.
         cleaned = [
             blk
-            for blk, _data, _fd, _offset, gen in reads
+            for blk, _fd, _offset, gen in reads
             if gen is not None
             and head.gen.get(blk) == gen
             and head.dirty.get(blk, 1 << 62) <= target
@@ -1372,6 +1388,7 @@ class Engine:
                     for key, body in await self.chunks.read_live(pid):
                         self.chunks.stage_body(key, body)
                         moved += len(body)
+                    await self.chunks.upload_sealed()
                 await self.chunks.flush()
                 await self.store.barrier()
             except BaseException:

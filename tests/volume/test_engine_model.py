@@ -49,7 +49,11 @@ async def _run_model(ops, sizes, cache_blocks):
     await publish.init_store(store)
     cache_dir = tempfile.mkdtemp(prefix="snapfs-model-")
     config = EngineConfig(
-        cache_size=cache_blocks * BS, batch_bytes=5 * BS, uploads=3, pack_size=3 * BS
+        cache_size=cache_blocks * BS,
+        batch_bytes=5 * BS,
+        slice_bytes=2 * BS,
+        uploads=3,
+        pack_size=3 * BS,
     )
     engine = await Engine.open(store, cache_dir, config)
     model: dict[str, bytearray] = {}
