@@ -8,6 +8,7 @@ everything, publishes the catalog and exits 0.
 
 import argparse
 import contextlib
+import ctypes
 import fcntl
 import hashlib
 import logging
@@ -183,8 +184,21 @@ def setup_logging(path: str | None, debug: bool) -> None:
     root.setLevel(logging.DEBUG if debug else logging.INFO)
 
 
+_M_ARENA_MAX = -8  # glibc mallopt parameter
+
+
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """Give glibc's malloc few arenas. Worker threads (block reads, pack building, store
+    I/O) allocate 128 KiB-4 MiB buffers; with an arena per thread each arena keeps the
+    freed ones, which cost ~100 MiB of RSS in the memory benchmark. Python allocates with
+    the GIL held, so the arenas are hardly contended. Call before any thread starts."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(_M_ARENA_MAX, arenas)
+
+
 def serve(opts: argparse.Namespace) -> int:
     """Run the daemon in this process; report readiness on opts.ready_fd if given."""
+    limit_malloc_arenas()
     ready_fd = opts.ready_fd
 
     def ready(message: str) -> None:
