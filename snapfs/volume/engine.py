@@ -700,13 +700,17 @@ class Engine:
         while pos < len(view):
             blk, boff = divmod(offset + pos, bs)
             n = min(bs - boff, len(view) - pos)
-            if n < head.blen(blk) and blk not in head.dirty:
-                await self._fetch_block(head, blk)  # read-modify-write
-            if blk in head.dirty and head.dirty[blk] < head.row.epoch:
+            written = head.dirty.get(blk)
+            unmapped = False
+            if written is None:
+                # Not dirty: its mapping cannot change while we hold the write lock.
+                unmapped = await self.tree.lookup(head.row.root, head.row.root_level, blk) is None
+                # Read-modify-write needs the block cached. A fetch that a commit overtook
+                # does not cache it: fetch again.
+                while n < head.blen(blk) and (head.row.id, blk) not in self.lru:
+                    await self._fetch_block(head, blk)
+            elif written < head.row.epoch:
                 await self._freeze(head, blk)
-            unmapped = blk not in head.dirty and (
-                await self.tree.lookup(head.row.root, head.row.root_level, blk) is None
-            )
             # No await from here until the block is marked dirty.
             os.pwrite(head.cache_fd, view[pos : pos + n], offset + pos)
             if blk not in head.dirty:

@@ -75,3 +75,34 @@ async def test_writes_racing_a_sliced_snapshot_commit_keep_it_exact():
         assert report.clean, report.as_dict()
     finally:
         await engine.close()
+
+
+class SlowGets(MemoryStore):
+    """Reads take a while: a commit can complete in the middle of a block fetch."""
+
+    async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        if key.startswith("p/"):
+            await trio.sleep(0.05)
+        return await super().get(key, offset, length)
+
+
+async def test_a_partial_write_keeps_the_block_when_a_commit_lands_during_its_fetch():
+    engine = await make(SlowGets())
+    try:
+        old = os.urandom(2 * BS)
+        await engine.create_volume("v", 2 * BS, BS)
+        await engine.write("v", 0, old)
+        await engine.sync()
+        engine.evict_all()
+        await engine.write("v", BS, bytes(range(256)) * (BS // 256))  # block 1 dirty
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(engine.write, "v", 10, b"new")  # block 0: read-modify-write
+            nursery.start_soon(engine.flush_once)  # commits block 1 during that fetch
+        expected = old[:10] + b"new" + old[13:BS]
+        assert await engine.read("v", 0, BS) == expected
+        await engine.sync()
+        engine.evict_all()
+        assert await engine.read("v", 0, BS) == expected
+    finally:
+        await engine.close()
