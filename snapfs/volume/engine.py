@@ -687,11 +687,18 @@ class Engine:
             raise ReadOnly("this mount is read-only")
         if offset < 0 or offset + len(data) > head.row.size:
             raise SnapfsError(f"write beyond the end of volume {name!r}")
-        async with head.write_lock:
+        lock = head.write_lock
+        try:  # uncontended (the usual case): no round trip through the scheduler
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
             await self._wait_dirty_room()
             if head is not self.heads.get(name):
                 raise NotFound(f"volume {name!r} not found")
             await self._write_locked(head, offset, memoryview(data))
+        finally:
+            lock.release()
         return len(data)
 
     async def _write_locked(self, head: Head, offset: int, view: memoryview) -> None:
