@@ -112,7 +112,9 @@ class LocalStore(Store):
     async def list(self, prefix: str = "") -> list[str]:
         def walk() -> list[str]:
             keys = []
-            for dirpath, _dirs, files in os.walk(self.root):
+            # Only the directory the prefix names: listing catalog/ must not walk every pack.
+            top = os.path.join(self.root, prefix.rpartition("/")[0])
+            for dirpath, _dirs, files in os.walk(top):
                 rel = os.path.relpath(dirpath, self.root)
                 for name in files:
                     if ".tmp-" in name:

@@ -1339,7 +1339,7 @@ class Engine:
         """Drop one reference to `key` in `deltas`; when its count reaches zero, drop the
         references it holds (cascading down the tree). Increments must already be in."""
         deltas[key] = deltas.get(key, 0) - 1
-        if self.catalog.ref(key) + deltas[key] == 0 and key[:1] == K_NODE:
+        if key[:1] == K_NODE and self.catalog.ref(key) + deltas[key] == 0:
             level, entries = await self.tree.node(key[1:])
             kind = K_NODE if level else K_CHUNK
             for child in entries.values():
