@@ -186,6 +186,7 @@ class Engine:
         self.flush_errors = 0
         self.last_error: str | None = None
         self._kick = trio.Event()
+        self._backlog = False  # the last flush cycle left work behind (a full batch)
         self._zero: dict[int, bytes] = {}
         self.readahead = ReadAhead(config.readahead_bytes, config.uploads)
         self._snap_cache: OrderedDict[bytes, bytes] = OrderedDict()
@@ -1107,6 +1108,7 @@ class Engine:
             for head in list(self.heads.values()):
                 if head.pending:
                     await self._commit(head, head.pending[0])
+                    self._backlog = True
                     return True
             budget = self.config.batch_bytes
             did = False
@@ -1124,10 +1126,15 @@ class Engine:
                 if blocks:
                     await self._commit(head, None, blocks)
                     did = True
+            self._backlog = budget <= 0
             return did
 
     async def run_flusher(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Background task: flush after `flush_delay` of dirtiness, at once when kicked.
+        """Background task: every `flush_delay` (at once when kicked), flush the blocks left
+        alone for `flush_delay`. Cycles follow each other without a pause only while there
+        is a backlog (a full batch or a pending snapshot): under steady writes, blocks that
+        settle meanwhile wait for the next tick instead of making a commit each (every
+        commit has fixed costs: barriers, a catalog transaction and a publish).
         Store errors are logged and retried with backoff; cancellation stops it between
         cycles (the final flush is `close()`'s, shielded)."""
         task_status.started()
@@ -1137,7 +1144,7 @@ class Engine:
                 await self._kick.wait()
             self._kick = trio.Event()
             try:
-                while await self.flush_once(min_age=self.config.flush_delay):
+                while await self.flush_once(min_age=self.config.flush_delay) and self._backlog:
                     await trio.lowlevel.checkpoint()
                 if self.catalog.get_meta("published") != self.catalog.get_meta("seq"):
                     async with self.commit_lock:
