@@ -1193,6 +1193,7 @@ class Engine:
             cache_blocks = blocks or []
         # (blk, fd, offset, gen): read, hashed, staged and uploaded a slice at a time, so that
         # a commit holds about slice_bytes of blocks in memory however big it is.
+        reads: list[tuple[int, int, int, int | None]]
         reads = [(blk, head.cache_fd, blk * bs, head.gen[blk]) for blk in cache_blocks]
         reads += [(blk, head.frozen_fd, slot * bs, None) for blk, slot in frozen.items()]
         zero = self._zeros(bs)
