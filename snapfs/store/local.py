@@ -87,10 +87,20 @@ class LocalStore(Store):
         path = self._path(key)
 
         def read() -> bytes:
-            with open(path, "rb") as f:
-                if offset:
-                    f.seek(offset)
-                return f.read() if length is None else f.read(length)
+            fd = os.open(path, os.O_RDONLY)  # no buffered file object: one pread, no copy
+            try:
+                pos = offset
+                end = os.fstat(fd).st_size if length is None else offset + length
+                parts = []
+                while pos < end:  # a pread may return less than asked
+                    part = os.pread(fd, end - pos, pos)
+                    if not part:
+                        break
+                    parts.append(part)
+                    pos += len(part)
+                return parts[0] if len(parts) == 1 else b"".join(parts)
+            finally:
+                os.close(fd)
 
         try:
             return await self._run(read)
