@@ -166,7 +166,8 @@ def cmd_mount(args: list[str]) -> int:
         return daemon.serve(opts)
     daemon.check_mountpoint(opts.mountpoint)
     read_fd, write_fd = os.pipe()
-    cmd = [sys.executable, "-m", "snapfs.daemon", *args, "--ready-fd", str(write_fd)]
+    # -P: import snapfs from the installation, never from a snapfs/ in the caller's cwd.
+    cmd = [sys.executable, "-P", "-m", "snapfs.daemon", *args, "--ready-fd", str(write_fd)]
     proc = subprocess.Popen(cmd, pass_fds=(write_fd,), stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
