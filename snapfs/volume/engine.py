@@ -591,7 +591,7 @@ class Engine:
             lambda blocks: self._prefetch_blocks(head, blocks),
             lambda b: not (b in head.dirty or (vid, b) in self.lru or b in head.fetching),
         )
-        out = bytearray()
+        out: list[bytes] = []  # joined once at the end
         pos = offset
         while pos < end:
             blk, boff = divmod(pos, bs)
@@ -609,13 +609,13 @@ class Engine:
                         self.lru.move_to_end((head.row.id, b))
                 if pos == offset and run_end == end:  # the common case: no copies
                     return os.pread(head.cache_fd, end - pos, pos)
-                out += os.pread(head.cache_fd, run_end - pos, pos)
+                out.append(os.pread(head.cache_fd, run_end - pos, pos))
                 pos = run_end
                 continue
             data = await self._fetch_block(head, blk)
-            out += data[boff : boff + n] if data is not None else self._zeros(n)
+            out.append(data[boff : boff + n] if data is not None else self._zeros(n))
             pos += n
-        return bytes(out)
+        return out[0] if len(out) == 1 else b"".join(out)
 
     async def _prefetch_blocks(self, head: Head, blocks: list[int]) -> None:
         """Read-ahead: fetch blocks that are not present, with as few GETs as possible, into
@@ -1017,19 +1017,19 @@ class Engine:
             -(-snap.size // bs),
             lambda blocks: self._prefetch_snap(snap, blocks),
         )
-        out = bytearray()
+        out: list[bytes] = []
         pos = offset
         while pos < end:
             blk, boff = divmod(pos, bs)
             n = min(bs - boff, end - pos)
             oid = await self.tree.lookup(snap.root, snap.root_level, blk)
             if oid is None:
-                out += self._zeros(n)
+                out.append(self._zeros(n))
             else:
                 data = await self._snap_chunk(oid)
-                out += data[boff : boff + n]
+                out.append(data[boff : boff + n])
             pos += n
-        return bytes(out)
+        return out[0] if len(out) == 1 else b"".join(out)
 
     async def _prefetch_snap(self, snap: SnapshotRow, blocks: list[int]) -> None:
         """Read-ahead of a snapshot: its chunks into the chunk LRU, in ranged GETs."""
