@@ -1,0 +1,198 @@
+"""Engine state shared by its parts: configuration, statistics record, caches and helpers."""
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import trio
+import trio.lowlevel
+
+from snapfs.chunks import ChunkStore
+from snapfs.errors import (
+    NotFound,
+    PermissionDenied,
+    ReadOnly,
+)
+from snapfs.store.base import Store
+from snapfs.tree import TreeReader
+from snapfs.volume.catalog import Catalog, SnapshotRow
+from snapfs.volume.head import Head, punch_hole
+from snapfs.volume.readahead import ReadAhead
+
+log = logging.getLogger("snapfs.engine")
+
+
+DEFAULT_BLOCK_SIZE = 128 << 10
+
+
+@dataclass
+class EngineConfig:
+    cache_size: int = 2 << 30
+    dirty_fraction: float = 0.5
+    flush_delay: float = 1.0
+    uploads: int = 8
+    batch_bytes: int = 256 << 20  # dirty blocks per flush commit
+    slice_bytes: int = 32 << 20  # of which a commit holds at most this much in memory
+    pack_size: int = 4 << 20
+    gc_threshold: float = 0.5  # rewrite packs whose live share fell below this
+    readahead_bytes: int = 4 << 20  # fetched ahead of a sequential reader (0: off)
+
+
+@dataclass(frozen=True)
+class EngineStatistics:
+    volumes: int
+    snapshots: int
+    dirty_bytes: int
+    cached_bytes: int
+    frozen_bytes: int
+    stored_bytes: int
+    stored_data_bytes: int
+    stored_objects: int
+    uploaded_bytes: int
+    discarded_bytes: int
+    orphans_removed: int
+    uploaded_objects: int
+    deduplicated_blocks: int
+    fetched_blocks: int
+    catalog_seq: int
+    published_seq: int
+    flush_errors: int
+    last_error: str | None
+    packs: int
+    pack_bytes: int
+    live_bytes: int
+    index_fragments: int
+    lease_lost: str | None
+
+
+class EngineBase:
+    """The engine's state and the small helpers every part of it uses. The parts are
+    mixins over it: `Flusher` (commits to the store), `Maintenance` (background loop, gc,
+    checks), `DataPath` (reads, writes, discards) and `Engine` (lifecycle, volumes,
+    snapshots)."""
+
+    def __init__(
+        self,
+        store: Store,
+        catalog: Catalog,
+        cache_dir: str,
+        config: EngineConfig,
+        read_only: bool = False,
+    ):
+        self.read_only = read_only
+        self.lease_lost: str | None = None
+        self.store = store
+        self.chunks = ChunkStore(store, catalog.db, config.pack_size, config.uploads)
+        self.tree = TreeReader(self.chunks)
+        self.catalog = catalog
+        self.cache_dir = cache_dir
+        self.config = config
+        self.heads: dict[str, Head] = {}
+        self.lru: OrderedDict[tuple[int, int], int] = OrderedDict()  # (vid, blk) → bytes
+        self.lru_bytes = 0
+        self.dirty_bytes = 0
+        self.frozen_bytes = 0
+        self.commit_lock = trio.Lock()
+        self.gen = 0
+        self.snap_opens: dict[int, int] = {}
+        self.uploaded_bytes = 0
+        self.discarded_bytes = 0
+        self.orphans_removed = 0
+        self.sweep_needed = False  # a cycle failed after uploading, or a crash: sweep
+        self.uploaded_objects = 0
+        self.deduplicated = 0
+        self.fetched = 0
+        self.flush_errors = 0
+        self.last_error: str | None = None
+        self._kick = trio.Event()
+        self._backlog = False  # the last flush cycle left work behind (a full batch)
+        self._zero: dict[int, bytes] = {}
+        self.readahead = ReadAhead(config.readahead_bytes, config.uploads)
+        self._snap_cache: OrderedDict[bytes, bytes] = OrderedDict()
+        self._snap_cache_bytes = 0
+        self._snap_cache_limit = 2 * config.readahead_bytes + (4 << 20)
+        self._snap_fetching: dict[bytes, trio.Event] = {}
+
+    # ------------------------------------------------------------------ helpers
+
+    def head(self, name: str) -> Head:
+        head = self.heads.get(name)
+        if head is None:
+            raise NotFound(f"volume {name!r} not found")
+        return head
+
+    def snapshot_row(self, volume: str, name: str) -> SnapshotRow:
+        snap = self.catalog.snapshot(volume, name)
+        if snap is None or snap.state == "deleting":
+            if volume not in self.heads and not self.catalog.snapshots(volume):
+                raise NotFound(f"volume {volume!r} not found")
+            raise NotFound(f"snapshot {volume}@{name} not found")
+        return snap
+
+    def _zeros(self, n: int) -> bytes:
+        z = self._zero.get(n)
+        if z is None:
+            z = self._zero[n] = bytes(n)
+        return z
+
+    def _lru_add(self, head: Head, blk: int) -> None:
+        key = (head.row.id, blk)
+        if key not in self.lru:
+            self.lru_bytes += head.bs
+        self.lru[key] = head.bs
+        self.lru.move_to_end(key)
+
+    def _lru_drop(self, head: Head, blk: int) -> bool:
+        size = self.lru.pop((head.row.id, blk), None)
+        if size is not None:
+            self.lru_bytes -= size
+            return True
+        return False
+
+    def _evict(self) -> None:
+        by_id = None
+        while (
+            self.lru
+            and self.lru_bytes + self.dirty_bytes + self.frozen_bytes > self.config.cache_size
+        ):
+            (vid, blk), size = self.lru.popitem(last=False)
+            self.lru_bytes -= size
+            if by_id is None:
+                by_id = {h.row.id: h for h in self.heads.values()}
+            head = by_id.get(vid)
+            if head is not None:
+                punch_hole(head.cache_fd, blk * head.bs, head.blen(blk))
+
+    def evict_all(self) -> None:
+        """Drop every clean cached block (tests use it to force reads from the store)."""
+        limit, self.config.cache_size = self.config.cache_size, 0
+        try:
+            self._evict()
+        finally:
+            self.config.cache_size = limit
+
+    def _bump_seq(self) -> None:
+        self.catalog.set_meta("seq", int(self.catalog.get_meta("seq", 0)) + 1)
+
+    def writable(self) -> None:
+        """Raise ReadOnly on a read-only mount, or after this writer lost the store."""
+        if self.read_only:
+            raise ReadOnly("this mount is read-only")
+        if self.lease_lost:
+            raise ReadOnly(f"this writer lost the store ({self.lease_lost}): remount")
+
+    def lost(self, reason: str) -> None:
+        """This writer no longer owns the store: keep the cache, publish and delete nothing,
+        refuse snapshots until remounted."""
+        if not self.lease_lost:
+            log.error("lost the store: %s; keeping the local cache, publishing nothing", reason)
+            self.lease_lost = reason
+            self.last_error = reason
+
+    def kick(self) -> None:
+        self._kick.set()
+
+    @staticmethod
+    def _check_access(owner: int, uid: int, what: str) -> None:
+        if uid not in (0, owner):
+            raise PermissionDenied(f"{what} belongs to another user")

@@ -1,0 +1,412 @@
+"""The data path: reads (with read-ahead), writes, discards and fsync (see docs/design.md)."""
+
+import logging
+import os
+
+import trio
+import trio.lowlevel
+
+from snapfs.chunks import CHUNK
+from snapfs.errors import (
+    InvalidArgument,
+    NotFound,
+    ReadOnly,
+    SnapfsError,
+)
+from snapfs.volume.catalog import SnapshotRow
+from snapfs.volume.flusher import Flusher
+from snapfs.volume.head import Head, punch_hole
+
+log = logging.getLogger("snapfs.engine")
+
+
+class DataPath(Flusher):
+    """Reads, writes, discards and fsync of volume heads, and reads of snapshots."""
+
+    async def read(self, name: str, offset: int, size: int) -> bytes:
+        head = self.head(name)
+        end = min(offset + size, head.row.size)
+        if offset >= end:
+            return b""
+        bs = head.bs
+        vid = head.row.id
+        self.readahead.note(
+            ("vol", vid),
+            offset // bs,
+            (end - 1) // bs,
+            bs,
+            head.nblocks,
+            lambda blocks: self._prefetch_blocks(head, blocks),
+            lambda b: not (b in head.dirty or (vid, b) in self.lru or b in head.fetching),
+        )
+        out: list[bytes] = []  # joined once at the end
+        pos = offset
+        while pos < end:
+            blk, boff = divmod(pos, bs)
+            n = min(bs - boff, end - pos)
+            if blk in head.dirty or (head.row.id, blk) in self.lru:
+                # Extend over the following present blocks: one pread for the run.
+                run_end = pos + n
+                while run_end < end:
+                    nb = run_end // bs
+                    if not (nb in head.dirty or (head.row.id, nb) in self.lru):
+                        break
+                    run_end = min((nb + 1) * bs, end)
+                for b in range(blk, (run_end - 1) // bs + 1):
+                    if (head.row.id, b) in self.lru:
+                        self.lru.move_to_end((head.row.id, b))
+                if pos == offset and run_end == end:  # the common case: no copies
+                    return os.pread(head.cache_fd, end - pos, pos)
+                out.append(os.pread(head.cache_fd, run_end - pos, pos))
+                pos = run_end
+                continue
+            data = await self._fetch_block(head, blk)
+            out.append(data[boff : boff + n] if data is not None else self._zeros(n))
+            pos += n
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    async def _prefetch_blocks(self, head: Head, blocks: list[int]) -> None:
+        """Read-ahead: fetch blocks that are not present, with as few GETs as possible, into
+        the cache (the rules of `_fetch_block`; its readers wait for these fetches)."""
+        vid = head.row.id
+        if head is not self.heads.get(head.row.name):
+            return
+        todo = [
+            b
+            for b in blocks
+            if b < head.nblocks
+            and b not in head.dirty
+            and (vid, b) not in self.lru
+            and b not in head.fetching
+        ]
+        events = {b: trio.Event() for b in todo}
+        head.fetching.update(events)
+        try:
+            root, level = head.row.root, head.row.root_level
+            oids = {b: await self.tree.lookup(root, level, b) for b in todo}
+            datas = await self.chunks.get_many(CHUNK, [o for o in oids.values() if o])
+            if head.row.root != root or head is not self.heads.get(head.row.name):
+                return
+            for b, oid in oids.items():
+                if b in head.dirty or (vid, b) in self.lru:
+                    continue
+                if oid is None:
+                    punch_hole(head.cache_fd, b * head.bs, head.blen(b))
+                else:
+                    self.fetched += 1
+                    os.pwrite(head.cache_fd, memoryview(datas[oid])[: head.blen(b)], b * head.bs)
+                self._lru_add(head, b)
+            self._evict()
+        finally:
+            for b, event in events.items():
+                del head.fetching[b]
+                event.set()
+
+    async def _fetch_block(self, head: Head, blk: int) -> bytes | None:
+        """Content of a block that was not present (None for a hole), cached on the way."""
+        key = (head.row.id, blk)
+        while True:
+            if blk in head.dirty or key in self.lru:
+                return os.pread(head.cache_fd, head.blen(blk), blk * head.bs)
+            event = head.fetching.get(blk)
+            if event is None:
+                break
+            await event.wait()
+        event = head.fetching[blk] = trio.Event()
+        try:
+            root, level = head.row.root, head.row.root_level
+            oid = await self.tree.lookup(root, level, blk)
+            data = None if oid is None else await self.chunks.get(CHUNK, oid)
+            if blk not in head.dirty and key not in self.lru and head.row.root == root:
+                if data is None:
+                    punch_hole(head.cache_fd, blk * head.bs, head.blen(blk))
+                else:
+                    self.fetched += 1
+                    os.pwrite(head.cache_fd, memoryview(data)[: head.blen(blk)], blk * head.bs)
+                self._lru_add(head, blk)
+                self._evict()
+            return data
+        finally:
+            del head.fetching[blk]
+            event.set()
+
+    async def write(self, name: str, offset: int, data: bytes) -> int:
+        head = self.head(name)
+        if self.read_only:
+            raise ReadOnly("this mount is read-only")
+        if offset < 0 or offset + len(data) > head.row.size:
+            raise SnapfsError(f"write beyond the end of volume {name!r}")
+        lock = head.write_lock
+        try:  # uncontended (the usual case): no round trip through the scheduler
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
+            await self._wait_dirty_room()
+            if head is not self.heads.get(name):
+                raise NotFound(f"volume {name!r} not found")
+            await self._write_locked(head, offset, memoryview(data))
+        finally:
+            lock.release()
+        return len(data)
+
+    async def _write_locked(self, head: Head, offset: int, view: memoryview) -> None:
+        bs = head.bs
+        pos = 0
+        while pos < len(view):
+            blk, boff = divmod(offset + pos, bs)
+            n = min(bs - boff, len(view) - pos)
+            written = head.dirty.get(blk)
+            unmapped = False
+            if written is None:
+                # Not dirty: its mapping cannot change while we hold the write lock.
+                unmapped = await self.tree.lookup(head.row.root, head.row.root_level, blk) is None
+                # Read-modify-write needs the block cached. A fetch that a commit overtook
+                # does not cache it: fetch again.
+                while n < head.blen(blk) and (head.row.id, blk) not in self.lru:
+                    await self._fetch_block(head, blk)
+            elif written < head.row.epoch:
+                await self._freeze(head, blk)
+            # No await from here until the block is marked dirty.
+            os.pwrite(head.cache_fd, view[pos : pos + n], offset + pos)
+            if blk not in head.dirty:
+                self._lru_drop(head, blk)
+                self.dirty_bytes += bs
+                if unmapped:
+                    head.dirty_new.add(blk)
+            elif blk in head.holes and not head.holes.pop(blk):
+                head.dirty_new.add(blk)  # a discarded block that the tree does not map
+            self._mark_dirty(head, blk)
+            pos += n
+
+    def _mark_dirty(self, head: Head, blk: int) -> None:
+        head.dirty[blk] = head.row.epoch
+        self.gen += 1
+        head.gen[blk] = self.gen
+        head.touched[blk] = trio.current_time()
+        head.unsynced.add(blk)
+
+    async def discard(self, name: str, offset: int, length: int) -> None:
+        """Discard (TRIM, fallocate PUNCH_HOLE): the range reads as zeros at once. Whole
+        blocks become holes: the cache gives their space back, their dirty data is dropped
+        instead of uploaded, and the next flush maps them to nothing. Partial blocks at the
+        edges are zeroed. A snapshot taken before keeps the old data (copy-on-write, as for
+        a write). Durable like a write: at the next fsync, snapshot or flush."""
+        head = self.head(name)
+        if self.read_only:
+            raise ReadOnly("this mount is read-only")
+        if offset < 0 or length < 0:
+            raise InvalidArgument("discard: negative offset or length")
+        end = min(offset + length, head.row.size)
+        if offset >= end:
+            return
+        bs = head.bs
+        first = -(-offset // bs)  # first whole block
+        last = end // bs if end < head.row.size else head.nblocks  # after the last whole one
+        async with head.write_lock:
+            if head is not self.heads.get(name):
+                raise NotFound(f"volume {name!r} not found")
+            if first >= last:  # no whole block: one or two partial ones
+                cut = min(end, (offset // bs + 1) * bs)
+                await self._zero_range(head, offset, cut)
+                await self._zero_range(head, cut, end)
+                return
+            await self._zero_range(head, offset, first * bs)
+            await self._zero_range(head, last * bs, end)
+            # Blocks that are neither mapped nor dirty read as zeros already, and stay so
+            # (a flush changes only dirty blocks; writes wait for the lock).
+            candidates = {
+                blk
+                async for blk, _oid in self.tree.items(
+                    head.row.root, head.row.root_level, first, last
+                )
+            }
+            if last - first <= 2 * len(head.dirty):
+                candidates.update(b for b in range(first, last) if b in head.dirty)
+            else:
+                candidates.update(b for b in head.dirty if first <= b < last)
+            todo = sorted(candidates)
+            for i in range(0, len(todo), 1024):  # the dirty limit holds for discards too
+                chunk = todo[i : i + 1024]
+                mapped = await self._settle_for_discard(name, head, chunk)
+                # No await from here to the end of the chunk: blocks are marked dirty first,
+                # then their cache ranges are punched in runs.
+                run: list[int] = []
+                for blk in chunk:
+                    if blk in head.holes and head.dirty.get(blk) == head.row.epoch:
+                        continue  # already discarded since the last snapshot
+                    if run and blk != run[-1] + 1:
+                        self._punch_run(head, run)
+                    run.append(blk)
+                    if blk not in head.dirty:
+                        self._lru_drop(head, blk)
+                        self.dirty_bytes += bs
+                    head.dirty_new.discard(blk)
+                    head.holes[blk] = blk in mapped
+                    self._mark_dirty(head, blk)
+                self._punch_run(head, run)
+        self.discarded_bytes += end - offset
+
+    async def _settle_for_discard(self, name: str, head: Head, chunk: list[int]) -> set[int]:
+        """Wait for dirty room, freeze what a pending snapshot needs, and return which blocks
+        of the chunk the committed tree maps, in a state where nothing changed since (a
+        flush or a new snapshot during these awaits makes it start over)."""
+        while True:
+            await self._wait_dirty_room()
+            if head is not self.heads.get(name):
+                raise NotFound(f"volume {name!r} not found")
+            for blk in chunk:
+                if blk in head.dirty and head.dirty[blk] < head.row.epoch:
+                    await self._freeze(head, blk)
+            root, epoch = head.row.root, head.row.epoch
+            mapped = {
+                blk
+                async for blk, _oid in self.tree.items(
+                    root, head.row.root_level, chunk[0], chunk[-1] + 1
+                )
+            }
+            stale = any(b in head.dirty and head.dirty[b] < epoch for b in chunk)
+            if head.row.root == root and head.row.epoch == epoch and not stale:
+                return mapped
+
+    @staticmethod
+    def _punch_run(head: Head, run: list[int]) -> None:
+        """Punch the cache ranges of consecutive blocks in one call; empties `run`."""
+        if run:
+            start = run[0] * head.bs
+            punch_hole(head.cache_fd, start, min((run[-1] + 1) * head.bs, head.row.size) - start)
+            run.clear()
+
+    async def _zero_range(self, head: Head, start: int, end: int) -> None:
+        """Zero part of a block, unless it reads as zeros already (a hole nobody wrote)."""
+        if start >= end:
+            return
+        blk = start // head.bs
+        if blk in head.holes and head.dirty[blk] == head.row.epoch:
+            return
+        clean = blk not in head.dirty  # then the tree says what it holds
+        if clean and await self.tree.lookup(head.row.root, head.row.root_level, blk) is None:
+            return
+        await self._write_locked(head, start, memoryview(self._zeros(end - start)))
+
+    async def _freeze(self, head: Head, blk: int) -> None:
+        """Save a block that a pending snapshot still needs before it is overwritten: copy to
+        the frozen file, make the copy durable, then record it (copy-on-write)."""
+        written = head.dirty[blk]
+        target = next((s.epoch for s in head.pending if s.epoch >= written), None)
+        if target is None or blk in head.frozen.get(target, {}):
+            head.dirty[blk] = head.row.epoch
+            return
+        data = os.pread(head.cache_fd, head.blen(blk), blk * head.bs)
+        slot = head.free_slots.pop() if head.free_slots else head.next_slot
+        if slot == head.next_slot:
+            head.next_slot += 1
+        os.pwrite(head.frozen_fd, data, slot * head.bs)
+        await trio.to_thread.run_sync(os.fdatasync, head.frozen_fd)
+        with self.catalog.transaction():
+            self.catalog.add_frozen(head.row.id, target, blk, slot)
+            self.catalog.set_dirty(head.row.id, [(blk, head.row.epoch)])
+        head.frozen.setdefault(target, {})[blk] = slot
+        head.dirty[blk] = head.row.epoch
+        head.unsynced.discard(blk)
+        self.frozen_bytes += head.bs
+
+    async def _wait_dirty_room(self) -> None:
+        """Backpressure: past the dirty limit a writer flushes (or waits for the flush)
+        instead of failing."""
+        limit = self.config.cache_size * self.config.dirty_fraction
+        while self.dirty_bytes + self.frozen_bytes >= limit:
+            self.kick()
+            if not await self.flush_once():
+                await trio.sleep(0.05)
+
+    async def fsync(self, name: str) -> None:
+        """Return once everything written to the volume survives a crash of the daemon or of
+        the machine: the cache file is synced, then its dirty map committed."""
+        await self._persist_dirty(self.head(name))
+
+    async def _persist_dirty(self, head: Head) -> None:
+        todo, head.unsynced = head.unsynced, set()
+        try:
+            await trio.to_thread.run_sync(os.fdatasync, head.cache_fd)
+            with self.catalog.transaction():
+                self.catalog.set_dirty(
+                    head.row.id, [(b, head.dirty[b]) for b in todo if b in head.dirty]
+                )
+        except BaseException:
+            head.unsynced |= todo
+            raise
+
+    async def read_snapshot(self, snap: SnapshotRow, offset: int, size: int) -> bytes:
+        end = min(offset + size, snap.size)
+        if offset >= end:
+            return b""
+        bs = snap.block_size
+        self.readahead.note(
+            ("snap", snap.id),
+            offset // bs,
+            (end - 1) // bs,
+            bs,
+            -(-snap.size // bs),
+            lambda blocks: self._prefetch_snap(snap, blocks),
+        )
+        out: list[bytes] = []
+        pos = offset
+        while pos < end:
+            blk, boff = divmod(pos, bs)
+            n = min(bs - boff, end - pos)
+            oid = await self.tree.lookup(snap.root, snap.root_level, blk)
+            if oid is None:
+                out.append(self._zeros(n))
+            else:
+                data = await self._snap_chunk(oid)
+                out.append(data[boff : boff + n])
+            pos += n
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    async def _prefetch_snap(self, snap: SnapshotRow, blocks: list[int]) -> None:
+        """Read-ahead of a snapshot: its chunks into the chunk LRU, in ranged GETs."""
+        oids = set()
+        for blk in blocks:
+            oid = await self.tree.lookup(snap.root, snap.root_level, blk)
+            if oid is not None and oid not in self._snap_cache and oid not in self._snap_fetching:
+                oids.add(oid)
+        events = {oid: trio.Event() for oid in oids}
+        self._snap_fetching.update(events)
+        try:
+            for oid, data in (await self.chunks.get_many(CHUNK, list(oids))).items():
+                self.fetched += 1
+                self._snap_cache_put(oid, data)
+        finally:
+            for oid, event in events.items():
+                del self._snap_fetching[oid]
+                event.set()
+
+    def _snap_cache_put(self, oid: bytes, data: bytes) -> None:
+        if oid not in self._snap_cache:
+            self._snap_cache_bytes += len(data)
+        self._snap_cache[oid] = data
+        while self._snap_cache_bytes > self._snap_cache_limit and len(self._snap_cache) > 1:
+            self._snap_cache_bytes -= len(self._snap_cache.popitem(last=False)[1])
+
+    async def _snap_chunk(self, oid: bytes) -> bytes:
+        """A chunk read through a snapshot, from a small LRU of chunks (snapshot reads do
+        not go through a volume's cache file); concurrent readers share one fetch."""
+        while True:
+            data = self._snap_cache.get(oid)
+            if data is not None:
+                self._snap_cache.move_to_end(oid)
+                return data
+            event = self._snap_fetching.get(oid)
+            if event is None:
+                break
+            await event.wait()
+        event = self._snap_fetching[oid] = trio.Event()
+        try:
+            data = await self.chunks.get(CHUNK, oid)
+            self.fetched += 1
+            self._snap_cache_put(oid, data)
+            return data
+        finally:
+            del self._snap_fetching[oid]
+            event.set()

@@ -1,0 +1,300 @@
+"""Flush cycles and publication (see docs/design.md, "The flush cycle")."""
+
+import logging
+import os
+
+import trio
+import trio.lowlevel
+
+from snapfs.chunks import CHUNK, NODE, digest
+from snapfs.errors import (
+    AlreadyExists,
+    ReadOnly,
+)
+from snapfs.tree import levels_for
+from snapfs.volume import publish
+from snapfs.volume.base import EngineBase
+from snapfs.volume.catalog import SnapshotRow
+from snapfs.volume.check import (
+    K_CHUNK,
+    K_NODE,
+    K_PACK,
+)
+from snapfs.volume.head import Head, punch_hole
+
+log = logging.getLogger("snapfs.engine")
+
+
+class Flusher(EngineBase):
+    """Flush cycles: upload dirty blocks and pending snapshots, commit the catalog in one
+    transaction, publish it, then delete what the published catalog no longer needs."""
+
+    async def sync(self) -> None:
+        """Upload everything written before the call, complete every pending snapshot and
+        publish the catalog. Errors of the store propagate after its retries."""
+        if self.lease_lost:
+            raise ReadOnly(f"cannot sync: {self.lease_lost}")
+        target = self.gen
+        while await self.flush_once(upto_gen=target):
+            pass
+        async with self.commit_lock:
+            await self._publish()
+            await self._collect()
+
+    async def flush_once(self, upto_gen: int | None = None, min_age: float = 0.0) -> bool:
+        """One flush cycle: the oldest pending snapshot of a volume, else a batch of dirty
+        blocks of the heads: only those written up to `upto_gen`, when given, and only
+        those left alone for `min_age` seconds (the background flusher lets hot blocks be
+        rewritten in the cache instead of uploading every version). Returns whether it
+        found work."""
+        if self.read_only or self.lease_lost:
+            return False
+        async with self.commit_lock:
+            for head in list(self.heads.values()):
+                if head.pending:
+                    await self._commit(head, head.pending[0])
+                    self._backlog = True
+                    return True
+            budget = self.config.batch_bytes
+            did = False
+            settled = trio.current_time() - min_age
+            for head in list(self.heads.values()):
+                blocks = []
+                for blk in head.dirty:
+                    if budget <= 0:
+                        break
+                    if min_age and head.touched.get(blk, 0.0) > settled:
+                        continue
+                    if upto_gen is None or head.gen[blk] <= upto_gen:
+                        blocks.append(blk)
+                        budget -= head.bs
+                if blocks:
+                    await self._commit(head, None, blocks)
+                    did = True
+            self._backlog = budget <= 0
+            return did
+
+    async def _commit(self, head: Head, snap: SnapshotRow | None, blocks: list[int] | None = None):
+        """Upload blocks, derive the new tree, make it durable, then commit the catalog in one
+        transaction and publish it. Called with commit_lock held. On error nothing is
+        recorded: what was uploaded stays as unreferenced pack space."""
+        try:
+            await self._commit_inner(head, snap, blocks)
+        except BaseException:
+            self.chunks.discard_staged()
+            self.sweep_needed = True
+            raise
+
+    async def _commit_inner(
+        self, head: Head, snap: SnapshotRow | None, blocks: list[int] | None = None
+    ):
+        """Upload blocks, derive the new tree, make it durable, then commit the catalog in one
+        transaction and publish it. Called with commit_lock held."""
+        bs = head.bs
+        vid = head.row.id
+        if snap is not None:
+            target = snap.epoch
+            frozen = head.frozen.get(target, {})
+            cache_blocks = [b for b, e in head.dirty.items() if e <= target and b not in frozen]
+        else:
+            target = head.row.epoch
+            frozen = {}
+            cache_blocks = blocks or []
+        # (blk, fd, offset, gen): read, hashed, staged and uploaded a slice at a time, so that
+        # a commit holds about slice_bytes of blocks in memory however big it is.
+        reads: list[tuple[int, int, int, int | None]]
+        reads = [(blk, head.cache_fd, blk * bs, head.gen[blk]) for blk in cache_blocks]
+        reads += [(blk, head.frozen_fd, slot * bs, None) for blk, slot in frozen.items()]
+        zero = self._zeros(bs)
+
+        def load(todo, saved: dict[int, int]) -> list[tuple[int, bytes]]:
+            out = []
+            for blk, fd, offset, gen in todo:
+                if gen is not None and blk in saved:  # overwritten since, saved before that
+                    fd, offset = head.frozen_fd, saved[blk] * bs
+                data = os.pread(fd, head.blen(blk), offset)
+                out.append((blk, data + bytes(bs - len(data)) if len(data) < bs else data))
+            return out
+
+        def hash_all(blocks: list[tuple[int, bytes]]) -> list[tuple[int, bytes | None, bytes]]:
+            return [(blk, None if data == zero else digest(data), data) for blk, data in blocks]
+
+        def load_and_hash(todo) -> list[tuple[int, bytes | None, bytes]]:
+            return hash_all(load(todo, {}))
+
+        changes: dict[int, bytes | None] = {}
+        uploads: dict[bytes, None] = {}  # chunk ids this commit stores (an ordered set)
+        per_slice = max(1, self.config.slice_bytes // bs)
+        for first in range(0, len(reads), per_slice):
+            todo = reads[first : first + per_slice]
+            if snap is None:
+                # A head commit reads in the thread: a write racing with it bumps the block's
+                # generation, so the block stays dirty.
+                hashed = await trio.to_thread.run_sync(load_and_hash, todo)
+            else:
+                # A snapshot needs exactly the content it froze: read here, with no await
+                # since the check. A block overwritten since the commit began was copied to
+                # the frozen file before that.
+                loaded = load(todo, head.frozen.get(target, {}))
+                hashed = await trio.to_thread.run_sync(hash_all, loaded)
+                del loaded
+            for blk, oid, data in hashed:
+                changes[blk] = oid
+                if oid is None:
+                    continue
+                if oid in uploads or self.catalog.has_ref(K_CHUNK + oid):
+                    self.deduplicated += 1
+                    continue
+                uploads[oid] = None
+                self.uploaded_bytes += self.chunks.stage(CHUNK, oid, data)
+                self.uploaded_objects += 1
+            del hashed
+            await self.chunks.upload_sealed()
+
+        old_root, old_level = head.row.root, head.row.root_level
+        update = await self.tree.update(
+            old_root,
+            head.row.root_level,
+            max(levels_for(head.nblocks), head.row.root_level),
+            changes,
+        )
+        new_nodes = {
+            oid: data
+            for oid, data in update.new_nodes.items()
+            if not self.catalog.has_ref(K_NODE + oid)
+        }
+        for oid, data in new_nodes.items():
+            self.uploaded_bytes += self.chunks.stage(NODE, oid, data)
+            self.uploaded_objects += 1
+        try:
+            await self.chunks.flush()
+            await self.store.barrier()
+        except BaseException:
+            self.chunks.discard_staged()
+            raise
+
+        deltas: dict[bytes, int] = {}
+        sizes: dict[bytes, int] = {}
+        for oid in uploads:
+            sizes[K_CHUNK + oid] = bs + 1
+            deltas.setdefault(K_CHUNK + oid, 0)
+        for oid, data in new_nodes.items():
+            sizes[K_NODE + oid] = len(data) + 1
+            deltas.setdefault(K_NODE + oid, 0)
+            level, entries = await self.tree.node(oid)
+            kind = K_NODE if level else K_CHUNK
+            for child in entries.values():
+                deltas[kind + child] = deltas.get(kind + child, 0) + 1
+        keep_snapshot = snap is not None and snap.state != "deleting"
+        if update.root is not None:
+            deltas[K_NODE + update.root] = deltas.get(K_NODE + update.root, 0) + 1 + keep_snapshot
+        if old_root is not None:
+            await self._decref(deltas, K_NODE + old_root)
+
+        mapped_delta = 0
+        for blk, oid in changes.items():
+            was = await self.tree.lookup(old_root, old_level, blk)
+            mapped_delta += (oid is not None) - (was is not None)
+        # From here to the end of the transaction: no await.
+        cleaned = [
+            blk
+            for blk, _fd, _offset, gen in reads
+            if gen is not None
+            and head.gen.get(blk) == gen
+            and head.dirty.get(blk, 1 << 62) <= target
+        ]
+        with self.catalog.transaction():
+            self.chunks.record()
+            self.catalog.apply_refs(deltas, sizes)
+            self.catalog.update_volume(vid, root=update.root, root_level=update.level)
+            if snap is not None:
+                if keep_snapshot:
+                    self.catalog.update_snapshot(
+                        snap.id, root=update.root, root_level=update.level, state="available"
+                    )
+                else:
+                    self.catalog.delete_snapshot(snap.id)
+                self.catalog.clear_frozen(vid, target)
+            self.catalog.clear_dirty(vid, cleaned)
+            if update.root != old_root or (snap is not None and not snap.temporary):
+                self._bump_seq()
+        head.row.root, head.row.root_level = update.root, update.level
+        head.mapped += mapped_delta
+        for blk, oid in changes.items():
+            if blk in head.dirty:  # written again meanwhile, or a snapshot's older version
+                if blk in head.holes:
+                    head.holes[blk] = oid is not None
+                elif oid is None:
+                    head.dirty_new.add(blk)
+                else:
+                    head.dirty_new.discard(blk)
+        for blk in cleaned:
+            del head.dirty[blk]
+            del head.gen[blk]
+            head.touched.pop(blk, None)
+            head.dirty_new.discard(blk)
+            head.holes.pop(blk, None)
+            head.unsynced.discard(blk)
+            self.dirty_bytes -= bs
+            if changes.get(blk) is None:
+                punch_hole(head.cache_fd, blk * bs, head.blen(blk))
+            else:
+                self._lru_add(head, blk)
+        if snap is not None:
+            slots = head.frozen.pop(target, {})
+            head.free_slots.extend(slots.values())
+            self.frozen_bytes -= len(slots) * bs
+            head.pending.pop(0)
+            if not head.pending and not head.frozen:
+                os.ftruncate(head.frozen_fd, 0)
+                head.free_slots, head.next_slot = [], 0
+        self._evict()
+        await self._publish()
+        await self._collect()
+
+    async def _decref(self, deltas: dict[bytes, int], key: bytes) -> None:
+        """Drop one reference to `key` in `deltas`; when its count reaches zero, drop the
+        references it holds (cascading down the tree). Increments must already be in."""
+        deltas[key] = deltas.get(key, 0) - 1
+        if key[:1] == K_NODE and self.catalog.ref(key) + deltas[key] == 0:
+            level, entries = await self.tree.node(key[1:])
+            kind = K_NODE if level else K_CHUNK
+            for child in entries.values():
+                await self._decref(deltas, kind + child)
+
+    async def _publish(self) -> None:
+        """Publish the catalog as the next write-once object. If that seq is taken, another
+        writer owns the store now: stop publishing and deleting for good."""
+        seq = int(self.catalog.get_meta("seq", 0))
+        if self.read_only or int(self.catalog.get_meta("published", 0)) == seq:
+            return
+        if self.lease_lost:
+            raise ReadOnly(f"not publishing: {self.lease_lost}")
+        try:
+            await publish.write_catalog(self.store, publish.catalog_doc(self.catalog, seq))
+        except AlreadyExists:
+            self.lost(f"catalog {seq} was published by another writer")
+            raise ReadOnly(f"not publishing: {self.lease_lost}") from None
+        with self.catalog.transaction():
+            self.catalog.set_meta("published", seq)
+
+    async def _collect(self) -> None:
+        """Once a catalog without them is out: drop dead blobs from the index (their packs
+        lose live bytes), then delete packs with nothing live left. Both steps are queued in
+        the `garbage` table first, so a crash in between only repeats them."""
+        if self.read_only or self.lease_lost:
+            return
+        if self.catalog.get_meta("published") != self.catalog.get_meta("seq"):
+            return
+        garbage = self.catalog.garbage()
+        blobs = [k for k in garbage if k[:1] in (K_CHUNK, K_NODE)]
+        if blobs:
+            with self.catalog.transaction():
+                empty = self.chunks.release(blobs)
+                self.catalog.forget_garbage(blobs)
+                self.catalog.add_garbage(K_PACK + pid for pid in empty)
+        packs = [k for k in self.catalog.garbage() if k[:1] == K_PACK]
+        if packs:
+            await self.chunks.delete_packs([k[1:] for k in packs])
+            with self.catalog.transaction():
+                self.catalog.forget_garbage(packs)

@@ -1,0 +1,190 @@
+"""Background maintenance: the flusher loop, gc of packs, the orphan sweep, fsck."""
+
+import logging
+
+import trio
+import trio.lowlevel
+
+from snapfs.chunks import pack_key
+from snapfs.errors import (
+    SnapfsError,
+)
+from snapfs.volume.check import (
+    K_PACK,
+    CheckReport,
+    expected_refs,
+    key_to_store_key,
+)
+from snapfs.volume.flusher import Flusher
+
+log = logging.getLogger("snapfs.engine")
+
+
+class Maintenance(Flusher):
+    """The background loop (flush, publish, gc, orphan sweep) and the checks."""
+
+    async def run_flusher(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Background task: every `flush_delay` (at once when kicked), flush the blocks left
+        alone for `flush_delay`. Cycles follow each other without a pause only while there
+        is a backlog (a full batch or a pending snapshot): under steady writes, blocks that
+        settle meanwhile wait for the next tick instead of making a commit each (every
+        commit has fixed costs: barriers, a catalog transaction and a publish).
+        Store errors are logged and retried with backoff; cancellation stops it between
+        cycles (the final flush is `close()`'s, shielded)."""
+        task_status.started()
+        backoff = 1.0
+        while True:
+            with trio.move_on_after(self.config.flush_delay):
+                await self._kick.wait()
+            self._kick = trio.Event()
+            try:
+                while await self.flush_once(min_age=self.config.flush_delay) and self._backlog:
+                    await trio.lowlevel.checkpoint()
+                if self.catalog.get_meta("published") != self.catalog.get_meta("seq"):
+                    async with self.commit_lock:
+                        await self._publish()
+                        await self._collect()
+                if not self.lease_lost and self.chunks.sparse_packs(self.config.gc_threshold):
+                    await self.gc()  # background gc: work follows the garbage
+                if self.sweep_needed and not self.lease_lost:
+                    await self.sweep_orphans()
+                backoff = 1.0
+            except Exception as exc:  # the daemon must outlive any failure of a cycle
+                self.flush_errors += 1
+                self.last_error = str(exc) or exc.__class__.__name__
+                if isinstance(exc, SnapfsError):
+                    log.warning("flush failed, retrying in %.0fs: %s", backoff, exc)
+                else:
+                    log.exception("flush failed unexpectedly, retrying in %.0fs", backoff)
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+
+    async def gc(self, threshold: float | None = None) -> dict:
+        """Rewrite packs whose live share fell below `threshold` (their live blobs move to new
+        packs, then the old packs go), and fold the index fragments into a checkpoint when
+        they have piled up. The work follows the garbage, not the data kept."""
+        self.writable()
+        threshold = self.config.gc_threshold if threshold is None else threshold
+        async with self.commit_lock:
+            await self._publish()
+            await self._collect()
+            before = self.chunks.statistics()
+            sparse = self.chunks.sparse_packs(threshold)
+            moved = 0
+            try:
+                for pid, _size, _live in sparse:
+                    for key, body in await self.chunks.read_live(pid):
+                        self.chunks.stage_body(key, body)
+                        moved += len(body)
+                    await self.chunks.upload_sealed()
+                await self.chunks.flush()
+                await self.store.barrier()
+            except BaseException:
+                self.chunks.discard_staged()
+                self.sweep_needed = True
+                raise
+            with self.catalog.transaction():
+                self.chunks.record()
+                self.chunks.forget_packs([pid for pid, _s, _l in sparse])
+                self.catalog.add_garbage(K_PACK + pid for pid, _s, _l in sparse)
+            await self._collect()
+            if self.chunks.statistics().fragments > 32:
+                old = await self.chunks.checkpoint()
+                await self.store.barrier()
+                with self.catalog.transaction():
+                    self.chunks.record()
+                    self.chunks.forget_fragments(old)
+                for fkey in old:
+                    await self.store.delete(fkey)
+            after = self.chunks.statistics()
+            return {
+                "rewritten_packs": len(sparse),
+                "moved_bytes": moved,
+                "store_bytes_before": before.pack_bytes,
+                "store_bytes_after": after.pack_bytes,
+                "live_bytes": after.live_bytes,
+                "packs": after.packs,
+            }
+
+    async def sweep_orphans(self) -> int:
+        """Delete the packs and index fragments that no committed catalog knows: what a
+        flush or gc cycle uploaded before it failed (store error, crash, cancellation).
+        The flusher runs it once after such a failure or an unclean shutdown. Packs still
+        waiting for deletion after a publish are not orphans (an older published catalog
+        may need them until then). Returns how many objects went."""
+        self.writable()
+        async with self.commit_lock:
+            await self._publish()
+            await self._collect()
+            keep = self.chunks.known_packs()
+            keep.update(k[1:] for k in self.catalog.garbage() if k[:1] == K_PACK)
+            doomed = [k for k in await self.store.list("p/") if _pack_id(k) not in keep]
+            fragments = self.chunks.fragment_keys()
+            doomed += [k for k in await self.store.list("i/") if k not in fragments]
+            for key in doomed:
+                await self.store.delete(key)
+            if doomed:
+                log.info("removed %d objects that a failed cycle left in the store", len(doomed))
+            self.orphans_removed += len(doomed)
+            self.sweep_needed = False
+            return len(doomed)
+
+    # ------------------------------------------------------------------ checks and stats
+
+    async def _check_store(self, expected) -> tuple[list[str], list[bytes]]:
+        """Every referenced blob is indexed and its pack is in the store; and which packs
+        in the store nothing indexes (left by a crashed cycle)."""
+        missing = []
+        packs = set()
+        for key in expected:
+            loc = self.chunks.location(key)
+            if loc is None:
+                missing.append(f"{key_to_store_key(key)}: not in the index")
+            else:
+                packs.add(loc[0])
+        listed = {bytes.fromhex(k.rsplit("/", 1)[1]) for k in await self.store.list("p/")}
+        missing += [f"{pack_key(pid)}: missing from the store" for pid in packs - listed]
+        known = self.chunks.known_packs()
+        return missing, sorted(listed - known)
+
+    async def check(self, repair: bool = False, verify_store: bool = True) -> CheckReport:
+        """Recompute every refcount from the roots and compare; check the store has every
+        referenced object. With repair, write the recomputed counts."""
+        async with self.commit_lock:
+            roots = [(h.row.root, h.bs) for h in self.heads.values()]
+            roots += [
+                (s.root, s.block_size) for s in self.catalog.snapshots() if s.state == "available"
+            ]
+            expected = await expected_refs(self.tree, roots)
+            actual = self.catalog.all_refs()
+            report = CheckReport(objects=len(expected))
+            for key in sorted(set(expected) | set(actual)):
+                if expected.get(key, (0, 0))[0] != actual.get(key, (0, 0))[0]:
+                    report.wrong_counts.append(
+                        f"{key_to_store_key(key)}: counted {actual.get(key, (0, 0))[0]}, "
+                        f"referenced {expected.get(key, (0, 0))[0]}"
+                    )
+            if verify_store:
+                report.missing, orphans = await self._check_store(expected)
+                report.orphan_packs = len(orphans)
+                if repair and orphans:
+                    await self.chunks.delete_packs(orphans)
+                    report.repaired = True
+            if not self.catalog.garbage():
+                for pid, live, counted in self.chunks.live_mismatches():
+                    report.wrong_counts.append(
+                        f"{pack_key(pid)}: live bytes {live}, blobs indexed in it {counted}"
+                    )
+            if repair and report.wrong_counts:
+                with self.catalog.transaction():
+                    self.catalog.replace_refs(expected)
+                    self.chunks.recount_live()
+                report.repaired = True
+            return report
+
+
+def _pack_id(key: str) -> bytes | None:
+    try:
+        return bytes.fromhex(key.rsplit("/", 1)[1])
+    except ValueError:
+        return None  # not a name snapfs writes: left alone
