@@ -22,6 +22,7 @@ def tests(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     session.install("ruff")
     session.run("ruff", "check", "snapfs", "tests", "bench", "scripts", "noxfile.py")
+    session.run("ruff", "format", "--check", ".")
 
 
 @nox.session

@@ -18,7 +18,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-HANDLER = '''
+HANDLER = """
 
 cdef void fuse_fallocate (fuse_req_t req, fuse_ino_t ino, int mode, off_t offset,
                           off_t length, fuse_file_info *fi):
@@ -43,7 +43,7 @@ async def fuse_fallocate_async (_Container c):
 
     if ret != 0:
         log.error('fuse_fallocate(): fuse_reply_* failed with %s', strerror(-ret))
-'''
+"""
 
 REGISTER_AFTER = "    fuse_ops.poll = fuse_poll\n"
 REGISTER = "    fuse_ops.fallocate = fuse_fallocate\n"

@@ -82,8 +82,9 @@ class ChunkStore:
     """stage(kind, id, bytes) then flush() → blobs are in the store; record() (inside the
     caller's catalog transaction) makes them known; get(kind, id) → verified bytes."""
 
-    def __init__(self, store: Store, db: sqlite3.Connection, pack_size: int = 4 << 20,
-                 uploads: int = 8) -> None:
+    def __init__(
+        self, store: Store, db: sqlite3.Connection, pack_size: int = 4 << 20, uploads: int = 8
+    ) -> None:
         self.store = store
         self.db = db
         self.pack_size = pack_size
@@ -202,10 +203,12 @@ class ChunkStore:
         for _key, pid, _off, length in self._pending_rows:
             live[pid] = live.get(pid, 0) + length
         for pid, size in self._pending_packs.items():
-            self.db.execute("INSERT OR REPLACE INTO packs VALUES(?,?,?)",
-                            (pid, size, live.get(pid, 0)))
-        self.db.executemany("INSERT OR IGNORE INTO fragments VALUES(?)",
-                            ((k,) for k in self._pending_fragments))
+            self.db.execute(
+                "INSERT OR REPLACE INTO packs VALUES(?,?,?)", (pid, size, live.get(pid, 0))
+            )
+        self.db.executemany(
+            "INSERT OR IGNORE INTO fragments VALUES(?)", ((k,) for k in self._pending_fragments)
+        )
         self._pending_rows, self._pending_packs, self._pending_fragments = [], {}, []
         self._staged.clear()
         self._uploaded.clear()
@@ -221,8 +224,9 @@ class ChunkStore:
     # ------------------------------------------------------------------ reading
 
     def location(self, key: bytes) -> tuple[bytes, int, int] | None:
-        row = self.db.execute("SELECT pack, offset, length FROM blobs WHERE key=?",
-                              (key,)).fetchone()
+        row = self.db.execute(
+            "SELECT pack, offset, length FROM blobs WHERE key=?", (key,)
+        ).fetchone()
         return None if row is None else (row[0], row[1], row[2])
 
     async def get(self, kind: str, oid: bytes) -> bytes:
@@ -306,22 +310,29 @@ class ChunkStore:
             self.db.execute("DELETE FROM blobs WHERE key=?", (key,))
             self.db.execute("UPDATE packs SET live = live - ? WHERE id=?", (row[1], row[0]))
             touched.add(row[0])
-        empty = [pid for pid in touched
-                 if (r := self.db.execute("SELECT live FROM packs WHERE id=?", (pid,)).fetchone())
-                 and r[0] <= 0]
+        empty = [
+            pid
+            for pid in touched
+            if (r := self.db.execute("SELECT live FROM packs WHERE id=?", (pid,)).fetchone())
+            and r[0] <= 0
+        ]
         for pid in empty:
             self.db.execute("DELETE FROM packs WHERE id=?", (pid,))
         return empty
 
     async def delete_packs(self, pids: list[bytes]) -> None:
-        await run_all([functools.partial(self.store.delete, pack_key(p)) for p in pids],
-                      self.uploads)
+        await run_all(
+            [functools.partial(self.store.delete, pack_key(p)) for p in pids], self.uploads
+        )
 
     def sparse_packs(self, threshold: float) -> list[tuple[bytes, int, int]]:
         """Packs whose live share fell below `threshold`: (id, size, live)."""
-        return list(self.db.execute(
-            "SELECT id, size, live FROM packs WHERE live < size * ? ORDER BY live * 1.0 / size",
-            (threshold,)))
+        return list(
+            self.db.execute(
+                "SELECT id, size, live FROM packs WHERE live < size * ? ORDER BY live * 1.0 / size",
+                (threshold,),
+            )
+        )
 
     async def read_live(self, pid: bytes) -> list[tuple[bytes, bytes]]:
         """The live blobs of a pack, (key, body), read with one GET and verified."""
@@ -330,8 +341,9 @@ class ChunkStore:
             raise IntegrityError(f"{pack_key(pid)}: content does not match its digest")
         out = []
         for key, off, length in self.db.execute(
-                "SELECT key, offset, length FROM blobs WHERE pack=?", (pid,)):
-            out.append((key, body[off:off + length]))
+            "SELECT key, offset, length FROM blobs WHERE pack=?", (pid,)
+        ):
+            out.append((key, body[off : off + length]))
         return out
 
     # ------------------------------------------------------------------ index publication
@@ -377,19 +389,25 @@ class ChunkStore:
             self.db.execute("INSERT OR REPLACE INTO blobs VALUES(?,?,?,?)", (key, pid, off, length))
             live[pid] = live.get(pid, 0) + length
         for pid, size in sizes.items():
-            self.db.execute("INSERT OR REPLACE INTO packs VALUES(?,?,?)",
-                            (pid, size, live.get(pid, 0)))
+            self.db.execute(
+                "INSERT OR REPLACE INTO packs VALUES(?,?,?)", (pid, size, live.get(pid, 0))
+            )
         self.db.executemany("INSERT OR IGNORE INTO fragments VALUES(?)", ((k,) for k in fkeys))
 
     def live_mismatches(self) -> list[tuple[bytes, int, int]]:
         """Packs whose live bytes differ from the blobs the index places in them."""
-        return list(self.db.execute(
-            "SELECT p.id, p.live, COALESCE(SUM(b.length), 0) AS counted FROM packs p "
-            "LEFT JOIN blobs b ON b.pack = p.id GROUP BY p.id HAVING p.live != counted"))
+        return list(
+            self.db.execute(
+                "SELECT p.id, p.live, COALESCE(SUM(b.length), 0) AS counted FROM packs p "
+                "LEFT JOIN blobs b ON b.pack = p.id GROUP BY p.id HAVING p.live != counted"
+            )
+        )
 
     def recount_live(self) -> None:
-        self.db.execute("UPDATE packs SET live = (SELECT COALESCE(SUM(length), 0) FROM blobs "
-                        "WHERE blobs.pack = packs.id)")
+        self.db.execute(
+            "UPDATE packs SET live = (SELECT COALESCE(SUM(length), 0) FROM blobs "
+            "WHERE blobs.pack = packs.id)"
+        )
 
     def fragment_keys(self) -> set[str]:
         return {k for (k,) in self.db.execute("SELECT key FROM fragments")}
@@ -406,6 +424,7 @@ class ChunkStore:
 
     def statistics(self) -> PackStatistics:
         n, size, live = self.db.execute(
-            "SELECT COUNT(*), COALESCE(SUM(size),0), COALESCE(SUM(live),0) FROM packs").fetchone()
+            "SELECT COUNT(*), COALESCE(SUM(size),0), COALESCE(SUM(live),0) FROM packs"
+        ).fetchone()
         frags = self.db.execute("SELECT COUNT(*) FROM fragments").fetchone()[0]
         return PackStatistics(n, size, live, frags)

@@ -52,8 +52,9 @@ def find_mount(explicit: str | None) -> str:
     if not mounts:
         raise CliError("no snapfs mount found: run 'snapfs mount STORE_URL MOUNTPOINT' first")
     if len(mounts) > 1:
-        raise CliError(f"{len(mounts)} snapfs mounts ({', '.join(mounts)}): "
-                       "choose one with --mount MOUNTPOINT")
+        raise CliError(
+            f"{len(mounts)} snapfs mounts ({', '.join(mounts)}): choose one with --mount MOUNTPOINT"
+        )
     return mounts[0]
 
 
@@ -99,8 +100,9 @@ def table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
         return "(none)"
     cells = [[h for h, _ in columns]] + [[str(r.get(k, "")) for _, k in columns] for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-                     for row in cells)
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    )
 
 
 def _sizes(d: dict, *keys: str) -> dict:
@@ -115,18 +117,37 @@ def render(words: list[str], result) -> str:
     cmd = tuple(words[:2])
     if cmd == ("volume", "list"):
         rows = [_sizes(r, "size", "allocated", "block_size", "bytes_dirty") for r in result]
-        return table(rows, [("NAME", "name"), ("SIZE", "size"), ("ALLOCATED", "allocated"),
-                            ("BLOCK", "block_size"),
-                            ("DIRTY", "bytes_dirty"), ("SNAPSHOTS", "snapshots"),
-                            ("STATE", "state"), ("PARENT", "parent")])
+        return table(
+            rows,
+            [
+                ("NAME", "name"),
+                ("SIZE", "size"),
+                ("ALLOCATED", "allocated"),
+                ("BLOCK", "block_size"),
+                ("DIRTY", "bytes_dirty"),
+                ("SNAPSHOTS", "snapshots"),
+                ("STATE", "state"),
+                ("PARENT", "parent"),
+            ],
+        )
     if cmd == ("snapshot", "list"):
         rows = [_sizes(r, "size") for r in result]
-        return table(rows, [("VOLUME", "volume"), ("SNAPSHOT", "name"), ("STATE", "state"),
-                            ("SIZE", "size"), ("CREATED", "created_at")])
+        return table(
+            rows,
+            [
+                ("VOLUME", "volume"),
+                ("SNAPSHOT", "name"),
+                ("STATE", "state"),
+                ("SIZE", "size"),
+                ("CREATED", "created_at"),
+            ],
+        )
     if cmd[:1] == ("diff",):
-        lines = [f"{result['changed_blocks']} blocks changed "
-                 f"({format_size(result['changed_bytes'])}), block size "
-                 f"{format_size(result['block_size'])}"]
+        lines = [
+            f"{result['changed_blocks']} blocks changed "
+            f"({format_size(result['changed_bytes'])}), block size "
+            f"{format_size(result['block_size'])}"
+        ]
         lines += [f"{e['offset']}\t{e['length']}" for e in result["extents"]]
         return "\n".join(lines)
     if isinstance(result, dict):
@@ -168,9 +189,14 @@ def cmd_mount(args: list[str]) -> int:
     read_fd, write_fd = os.pipe()
     # -P: import snapfs from the installation, never from a snapfs/ in the caller's cwd.
     cmd = [sys.executable, "-P", "-m", "snapfs.daemon", *args, "--ready-fd", str(write_fd)]
-    proc = subprocess.Popen(cmd, pass_fds=(write_fd,), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        pass_fds=(write_fd,),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     os.close(write_fd)
     with os.fdopen(read_fd, "rb") as pipe:
         line = pipe.readline().decode(errors="replace").strip()
@@ -178,8 +204,11 @@ def cmd_mount(args: list[str]) -> int:
         print(f"mounted {opts.store} on {os.path.abspath(opts.mountpoint)} (pid {proc.pid})")
         return 0
     proc.wait(timeout=30)
-    raise CliError(line.removeprefix("error: ") if line else
-                   f"the daemon exited with status {proc.returncode} before mounting")
+    raise CliError(
+        line.removeprefix("error: ")
+        if line
+        else f"the daemon exited with status {proc.returncode} before mounting"
+    )
 
 
 def cmd_umount(args: list[str]) -> int:
@@ -219,8 +248,9 @@ def usage() -> str:
         args = " ".join(a.upper().rstrip("?") for a in spec.args)
         opts = " ".join(f"[--{o} X]" for o in spec.options)
         flags = " ".join(f"[--{f}]" for f in spec.flags)
-        lines.append(f"  {' '.join((' '.join(spec.words), args, opts, flags)).strip():<40}"
-                     f"{spec.help}")
+        lines.append(
+            f"  {' '.join((' '.join(spec.words), args, opts, flags)).strip():<40}{spec.help}"
+        )
     return "\n".join(lines)
 
 

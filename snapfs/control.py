@@ -45,15 +45,25 @@ def _volume(text: str) -> str:
 
 
 SPECS = [
-    Spec(("volume", "create"), ("name",),
-         {"size": parse_size, "block-size": lambda t: parse_size(t, "block size"),
-          "from": split_snapshot_ref},
-         help="create a volume (--size, or --from VOL@SNAP to clone)"),
+    Spec(
+        ("volume", "create"),
+        ("name",),
+        {
+            "size": parse_size,
+            "block-size": lambda t: parse_size(t, "block size"),
+            "from": split_snapshot_ref,
+        },
+        help="create a volume (--size, or --from VOL@SNAP to clone)",
+    ),
     Spec(("volume", "list"), help="list volumes"),
     Spec(("volume", "show"), ("name",), help="show one volume"),
     Spec(("volume", "resize"), ("name",), {"size": parse_size}, help="grow a volume"),
-    Spec(("volume", "delete"), ("name",), flags=("recursive",),
-         help="delete a volume (--recursive: with its snapshots)"),
+    Spec(
+        ("volume", "delete"),
+        ("name",),
+        flags=("recursive",),
+        help="delete a volume (--recursive: with its snapshots)",
+    ),
     Spec(("snapshot", "create"), ("ref",), flags=("temporary",), help="take a snapshot"),
     Spec(("snapshot", "list"), ("volume?",), help="list snapshots"),
     Spec(("snapshot", "show"), ("ref",), help="show one snapshot"),
@@ -63,8 +73,11 @@ SPECS = [
     Spec(("sync",), help="upload everything dirty and publish the catalog"),
     Spec(("stats",), help="daemon statistics"),
     Spec(("fsck",), flags=("repair",), help="recompute refcounts and check the store"),
-    Spec(("gc",), options={"threshold": lambda t: _fraction(t)},
-         help="rewrite packs whose live share fell below --threshold (default 0.5)"),
+    Spec(
+        ("gc",),
+        options={"threshold": lambda t: _fraction(t)},
+        help="rewrite packs whose live share fell below --threshold (default 0.5)",
+    ),
     Spec(("evict",), help="drop clean cached blocks"),
     Spec(("status",), help="daemon status"),
 ]
@@ -86,7 +99,7 @@ def parse(line: str) -> tuple[Spec, dict[str, Any]]:
     if spec is None:
         shown = " ".join(words[:2])[:60]
         raise InvalidArgument(f"unknown command {shown!r}")
-    rest = words[len(spec.words):]
+    rest = words[len(spec.words) :]
     params: dict[str, Any] = {}
     positional: list[str] = []
     i = 0
@@ -147,8 +160,11 @@ class Controller:
         return self.engine.volume_info(row.name)
 
     async def do_volume_list(self, uid):
-        return [self.engine.volume_info(n) for n, h in sorted(self.engine.heads.items())
-                if self._visible(h.row.owner, uid)]
+        return [
+            self.engine.volume_info(n)
+            for n, h in sorted(self.engine.heads.items())
+            if self._visible(h.row.owner, uid)
+        ]
 
     async def do_volume_show(self, uid, name):
         head = self.engine.head(_volume(name))
@@ -174,8 +190,11 @@ class Controller:
             _volume(volume)
             if volume not in self.engine.heads and not self.engine.catalog.snapshots(volume):
                 raise InvalidArgument(f"volume {volume!r} not found")
-        return [snapshot_info(s) for s in self.engine.catalog.snapshots(volume)
-                if s.state != "deleting" and self._visible(s.owner, uid)]
+        return [
+            snapshot_info(s)
+            for s in self.engine.catalog.snapshots(volume)
+            if s.state != "deleting" and self._visible(s.owner, uid)
+        ]
 
     async def do_snapshot_show(self, uid, ref):
         snap = self.engine.snapshot_row(*split_snapshot_ref(ref))
@@ -209,9 +228,12 @@ class Controller:
                 extents[-1][1] += bs
             else:
                 extents.append([blk * bs, bs])
-        return {"block_size": bs, "changed_blocks": len(blocks),
-                "changed_bytes": len(blocks) * bs,
-                "extents": [{"offset": o, "length": n} for o, n in extents]}
+        return {
+            "block_size": bs,
+            "changed_blocks": len(blocks),
+            "changed_bytes": len(blocks) * bs,
+            "extents": [{"offset": o, "length": n} for o, n in extents],
+        }
 
     async def do_sync(self, uid):
         await self.engine.sync()

@@ -47,8 +47,11 @@ def arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--foreground", action="store_true", help="do not go to the background")
     p.add_argument("--read-only", action="store_true", help="show the published snapshots only")
     p.add_argument("--snapshot", help="with --read-only: show just this VOL@SNAP")
-    p.add_argument("--takeover", action="store_true",
-                   help="take the store's lease even if another writer holds it")
+    p.add_argument(
+        "--takeover",
+        action="store_true",
+        help="take the store's lease even if another writer holds it",
+    )
     p.add_argument("--log-file", help="log here (default <cache-dir>/daemon.log)")
     p.add_argument("--debug", action="store_true")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
@@ -119,14 +122,21 @@ class Daemon:
                 await self.store.aclose()
 
     async def _serve(self, engine: Engine, ready, held) -> None:
-        status = {"pid": os.getpid(), "store": self.store.url, "mountpoint": self.mountpoint,
-                  "cache_dir": self.cache_dir, "read_only": self.opts.read_only,
-                  "started": time.time()}
+        status = {
+            "pid": os.getpid(),
+            "store": self.store.url,
+            "mountpoint": self.mountpoint,
+            "cache_dir": self.cache_dir,
+            "read_only": self.opts.read_only,
+            "started": time.time(),
+        }
         controller = Controller(engine, status)
         ops = Operations(engine, controller, read_only=self.opts.read_only, only=self.only)
         if not getattr(pyfuse3, "SNAPFS_FALLOCATE", False):
-            log.warning("discard (fstrim, fallocate) is unavailable: this pyfuse3 has no "
-                        "fallocate handler; scripts/setup builds one")
+            log.warning(
+                "discard (fstrim, fallocate) is unavailable: this pyfuse3 has no "
+                "fallocate handler; scripts/setup builds one"
+            )
         status["on_rollback"] = self._invalidator(ops)
         options = {"fsname=snapfs", "subtype=snapfs", "allow_other", "default_permissions"}
         try:
@@ -141,8 +151,9 @@ class Daemon:
                     await nursery.start(lease.keep_renewed, self.store, held, engine.lost)
                 await nursery.start(engine.readahead.run)
                 nursery.start_soon(self._signals)
-                log.info("mounted %s on %s (cache %s)", self.store.url, self.mountpoint,
-                         self.cache_dir)
+                log.info(
+                    "mounted %s on %s (cache %s)", self.store.url, self.mountpoint, self.cache_dir
+                )
                 ready("ok")
                 await pyfuse3.main()
                 nursery.cancel_scope.cancel()
@@ -176,8 +187,9 @@ class Daemon:
 
 
 def setup_logging(path: str | None, debug: bool) -> None:
-    handler: logging.Handler = (logging.FileHandler(path) if path
-                                else logging.StreamHandler(sys.stderr))
+    handler: logging.Handler = (
+        logging.FileHandler(path) if path else logging.StreamHandler(sys.stderr)
+    )
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -213,8 +225,12 @@ def serve(opts: argparse.Namespace) -> int:
 
     try:
         daemon = Daemon(opts)
-        setup_logging(opts.log_file or os.path.join(daemon.cache_dir, "daemon.log")
-                      if not opts.foreground or opts.log_file else None, opts.debug)
+        setup_logging(
+            opts.log_file or os.path.join(daemon.cache_dir, "daemon.log")
+            if not opts.foreground or opts.log_file
+            else None,
+            opts.debug,
+        )
         trio.run(daemon.run, ready)
     except SnapfsError as exc:
         log.error("%s", exc)

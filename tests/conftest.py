@@ -42,8 +42,9 @@ class Cleanup:
 def run(cmd: list[str], check: bool = True, **kw) -> subprocess.CompletedProcess:
     res = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, **kw)
     if check and res.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({res.returncode}):\n"
-                             f"{res.stdout}\n{res.stderr}")
+        raise AssertionError(
+            f"{' '.join(map(str, cmd))} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}"
+        )
     return res
 
 
@@ -61,8 +62,9 @@ def force_unmount(path: str) -> None:
 class Snapfs:
     """One store + one mount point, driven through the real CLI and kernel."""
 
-    def __init__(self, root: Path, cleanup: Cleanup, store_url: str | None = None,
-                 env: dict | None = None) -> None:
+    def __init__(
+        self, root: Path, cleanup: Cleanup, store_url: str | None = None, env: dict | None = None
+    ) -> None:
         self.root = root
         self.cleanup = cleanup
         self.store_url = store_url or f"file://{root}/store"
@@ -82,24 +84,26 @@ class Snapfs:
     def init(self) -> None:
         self.cli("init", self.store_url, mount=False)
 
-    def mount(self, cache_dir: Path | None = None, extra: tuple[str, ...] = (),
-              mnt: Path | None = None) -> None:
+    def mount(
+        self, cache_dir: Path | None = None, extra: tuple[str, ...] = (), mnt: Path | None = None
+    ) -> None:
         mnt = mnt or self.mnt
         cache = cache_dir or self.cache_dir
         holder: dict[str, int | None] = {"pid": None}
         self.cleanup.push(f"daemon on {mnt}", lambda: self._stop(mnt, holder["pid"]))
-        self.cli("mount", self.store_url, str(mnt), "--cache-dir", str(cache), *extra,
-                 mount=False)
-        status = json.loads(run([*SNAPFS, "--json", "--mount", str(mnt), "status"],
-                                env=self.env).stdout)
+        self.cli("mount", self.store_url, str(mnt), "--cache-dir", str(cache), *extra, mount=False)
+        status = json.loads(
+            run([*SNAPFS, "--json", "--mount", str(mnt), "status"], env=self.env).stdout
+        )
         holder["pid"] = status["pid"]
         if mnt == self.mnt:
             self.pid = status["pid"]
 
     def _stop(self, mnt: Path, pid: int | None) -> None:
         if is_mounted(str(mnt)):
-            subprocess.run([*SNAPFS, "umount", str(mnt)], capture_output=True, timeout=300,
-                           env=self.env)
+            subprocess.run(
+                [*SNAPFS, "umount", str(mnt)], capture_output=True, timeout=300, env=self.env
+            )
         force_unmount(str(mnt))
         deadline = time.monotonic() + 60
         while pid is not None and time.monotonic() < deadline:

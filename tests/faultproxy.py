@@ -28,8 +28,19 @@ from collections import Counter
 from urllib.parse import urlsplit, urlunsplit
 
 FAULTS = ("503", "reset_before", "reset_after", "cut")
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer",
-                        "transfer-encoding", "upgrade", "content-length", "expect"})
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "expect",
+    }
+)
 MAX_LINE = 65536
 
 
@@ -90,10 +101,19 @@ def _reset(sock: socket.socket) -> None:
 
 
 class FaultProxy:
-    def __init__(self, upstream_port: int, *, seed: int, fault_rate: float = 0.1,
-                 delay_rate: float = 0.1, max_delay: float = 0.3, max_faults: int = 1000,
-                 max_in_a_row: int = 2, upstream_host: str = "127.0.0.1",
-                 timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        upstream_port: int,
+        *,
+        seed: int,
+        fault_rate: float = 0.1,
+        delay_rate: float = 0.1,
+        max_delay: float = 0.3,
+        max_faults: int = 1000,
+        max_in_a_row: int = 2,
+        upstream_host: str = "127.0.0.1",
+        timeout: float = 60.0,
+    ) -> None:
         self.upstream = (upstream_host, upstream_port)
         self.fault_rate = fault_rate
         self.delay_rate = delay_rate
@@ -164,8 +184,9 @@ class FaultProxy:
             thread = threading.Thread(target=self._serve, args=(sock,), daemon=True)
             with self._lock:
                 self._clients.add(sock)
-                self._threads = [self._threads[0]] + [t for t in self._threads[1:]
-                                                      if t.is_alive()] + [thread]
+                self._threads = (
+                    [self._threads[0]] + [t for t in self._threads[1:] if t.is_alive()] + [thread]
+                )
             thread.start()
 
     def _choose(self, method: str) -> tuple[str | None, float]:
@@ -175,8 +196,11 @@ class FaultProxy:
             kinds = FAULTS if method == "GET" else FAULTS[:-1]
             kind = self._rng.choice(kinds)
             delay = self._rng.uniform(0, self.max_delay)
-            if (draw < self.fault_rate and self.faults < self.max_faults
-                    and self._in_a_row < self.max_in_a_row):
+            if (
+                draw < self.fault_rate
+                and self.faults < self.max_faults
+                and self._in_a_row < self.max_in_a_row
+            ):
                 self._in_a_row += 1
                 self.counts[kind] += 1
                 return kind, 0.0
@@ -197,16 +221,19 @@ class FaultProxy:
                 method, target, headers, body = request
                 kind, delay = self._choose(method)
                 if kind == "503":
-                    sock.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
-                                 b"Connection: close\r\n\r\n")
+                    sock.sendall(
+                        b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                        b"Connection: close\r\n\r\n"
+                    )
                     return
                 if kind == "reset_before":
                     reset = True
                     return
                 if delay:
                     time.sleep(delay)
-                status, reason, resp_headers, resp_body = self._forward(method, target,
-                                                                        headers, body)
+                status, reason, resp_headers, resp_body = self._forward(
+                    method, target, headers, body
+                )
                 if kind == "reset_after" or (kind == "cut" and len(resp_body) < 2):
                     reset = True
                     return
@@ -229,8 +256,9 @@ class FaultProxy:
             else:
                 sock.close()
 
-    def _forward(self, method: str, target: str, headers: list[tuple[str, str]],
-                 body: bytes) -> tuple[int, str, list[tuple[str, str]], bytes]:
+    def _forward(
+        self, method: str, target: str, headers: list[tuple[str, str]], body: bytes
+    ) -> tuple[int, str, list[tuple[str, str]], bytes]:
         conn = http.client.HTTPConnection(*self.upstream, timeout=self.timeout)
         try:
             conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
@@ -247,8 +275,9 @@ class FaultProxy:
         finally:
             conn.close()
 
-    def _response_head(self, method: str, status: int, reason: str,
-                       headers: list[tuple[str, str]], body: bytes) -> bytes:
+    def _response_head(
+        self, method: str, status: int, reason: str, headers: list[tuple[str, str]], body: bytes
+    ) -> bytes:
         lines = [f"HTTP/1.1 {status} {reason}"]
         length = None
         for name, value in headers:

@@ -56,8 +56,13 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
     supports_dot_lookup = True
 
-    def __init__(self, engine: Engine, controller: Controller, read_only: bool = False,
-                 only: tuple[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        controller: Controller,
+        read_only: bool = False,
+        only: tuple[str, str] | None = None,
+    ) -> None:
         super().__init__()
         self.engine = engine
         self.controller = controller
@@ -94,8 +99,11 @@ class Operations(pyfuse3.Operations):
         return sorted(names)
 
     def _snapshots(self, volume: str | None, uid: int):
-        snaps = [s for s in self.engine.catalog.snapshots(volume)
-                 if s.state in ("available", "creating") and self._visible(s.owner, uid)]
+        snaps = [
+            s
+            for s in self.engine.catalog.snapshots(volume)
+            if s.state in ("available", "creating") and self._visible(s.owner, uid)
+        ]
         if self.only is not None:
             snaps = [s for s in snaps if (s.volume, s.name) == self.only]
         return snaps
@@ -104,16 +112,19 @@ class Operations(pyfuse3.Operations):
         if ino == ROOT:
             return [(b"volumes", VOLUMES), (b"snapshots", SNAPSHOTS), (b".snapfs", CTLDIR)]
         if ino == VOLUMES:
-            return [(n.encode(), self._ino(("vol", h.row.id)))
-                    for n, h in sorted(self._volumes(uid).items())]
+            return [
+                (n.encode(), self._ino(("vol", h.row.id)))
+                for n, h in sorted(self._volumes(uid).items())
+            ]
         if ino == SNAPSHOTS:
             return [(n.encode(), self._ino(("snapdir", n))) for n in self._snapshot_dirs(uid)]
         if ino == CTLDIR:
             return [(b"ctl", CTL)]
         key = self._key.get(ino)
         if key and key[0] == "snapdir":
-            return [(s.name.encode(), self._ino(("snap", s.id)))
-                    for s in self._snapshots(key[1], uid)]
+            return [
+                (s.name.encode(), self._ino(("snap", s.id))) for s in self._snapshots(key[1], uid)
+            ]
         raise pyfuse3.FUSEError(errno.ENOTDIR)
 
     def _resolve(self, ino: int):
@@ -133,7 +144,8 @@ class Operations(pyfuse3.Operations):
             return "dir", key[1]
         elif key[0] == "snap":
             row = self.engine.catalog.db.execute(
-                "SELECT volume, name FROM snapshots WHERE id=?", (key[1],)).fetchone()
+                "SELECT volume, name FROM snapshots WHERE id=?", (key[1],)
+            ).fetchone()
             if row is not None:
                 snap = self.engine.catalog.snapshot(*row)
                 if snap is not None and snap.state in ("available", "creating"):
@@ -180,8 +192,13 @@ class Operations(pyfuse3.Operations):
         if name == b".":
             return self._attrs(parent_inode)
         if name == b"..":
-            return self._attrs(ROOT if parent_inode in (VOLUMES, SNAPSHOTS, CTLDIR) else
-                               SNAPSHOTS if parent_inode != ROOT else ROOT)
+            return self._attrs(
+                ROOT
+                if parent_inode in (VOLUMES, SNAPSHOTS, CTLDIR)
+                else SNAPSHOTS
+                if parent_inode != ROOT
+                else ROOT
+            )
         for child, ino in self._children(parent_inode, uid):
             if child == name:
                 return self._attrs(ino)
@@ -270,8 +287,9 @@ class Operations(pyfuse3.Operations):
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = handle
-        return pyfuse3.FileInfo(fh=fh, direct_io=info_direct, keep_cache=not info_direct,
-                                nonseekable=False)
+        return pyfuse3.FileInfo(
+            fh=fh, direct_io=info_direct, keep_cache=not info_direct, nonseekable=False
+        )
 
     def _handle(self, fh: int) -> Handle:
         handle = self._handles.get(fh)
@@ -292,7 +310,7 @@ class Operations(pyfuse3.Operations):
         except SnapfsError as exc:
             log.error("read failed: %s", exc)
             raise _fuse_error(exc) from None
-        return handle.reply[off:off + size]
+        return handle.reply[off : off + size]
 
     def _snapshot_by_id(self, sid: int):
         _kind, snap = self._resolve(self._ino(("snap", sid)))
@@ -313,8 +331,7 @@ class Operations(pyfuse3.Operations):
         handle.inbuf += buf
         if len(handle.inbuf) > MAX_LINE:
             handle.inbuf.clear()
-            handle.reply = _reply(False, f"command line longer than {MAX_LINE} bytes",
-                                  errno.EINVAL)
+            handle.reply = _reply(False, f"command line longer than {MAX_LINE} bytes", errno.EINVAL)
             raise pyfuse3.FUSEError(errno.EINVAL)
         while b"\n" in handle.inbuf:
             line, _, rest = bytes(handle.inbuf).partition(b"\n")
@@ -337,8 +354,9 @@ class Operations(pyfuse3.Operations):
             raise
         except Exception as exc:  # a bug: keep the daemon up, say what happened
             log.exception("command %r failed", text[:200])
-            handle.reply = _reply(False, f"internal error: {exc.__class__.__name__}: {exc}",
-                                  errno.EIO)
+            handle.reply = _reply(
+                False, f"internal error: {exc.__class__.__name__}: {exc}", errno.EIO
+            )
             raise pyfuse3.FUSEError(errno.EIO) from None
         handle.reply = _reply(True, result)
 

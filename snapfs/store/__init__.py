@@ -32,4 +32,6 @@ def open_store(url: str) -> Store:
 
         return SwiftStore.from_url(url)
     shown = url.split("@")[-1][:80]
-    raise InvalidArgument(f"unsupported store URL {shown!r}: use file:///path or swift://host:port/container")
+    raise InvalidArgument(
+        f"unsupported store URL {shown!r}: use file:///path or swift://host:port/container"
+    )

@@ -63,7 +63,7 @@ class LocalStore(Store):
             try:
                 view = memoryview(data)
                 while view:
-                    view = view[os.write(fd, view):]
+                    view = view[os.write(fd, view) :]
             finally:
                 os.close(fd)
             if not exclusive:
@@ -74,8 +74,9 @@ class LocalStore(Store):
             except FileExistsError:
                 with open(path, "rb") as f:
                     if f.read() != bytes(data):
-                        raise AlreadyExists(f"{self.url}/{key}: already written by another "
-                                            "writer") from None
+                        raise AlreadyExists(
+                            f"{self.url}/{key}: already written by another writer"
+                        ) from None
             finally:
                 os.unlink(tmp)
 

@@ -126,8 +126,9 @@ def _credentials_from_env(env: Mapping[str, str], netloc: str, https: bool) -> _
         }
         if env.get("OS_REGION_NAME"):
             options["region_name"] = env["OS_REGION_NAME"]
-        return _Credentials(env["OS_AUTH_URL"], env["OS_USERNAME"], env["OS_PASSWORD"], "3",
-                            options)
+        return _Credentials(
+            env["OS_AUTH_URL"], env["OS_USERNAME"], env["OS_PASSWORD"], "3", options
+        )
     raise InvalidArgument(
         "swift store: no credentials: set ST_USER and ST_KEY (and ST_AUTH), or OS_AUTH_URL, "
         "OS_USERNAME, OS_PASSWORD and OS_PROJECT_NAME"
@@ -155,8 +156,9 @@ def _reason(exc: BaseException) -> str:
         if isinstance(e, http.client.IncompleteRead | urllib3.exceptions.ProtocolError):
             return "connection cut mid-body"
     for e in chain:
-        if isinstance(e, TimeoutError | requests.exceptions.Timeout
-                      | urllib3.exceptions.TimeoutError):
+        if isinstance(
+            e, TimeoutError | requests.exceptions.Timeout | urllib3.exceptions.TimeoutError
+        ):
             return "timed out"
     return type(exc).__name__
 
@@ -225,17 +227,18 @@ class SwiftStore(Store):
         container, _, prefix = parts.path.lstrip("/").partition("/")
         prefix = prefix.strip("/")
         https = parts.scheme == "swift+https"
-        creds = _credentials_from_env(os.environ if environ is None else environ,
-                                      parts.netloc, https)
-        return cls(f"{parts.scheme}://{parts.netloc}", container, prefix,
-                   credentials=creds, **options)
+        creds = _credentials_from_env(
+            os.environ if environ is None else environ, parts.netloc, https
+        )
+        return cls(
+            f"{parts.scheme}://{parts.netloc}", container, prefix, credentials=creds, **options
+        )
 
     def __repr__(self) -> str:
         return f"SwiftStore({self.url!r})"
 
     def statistics(self) -> SwiftStatistics:
-        return SwiftStatistics(self.puts, self.bytes_put, self.gets, self.bytes_got,
-                               self.retries)
+        return SwiftStatistics(self.puts, self.bytes_put, self.gets, self.bytes_got, self.retries)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -243,10 +246,18 @@ class SwiftStore(Store):
         c = self._creds
         preauth = self._token or (None, None)
         return swiftclient.client.Connection(
-            authurl=c.auth_url, user=c.user, key=c.key, auth_version=c.auth_version,
-            os_options=dict(c.os_options), retries=0, starting_backoff=0.05, max_backoff=1,
-            retry_on_ratelimit=False, timeout=self._timeout,
-            preauthurl=preauth[0], preauthtoken=preauth[1],
+            authurl=c.auth_url,
+            user=c.user,
+            key=c.key,
+            auth_version=c.auth_version,
+            os_options=dict(c.os_options),
+            retries=0,
+            starting_backoff=0.05,
+            max_backoff=1,
+            retry_on_ratelimit=False,
+            timeout=self._timeout,
+            preauthurl=preauth[0],
+            preauthtoken=preauth[1],
         )
 
     def _in_thread(self, fn: Callable[[swiftclient.client.Connection], T]) -> T:
@@ -281,8 +292,7 @@ class SwiftStore(Store):
 
     def _auth_failed(self, exc: ClientException) -> StoreError:
         return StoreError(
-            f"{self.url}: authentication failed for {self._creds.auth_url} "
-            f"(HTTP {exc.http_status})"
+            f"{self.url}: authentication failed for {self._creds.auth_url} (HTTP {exc.http_status})"
         )
 
     async def _call(self, what: str, fn: Callable[[swiftclient.client.Connection], T]) -> T:
@@ -307,8 +317,12 @@ class SwiftStore(Store):
                 reason = _reason(exc)
             except _Transient as exc:
                 reason = str(exc)
-            except (OSError, requests.exceptions.RequestException, urllib3.exceptions.HTTPError,
-                    http.client.HTTPException) as exc:
+            except (
+                OSError,
+                requests.exceptions.RequestException,
+                urllib3.exceptions.HTTPError,
+                http.client.HTTPException,
+            ) as exc:
                 reason = _reason(exc)
             delay = random.uniform(0, backoff)  # full jitter
             if tries >= self._max_tries or trio.current_time() + delay > deadline:
@@ -316,8 +330,15 @@ class SwiftStore(Store):
                     f"{self.url}: {what} failed after {tries} tries: {reason}"
                 ) from None
             self.retries += 1
-            log.warning("%s: %s failed (%s), try %d of %d in %.2fs", self.url, what, reason,
-                        tries + 1, self._max_tries, delay)
+            log.warning(
+                "%s: %s failed (%s), try %d of %d in %.2fs",
+                self.url,
+                what,
+                reason,
+                tries + 1,
+                self._max_tries,
+                delay,
+            )
             await trio.sleep(delay)
             backoff = min(backoff * 2, self._max_backoff)
 
@@ -341,7 +362,8 @@ class SwiftStore(Store):
                 raise self._put_failed(key, exc) from None
             if await self.get(key) != data:  # a retry of our own PUT is not a conflict
                 raise AlreadyExists(
-                    f"{self.url}/{key}: already written by another writer") from None
+                    f"{self.url}/{key}: already written by another writer"
+                ) from None
 
     async def _put(self, key: str, data: bytes, exclusive: bool) -> None:
         name = self._name(key)
@@ -351,8 +373,13 @@ class SwiftStore(Store):
             md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
             # a fresh seekable body each try: swiftclient never retries plain bytes
             etag = conn.put_object(
-                self.container, name, io.BytesIO(data), content_length=len(data), etag=md5,
-                content_type="application/octet-stream", headers=headers,
+                self.container,
+                name,
+                io.BytesIO(data),
+                content_length=len(data),
+                etag=md5,
+                content_type="application/octet-stream",
+                headers=headers,
             )
             if (etag or "").strip('"') != md5:
                 raise _Transient("ETag mismatch")
@@ -411,9 +438,7 @@ class SwiftStore(Store):
     async def delete(self, key: str) -> None:
         name = self._name(key)
         try:
-            await self._call(
-                f"DELETE {key}", lambda conn: conn.delete_object(self.container, name)
-            )
+            await self._call(f"DELETE {key}", lambda conn: conn.delete_object(self.container, name))
         except ClientException as exc:
             if exc.http_status != 404:
                 raise self._failed(f"DELETE {key}", exc) from None
@@ -426,8 +451,9 @@ class SwiftStore(Store):
         while True:
 
             def page(conn: swiftclient.client.Connection, marker: str = marker) -> list[dict]:
-                return conn.get_container(self.container, prefix=full, marker=marker,
-                                          limit=_LISTING_PAGE)[1]
+                return conn.get_container(
+                    self.container, prefix=full, marker=marker, limit=_LISTING_PAGE
+                )[1]
 
             try:
                 entries = await self._call(f"LIST {prefix or '*'}", page)
@@ -439,7 +465,7 @@ class SwiftStore(Store):
                 raise self._failed(f"LIST {prefix}", exc) from None
             if not entries:
                 break
-            keys.extend(e["name"][len(self.prefix):] for e in entries)
+            keys.extend(e["name"][len(self.prefix) :] for e in entries)
             marker = entries[-1]["name"]
         return sorted(keys)
 
@@ -475,8 +501,7 @@ class SwiftStore(Store):
         except ClientException as exc:
             if exc.http_status == 404:
                 raise StoreError(
-                    f"{self.url}: container {self.container!r} not found "
-                    "(snapfs init creates it)"
+                    f"{self.url}: container {self.container!r} not found (snapfs init creates it)"
                 ) from None
             raise self._failed(f"HEAD container {self.container}", exc) from None
 

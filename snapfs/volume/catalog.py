@@ -127,9 +127,17 @@ class Catalog:
         r = self.db.execute("SELECT * FROM volumes WHERE name=?", (name,)).fetchone()
         return VolumeRow(*r) if r else None
 
-    def add_volume(self, name: str, size: int, block_size: int, root: bytes | None,
-                   root_level: int, owner: int, parent: str | None,
-                   created: float | None = None) -> int:
+    def add_volume(
+        self,
+        name: str,
+        size: int,
+        block_size: int,
+        root: bytes | None,
+        root_level: int,
+        owner: int,
+        parent: str | None,
+        created: float | None = None,
+    ) -> int:
         cur = self.db.execute(
             "INSERT INTO volumes(name, size, block_size, root, root_level, epoch, owner,"
             " created, parent) VALUES(?,?,?,?,?,0,?,?,?)",
@@ -152,22 +160,46 @@ class Catalog:
             rows = self.db.execute("SELECT * FROM snapshots ORDER BY volume, epoch, id")
         else:
             rows = self.db.execute(
-                "SELECT * FROM snapshots WHERE volume=? ORDER BY epoch, id", (volume,))
+                "SELECT * FROM snapshots WHERE volume=? ORDER BY epoch, id", (volume,)
+            )
         return [SnapshotRow(*r) for r in rows]
 
     def snapshot(self, volume: str, name: str) -> SnapshotRow | None:
         r = self.db.execute(
-            "SELECT * FROM snapshots WHERE volume=? AND name=?", (volume, name)).fetchone()
+            "SELECT * FROM snapshots WHERE volume=? AND name=?", (volume, name)
+        ).fetchone()
         return SnapshotRow(*r) if r else None
 
-    def add_snapshot(self, volume: str, name: str, epoch: int, state: str, root: bytes | None,
-                     root_level: int, size: int, block_size: int, temporary: bool, owner: int,
-                     created: float | None = None) -> int:
+    def add_snapshot(
+        self,
+        volume: str,
+        name: str,
+        epoch: int,
+        state: str,
+        root: bytes | None,
+        root_level: int,
+        size: int,
+        block_size: int,
+        temporary: bool,
+        owner: int,
+        created: float | None = None,
+    ) -> int:
         cur = self.db.execute(
             "INSERT INTO snapshots(volume, name, epoch, state, root, root_level, size,"
             " block_size, created, temporary, owner) VALUES(?,?,?,?,?,?,?,?,?,?,?)",
-            (volume, name, epoch, state, root, root_level, size, block_size,
-             created or time.time(), int(temporary), owner),
+            (
+                volume,
+                name,
+                epoch,
+                state,
+                root,
+                root_level,
+                size,
+                block_size,
+                created or time.time(),
+                int(temporary),
+                owner,
+            ),
         )
         return int(cur.lastrowid or 0)
 
@@ -205,8 +237,9 @@ class Catalog:
             elif r:
                 self.db.execute("UPDATE refs SET count=? WHERE key=?", (count, key))
             else:
-                self.db.execute("INSERT INTO refs(key, count, size) VALUES(?,?,?)",
-                                (key, count, sizes[key]))
+                self.db.execute(
+                    "INSERT INTO refs(key, count, size) VALUES(?,?,?)", (key, count, sizes[key])
+                )
                 self.db.execute("DELETE FROM garbage WHERE key=?", (key,))
         return dead
 
@@ -215,16 +248,18 @@ class Catalog:
 
     def replace_refs(self, refs: dict[bytes, tuple[int, int]]) -> None:
         self.db.execute("DELETE FROM refs")
-        self.db.executemany("INSERT INTO refs(key, count, size) VALUES(?,?,?)",
-                            ((k, c, s) for k, (c, s) in refs.items()))
+        self.db.executemany(
+            "INSERT INTO refs(key, count, size) VALUES(?,?,?)",
+            ((k, c, s) for k, (c, s) in refs.items()),
+        )
 
     def referenced_bytes(self, kind: bytes | None = None) -> int:
         if kind is None:
             r = self.db.execute("SELECT COALESCE(SUM(size),0), COUNT(*) FROM refs").fetchone()
         else:
             r = self.db.execute(
-                "SELECT COALESCE(SUM(size),0), COUNT(*) FROM refs WHERE substr(key,1,1)=?",
-                (kind,)).fetchone()
+                "SELECT COALESCE(SUM(size),0), COUNT(*) FROM refs WHERE substr(key,1,1)=?", (kind,)
+            ).fetchone()
         return int(r[0])
 
     def ref_count_rows(self) -> int:
@@ -247,23 +282,26 @@ class Catalog:
     def set_dirty(self, vid: int, items: Iterable[tuple[int, int]]) -> None:
         self.db.executemany(
             "INSERT OR REPLACE INTO dirty(volume_id, blk, epoch) VALUES(?,?,?)",
-            ((vid, b, e) for b, e in items))
+            ((vid, b, e) for b, e in items),
+        )
 
     def clear_dirty(self, vid: int, blks: Iterable[int]) -> None:
-        self.db.executemany("DELETE FROM dirty WHERE volume_id=? AND blk=?",
-                            ((vid, b) for b in blks))
+        self.db.executemany(
+            "DELETE FROM dirty WHERE volume_id=? AND blk=?", ((vid, b) for b in blks)
+        )
 
     def frozen(self, vid: int) -> list[tuple[int, int, int]]:
-        return list(self.db.execute(
-            "SELECT snap_epoch, blk, slot FROM frozen WHERE volume_id=?", (vid,)))
+        return list(
+            self.db.execute("SELECT snap_epoch, blk, slot FROM frozen WHERE volume_id=?", (vid,))
+        )
 
     def add_frozen(self, vid: int, snap_epoch: int, blk: int, slot: int) -> None:
-        self.db.execute("INSERT OR REPLACE INTO frozen VALUES(?,?,?,?)",
-                        (vid, snap_epoch, blk, slot))
+        self.db.execute(
+            "INSERT OR REPLACE INTO frozen VALUES(?,?,?,?)", (vid, snap_epoch, blk, slot)
+        )
 
     def clear_frozen(self, vid: int, snap_epoch: int) -> None:
-        self.db.execute("DELETE FROM frozen WHERE volume_id=? AND snap_epoch=?",
-                        (vid, snap_epoch))
+        self.db.execute("DELETE FROM frozen WHERE volume_id=? AND snap_epoch=?", (vid, snap_epoch))
 
     def take_present(self) -> list[tuple[int, int]]:
         rows = list(self.db.execute("SELECT volume_id, blk FROM present"))

@@ -67,6 +67,11 @@ class CheckReport:
         return not self.wrong_counts and not self.missing
 
     def as_dict(self) -> dict:
-        return {"objects": self.objects, "clean": self.clean, "repaired": self.repaired,
-                "wrong_counts": self.wrong_counts[:50], "missing": self.missing[:50],
-                "orphan_packs": self.orphan_packs}
+        return {
+            "objects": self.objects,
+            "clean": self.clean,
+            "repaired": self.repaired,
+            "wrong_counts": self.wrong_counts[:50],
+            "missing": self.missing[:50],
+            "orphan_packs": self.orphan_packs,
+        }

@@ -65,8 +65,9 @@ async def read_lease(store: Store) -> Lease | None:
         return None  # an unreadable lease protects nothing: treat as absent
 
 
-async def acquire(store: Store, cache_dir: str, ttl: float = DEFAULT_TTL,
-                  takeover: bool = False) -> Lease:
+async def acquire(
+    store: Store, cache_dir: str, ttl: float = DEFAULT_TTL, takeover: bool = False
+) -> Lease:
     """Take the store's lease or raise Busy naming the holder."""
     now = time.time()
     host = socket.gethostname()
@@ -74,9 +75,11 @@ async def acquire(store: Store, cache_dir: str, ttl: float = DEFAULT_TTL,
     if current is not None and current.expires > now and not takeover:
         dead_here = current.host == host and not _pid_alive(current.pid)
         if not dead_here:
-            raise Busy(f"{store.url} is mounted read-write by {current.describe()}; mount "
-                       "--read-only, wait for the lease to expire, or use --takeover if that "
-                       "writer is dead (a live one would be cut off from the store)")
+            raise Busy(
+                f"{store.url} is mounted read-write by {current.describe()}; mount "
+                "--read-only, wait for the lease to expire, or use --takeover if that "
+                "writer is dead (a live one would be cut off from the store)"
+            )
         log.warning("taking over the lease of dead pid %d on this host", current.pid)
     elif current is not None and current.expires > now:
         log.warning("taking over the lease of %s (--takeover)", current.describe())
@@ -106,8 +109,13 @@ async def release(store: Store, lease: Lease) -> None:
         await store.delete(LEASE_KEY)
 
 
-async def keep_renewed(store: Store, lease: Lease, on_lost, ttl: float = DEFAULT_TTL,
-                       task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def keep_renewed(
+    store: Store,
+    lease: Lease,
+    on_lost,
+    ttl: float = DEFAULT_TTL,
+    task_status=trio.TASK_STATUS_IGNORED,
+) -> None:
     """Background task: renew every ttl/3. Store errors are retried until the lease would
     expire; then, or when another writer holds it, call `on_lost(reason)` and stop."""
     task_status.started()
@@ -122,5 +130,6 @@ async def keep_renewed(store: Store, lease: Lease, on_lost, ttl: float = DEFAULT
             if time.time() > lease.expires:
                 on_lost(f"lease expired while the store was unreachable ({exc})")
                 return
-            log.warning("could not renew the lease (expires in %.0fs): %s",
-                        lease.expires - time.time(), exc)
+            log.warning(
+                "could not renew the lease (expires in %.0fs): %s", lease.expires - time.time(), exc
+            )

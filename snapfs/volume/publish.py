@@ -53,7 +53,7 @@ async def read_manifest(store: Store) -> dict:
 
 async def latest_seq(store: Store) -> int:
     keys = await store.list(CATALOG_PREFIX)
-    return max((int(k[len(CATALOG_PREFIX):], 16) for k in keys), default=0)
+    return max((int(k[len(CATALOG_PREFIX) :], 16) for k in keys), default=0)
 
 
 async def latest_catalog(store: Store) -> dict | None:
@@ -71,19 +71,40 @@ async def latest_catalog(store: Store) -> dict | None:
 
 def catalog_doc(catalog: Catalog, seq: int) -> dict:
     volumes = [
-        {"name": v.name, "size": v.size, "block_size": v.block_size, "root": v.root,
-         "root_level": v.root_level, "owner": v.owner, "created": v.created, "parent": v.parent}
+        {
+            "name": v.name,
+            "size": v.size,
+            "block_size": v.block_size,
+            "root": v.root,
+            "root_level": v.root_level,
+            "owner": v.owner,
+            "created": v.created,
+            "parent": v.parent,
+        }
         for v in catalog.volumes()
     ]
     snapshots = [
-        {"volume": s.volume, "name": s.name, "size": s.size, "block_size": s.block_size,
-         "root": s.root, "root_level": s.root_level, "owner": s.owner, "created": s.created,
-         "epoch": s.epoch}
+        {
+            "volume": s.volume,
+            "name": s.name,
+            "size": s.size,
+            "block_size": s.block_size,
+            "root": s.root,
+            "root_level": s.root_level,
+            "owner": s.owner,
+            "created": s.created,
+            "epoch": s.epoch,
+        }
         for s in catalog.snapshots()
         if s.state == "available" and not s.temporary
     ]
-    return {"format": FORMAT, "seq": seq, "created": time.time(),
-            "volumes": volumes, "snapshots": snapshots}
+    return {
+        "format": FORMAT,
+        "seq": seq,
+        "created": time.time(),
+        "volumes": volumes,
+        "snapshots": snapshots,
+    }
 
 
 async def write_catalog(store: Store, doc: dict) -> None:
@@ -91,5 +112,5 @@ async def write_catalog(store: Store, doc: dict) -> None:
     await store.put_new(catalog_key(doc["seq"]), codec.pack(doc))  # AlreadyExists: not ours
     await store.barrier()
     for key in await store.list(CATALOG_PREFIX):
-        if int(key[len(CATALOG_PREFIX):], 16) <= doc["seq"] - KEEP_CATALOGS:
+        if int(key[len(CATALOG_PREFIX) :], 16) <= doc["seq"] - KEEP_CATALOGS:
             await store.delete(key)

@@ -57,8 +57,14 @@ def test_bad_snapshot_names(fs: Snapfs, name: str):
 
 
 def test_nul_and_garbage_on_ctl(fs: Snapfs):
-    for payload in (b"snapshot create good@a\x00b\n", b"\xff\xfe garbage\n", b"frobnicate\n",
-                    b"snapshot create\n", b"volume create x --size\n", b"'unclosed\n"):
+    for payload in (
+        b"snapshot create good@a\x00b\n",
+        b"\xff\xfe garbage\n",
+        b"frobnicate\n",
+        b"snapshot create\n",
+        b"volume create x --size\n",
+        b"'unclosed\n",
+    ):
         err, reply = ctl_raw(fs, payload)
         assert err == errno.EINVAL, payload
         assert reply is not None and reply["ok"] is False and reply["error"], payload
@@ -69,12 +75,14 @@ def test_nul_and_garbage_on_ctl(fs: Snapfs):
 
 def test_duplicates_and_missing(fs: Snapfs):
     assert "already exists" in one_line_error(
-        fs.cli("snapshot", "create", "good@keep", check=False))
+        fs.cli("snapshot", "create", "good@keep", check=False)
+    )
     with pytest.raises(OSError) as info:
         os.setxattr(fs.vol("good"), "user.snapfs.snapshot", b"keep")
     assert info.value.errno == errno.EEXIST
     assert "already exists" in one_line_error(
-        fs.cli("volume", "create", "good", "--size", "1M", check=False))
+        fs.cli("volume", "create", "good", "--size", "1M", check=False)
+    )
     assert "not found" in one_line_error(fs.cli("snapshot", "delete", "good@nope", check=False))
     assert "not found" in one_line_error(fs.cli("snapshot", "create", "nope@x", check=False))
 
@@ -98,10 +106,15 @@ def test_bad_xattrs(fs: Snapfs):
 
 
 def test_bad_mounts_and_urls(fs: Snapfs, workdir):
-    one_line_error(run([*SNAPFS, "mount", fs.store_url, str(workdir / "does-not-exist")],
-                       check=False))
-    line = one_line_error(run([*SNAPFS, "mount", fs.store_url, str(fs.mnt), "--cache-dir",
-                               str(workdir / "other")], check=False))
+    one_line_error(
+        run([*SNAPFS, "mount", fs.store_url, str(workdir / "does-not-exist")], check=False)
+    )
+    line = one_line_error(
+        run(
+            [*SNAPFS, "mount", fs.store_url, str(fs.mnt), "--cache-dir", str(workdir / "other")],
+            check=False,
+        )
+    )
     assert "already" in line
     for url in ("ftp://x/y", "file://relative", "swift://user:secret@h:1/c", "nonsense"):
         res = run([*SNAPFS, "init", url], check=False)

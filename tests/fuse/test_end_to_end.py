@@ -32,8 +32,9 @@ def test_ext4_snapshots_and_store_only_restore(snapfs: Snapfs, workdir):
     ext4_snapshots_and_store_only_restore(snapfs, workdir)
 
 
-def ext4_snapshots_and_store_only_restore(fs: Snapfs, workdir: Path,
-                                          second_by: str = "ctl") -> None:
+def ext4_snapshots_and_store_only_restore(
+    fs: Snapfs, workdir: Path, second_by: str = "ctl"
+) -> None:
     """ext4 on a loop device on a volume, snapshots by xattr and by the ctl file (or, with
     second_by="cli", by `snapfs snapshot create`), each snapshot checked read-only (e2fsck,
     hashes), then a store-only restore: unmount, mount the same store with an empty cache
@@ -81,7 +82,9 @@ def ext4_snapshots_and_store_only_restore(fs: Snapfs, workdir: Path,
     fs.cli("sync")
     listing = fs.cli_json("snapshot", "list", "db")
     assert [(s["name"], s["state"]) for s in listing] == [
-        ("first", "available"), ("second", "available")]
+        ("first", "available"),
+        ("second", "available"),
+    ]
     for snap in ("first", "second"):
         snapshot_ext4_checks(fs, "db", snap, hashes[snap], workdir / f"ro-{snap}")
 

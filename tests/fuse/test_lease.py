@@ -45,8 +45,11 @@ def test_second_writer_is_refused_and_store_untouched(writer: Snapfs, workdir: P
     other = workdir / "mnt2"
     other.mkdir()
     before = store_files(writer)
-    res = run([*SNAPFS, "mount", writer.store_url, str(other), "--cache-dir",
-               str(workdir / "cache2")], check=False, env=writer.env)
+    res = run(
+        [*SNAPFS, "mount", writer.store_url, str(other), "--cache-dir", str(workdir / "cache2")],
+        check=False,
+        env=writer.env,
+    )
     assert res.returncode != 0
     line = res.stderr.strip()
     assert len(line.splitlines()) == 1 and "Traceback" not in line
@@ -88,11 +91,19 @@ def test_kill_9_then_same_host_takes_over_at_once(writer: Snapfs):
 
 def test_expired_lease_of_another_host_is_taken(writer: Snapfs, workdir: Path):
     writer.umount()
-    lease = {"token": "x", "host": "elsewhere", "pid": 1, "mounted": time.time() - 100,
-             "expires": time.time() + 3600, "cache_dir": "/c"}
+    lease = {
+        "token": "x",
+        "host": "elsewhere",
+        "pid": 1,
+        "mounted": time.time() - 100,
+        "expires": time.time() + 3600,
+        "cache_dir": "/c",
+    }
     (writer.root / "store" / "lease").write_bytes(codec.pack(lease))
-    res = run([*SNAPFS, "mount", writer.store_url, str(writer.mnt), "--cache-dir",
-               str(writer.cache_dir)], check=False)
+    res = run(
+        [*SNAPFS, "mount", writer.store_url, str(writer.mnt), "--cache-dir", str(writer.cache_dir)],
+        check=False,
+    )
     assert res.returncode != 0 and "elsewhere" in res.stderr
     lease["expires"] = time.time() - 1
     (writer.root / "store" / "lease").write_bytes(codec.pack(lease))
@@ -101,8 +112,7 @@ def test_expired_lease_of_another_host_is_taken(writer: Snapfs, workdir: Path):
 
 
 def test_forced_takeover_the_old_writer_never_overwrites(writer: Snapfs, workdir: Path):
-    second = Snapfs(workdir / "second", writer.cleanup, store_url=writer.store_url,
-                    env=writer.env)
+    second = Snapfs(workdir / "second", writer.cleanup, store_url=writer.store_url, env=writer.env)
     second.mount(extra=("--takeover",))
     with open(second.vol("v"), "r+b") as f:
         f.write(b"new" * 1000)

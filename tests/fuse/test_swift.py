@@ -46,8 +46,13 @@ def ctl(fs: Snapfs, line: str):
     return reply["result"]
 
 
-def wait_for(what: str, check: Callable[[], object], timeout: float, step: float = 0.2,
-             fs: Snapfs | None = None):
+def wait_for(
+    what: str,
+    check: Callable[[], object],
+    timeout: float,
+    step: float = 0.2,
+    fs: Snapfs | None = None,
+):
     """Poll `check` until it returns something true; fail naming `what` at the deadline
     (with the tail of `fs`'s daemon log)."""
     deadline = time.monotonic() + timeout
@@ -151,13 +156,13 @@ def published_snapshots(url: str) -> list[str]:
 
 
 def saio(cmd: str, saio_dir: str) -> None:
-    res = subprocess.run([str(SAIO), cmd, saio_dir], capture_output=True, text=True,
-                         timeout=120)
+    res = subprocess.run([str(SAIO), cmd, saio_dir], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, f"swift-saio {cmd} failed: {res.stderr.strip()}"
 
 
-def swift_fs(swift_env, workdir: Path, cleanup, url: str | None = None,
-             env: dict | None = None) -> Snapfs:
+def swift_fs(
+    swift_env, workdir: Path, cleanup, url: str | None = None, env: dict | None = None
+) -> Snapfs:
     fs = Snapfs(workdir, cleanup, store_url=url or swift_env["new_container_url"](), env=env)
     fs.init()
     fs.mount()
@@ -202,16 +207,24 @@ def test_swift_proxy_outage_during_upload(swift_env, swift_snapfs: Snapfs, workd
         proxy.freeze()
         write_at(fs.vol(vol), 0, first)
         fs.cli("snapshot", "create", f"{vol}@s1")
-        wait_for("the flusher to start uploading",
-                 lambda: ctl(fs, "stats")["uploaded_objects"] > uploaded, timeout=30, fs=fs)
+        wait_for(
+            "the flusher to start uploading",
+            lambda: ctl(fs, "stats")["uploaded_objects"] > uploaded,
+            timeout=30,
+            fs=fs,
+        )
         assert snapshot_states(fs, vol) == {"s1": "creating"}
         proxy.kill()
         # Writes go on into the cache (over blocks s1 needs: copy-on-write, and new ones),
         # and fsync returns.
         write_at(fs.vol(vol), 20 * MiB, later)
         write_at(fs.vol(vol), 100 * MiB, later[:MiB])
-        wait_for("'flush failed, retrying' in daemon.log",
-                 lambda: "flush failed, retrying" in daemon_log(fs.cache_dir), timeout=60, fs=fs)
+        wait_for(
+            "'flush failed, retrying' in daemon.log",
+            lambda: "flush failed, retrying" in daemon_log(fs.cache_dir),
+            timeout=60,
+            fs=fs,
+        )
         stats = ctl(fs, "stats")
         assert stats["flush_errors"] > 0, stats
         assert "Connection refused" in (stats["last_error"] or ""), stats
@@ -221,10 +234,15 @@ def test_swift_proxy_outage_during_upload(swift_env, swift_snapfs: Snapfs, workd
         proxy.restore()  # the session's Swift is shared: always restore it
 
     # The flusher recovers by itself: the snapshot becomes available.
-    wait_for("s1 to become available", lambda: snapshot_states(fs, vol) == {"s1": "available"},
-             timeout=120, step=0.5, fs=fs)
+    wait_for(
+        "s1 to become available",
+        lambda: snapshot_states(fs, vol) == {"s1": "available"},
+        timeout=120,
+        step=0.5,
+        fs=fs,
+    )
     fs.cli("sync")
-    head = first[:20 * MiB] + later
+    head = first[: 20 * MiB] + later
 
     def check_contents() -> None:
         assert read_at(fs.snap(vol, "s1"), 0, len(first)) == first
@@ -246,14 +264,26 @@ def test_swift_proxy_outage_during_upload(swift_env, swift_snapfs: Snapfs, workd
 
 
 def test_ext4_end_to_end_through_a_faulty_network(swift_env, workdir, cleanup):
-    proxy = FaultProxy(swift_env["port"], seed=3, fault_rate=0.05, delay_rate=0.05,
-                       max_delay=0.2, max_faults=300, max_in_a_row=2)
+    proxy = FaultProxy(
+        swift_env["port"],
+        seed=3,
+        fault_rate=0.05,
+        delay_rate=0.05,
+        max_delay=0.2,
+        max_faults=300,
+        max_in_a_row=2,
+    )
     port = proxy.start()
     cleanup.push("fault proxy", proxy.stop)  # pushed first: stopped after the daemon's exit
     name = swift_env["new_container_url"]().rsplit("/", 1)[1]
     # Both the auth endpoint and the storage URL (rewritten by the proxy) go through it.
-    fs = swift_fs(swift_env, workdir, cleanup, url=f"swift://127.0.0.1:{port}/{name}",
-                  env={"ST_AUTH": f"http://127.0.0.1:{port}/auth/v1.0"})
+    fs = swift_fs(
+        swift_env,
+        workdir,
+        cleanup,
+        url=f"swift://127.0.0.1:{port}/{name}",
+        env={"ST_AUTH": f"http://127.0.0.1:{port}/auth/v1.0"},
+    )
     ext4_snapshots_and_store_only_restore(fs, workdir, second_by="cli")
     counts = dict(proxy.counts)
     print(f"fault proxy: {counts}")
@@ -287,9 +317,14 @@ def test_bad_credentials_container_and_host_fail_with_one_line(swift_env, workdi
 
     def snapfs(*args: str, env: dict, cache: str | None = None) -> subprocess.Popen:
         extra = (str(mnt), "--cache-dir", str(workdir / cache)) if cache else ()
-        return subprocess.Popen([*SNAPFS, *args, *extra], env=env, text=True,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
+        return subprocess.Popen(
+            [*SNAPFS, *args, *extra],
+            env=env,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
 
     def result(proc: subprocess.Popen) -> subprocess.CompletedProcess:
         out, err = proc.communicate(timeout=120)
@@ -299,8 +334,10 @@ def test_bad_credentials_container_and_host_fail_with_one_line(swift_env, workdi
     # (every try is retried), so both commands run while the others are checked.
     down = {k: v for k, v in base.items() if k != "ST_AUTH"} | {"ST_KEY": SECRET}
     unreachable = "swift://127.0.0.1:1/box"
-    slow = [snapfs("init", unreachable, env=down),
-            snapfs("mount", unreachable, env=down, cache="cache-unreachable")]
+    slow = [
+        snapfs("init", unreachable, env=down),
+        snapfs("mount", unreachable, env=down, cache="cache-unreachable"),
+    ]
     for proc in slow:
         cleanup.push(f"pid {proc.pid}", proc.kill)  # a no-op once it has exited
 
@@ -314,8 +351,9 @@ def test_bad_credentials_container_and_host_fail_with_one_line(swift_env, workdi
 
     # Unknown container: `init` creates it (that is its job), so only `mount` can meet it.
     url = swift_env["new_container_url"]()
-    line = one_error_line(result(snapfs("mount", url, env=base, cache="cache-no-container")),
-                          swift_env["ST_KEY"])
+    line = one_error_line(
+        result(snapfs("mount", url, env=base, cache="cache-no-container")), swift_env["ST_KEY"]
+    )
     assert "not found" in line and url.rsplit("/", 1)[1] in line, line
 
     for proc in slow:
@@ -344,8 +382,12 @@ def test_kill_9_during_upload_loses_nothing(swift_env, swift_snapfs: Snapfs, wor
         write_at(fs.vol("v"), 3 * MiB + 123, data)
         fs.cli("snapshot", "create", "v@before-kill")
         write_at(fs.vol("v"), 0, b"after" * 1000)
-        wait_for("the flusher to start uploading",
-                 lambda: ctl(fs, "stats")["uploaded_objects"] > uploaded, timeout=30, fs=fs)
+        wait_for(
+            "the flusher to start uploading",
+            lambda: ctl(fs, "stats")["uploaded_objects"] > uploaded,
+            timeout=30,
+            fs=fs,
+        )
         os.kill(fs.pid, signal.SIGKILL)
         wait_for("the daemon to die", lambda: pid_gone(fs.pid), timeout=10, step=0.05)
     finally:
@@ -361,9 +403,13 @@ def test_kill_9_during_upload_loses_nothing(swift_env, swift_snapfs: Snapfs, wor
         assert read_at(fs.snap("v", "before-kill"), 3 * MiB + 123, len(data)) == data
 
     fs.mount()  # the same cache dir: crash recovery
-    wait_for("before-kill to become available",
-             lambda: snapshot_states(fs, "v") == {"before-kill": "available"}, timeout=120,
-             step=0.5, fs=fs)
+    wait_for(
+        "before-kill to become available",
+        lambda: snapshot_states(fs, "v") == {"before-kill": "available"},
+        timeout=120,
+        step=0.5,
+        fs=fs,
+    )
     fs.cli("sync")
     check_contents(fs)
     report = fs.cli_json("fsck")
@@ -393,8 +439,11 @@ def test_one_writer_and_discard_on_swift(swift_env, workdir, cleanup):
 
     other = workdir / "mnt2"
     other.mkdir()
-    res = run([*SNAPFS, "mount", fs.store_url, str(other), "--cache-dir",
-               str(workdir / "cache2")], check=False, env=fs.env)
+    res = run(
+        [*SNAPFS, "mount", fs.store_url, str(other), "--cache-dir", str(workdir / "cache2")],
+        check=False,
+        env=fs.env,
+    )
     assert res.returncode != 0 and len(res.stderr.strip().splitlines()) == 1
     assert f"pid {fs.pid}" in res.stderr and "--takeover" in res.stderr
 

@@ -298,8 +298,9 @@ async def test_swift_retries_transient_failures(swift_env, nursery):
     assert await s.list() == ["k"]
     proxy.fail_requests = 100
     with pytest.raises(StoreError, match="after 3 tries: HTTP 503"):
-        await _swift(f"swift://127.0.0.1:{port}/{name}", environ=env, max_tries=3,
-                     initial_backoff=0.01).get("k")
+        await _swift(
+            f"swift://127.0.0.1:{port}/{name}", environ=env, max_tries=3, initial_backoff=0.01
+        ).get("k")
 
 
 @pytest.mark.swift

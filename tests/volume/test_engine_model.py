@@ -16,14 +16,35 @@ from snapfs.volume.engine import Engine, EngineConfig
 BS = 4096
 SIZES = [8 * BS, 13 * BS + 512, 40 * BS]
 
-KINDS = ["write"] * 8 + ["zero", "discard", "discard", "read", "read"] + [
-    "snapshot", "snapshot", "snapshot", "delete_snapshot", "clone", "clone_head", "flush", "sync",
-    "evict", "grow", "rollback", "restart", "gc",
-]
+KINDS = (
+    ["write"] * 8
+    + ["zero", "discard", "discard", "read", "read"]
+    + [
+        "snapshot",
+        "snapshot",
+        "snapshot",
+        "delete_snapshot",
+        "clone",
+        "clone_head",
+        "flush",
+        "sync",
+        "evict",
+        "grow",
+        "rollback",
+        "restart",
+        "gc",
+    ]
+)
 # Every operation draws the same fields and uses those it needs; writes are most of them.
 ops = st.lists(
-    st.tuples(st.sampled_from(KINDS), st.integers(0, 99), st.floats(0, 1),
-              st.integers(1, 3 * BS), st.integers(0, 255), st.booleans()),
+    st.tuples(
+        st.sampled_from(KINDS),
+        st.integers(0, 99),
+        st.floats(0, 1),
+        st.integers(1, 3 * BS),
+        st.integers(0, 255),
+        st.booleans(),
+    ),
     min_size=3,
     max_size=50,
 )
@@ -76,17 +97,17 @@ async def _run_model(ops, sizes, cache_blocks):
                 off = min(int(op[2] * size), size - 1)
                 n = min(op[3] * (8 if kind == "discard" and op[5] else 1), size - off)
                 if kind == "read":
-                    assert await engine.read(name, off, n) == bytes(model[name][off:off + n])
+                    assert await engine.read(name, off, n) == bytes(model[name][off : off + n])
                     continue
                 if kind == "discard":
                     before = engine.allocated_bytes(name)
                     await engine.discard(name, off, n)
-                    model[name][off:off + n] = bytes(n)
+                    model[name][off : off + n] = bytes(n)
                     assert engine.allocated_bytes(name) <= before
                     continue
                 data = bytes((op[4] + j) % 256 for j in range(n)) if kind == "write" else bytes(n)
                 await engine.write(name, off, data)
-                model[name][off:off + n] = data
+                model[name][off : off + n] = data
             elif kind == "snapshot":
                 name = vol(op[1])
                 counter += 1
@@ -119,7 +140,7 @@ async def _run_model(ops, sizes, cache_blocks):
                 report = await engine.check()
                 assert report.clean, report.as_dict()
                 for name, data in model.items():  # allocated = the blocks that are not zero
-                    nonzero = sum(1 for b in range(0, len(data), BS) if any(data[b:b + BS]))
+                    nonzero = sum(1 for b in range(0, len(data), BS) if any(data[b : b + BS]))
                     assert engine.allocated_bytes(name) == nonzero * BS, name
             elif kind == "gc":
                 await engine.gc(threshold=0.2 + op[2] * 0.8)

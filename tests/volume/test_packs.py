@@ -28,8 +28,11 @@ class FailingDeletes(MemoryStore):
 
 
 async def make(store, cache_dir=None):
-    return await Engine.open(store, cache_dir or tempfile.mkdtemp(prefix="snapfs-packs-"),
-                             EngineConfig(pack_size=8 * BS, gc_threshold=0.5))
+    return await Engine.open(
+        store,
+        cache_dir or tempfile.mkdtemp(prefix="snapfs-packs-"),
+        EngineConfig(pack_size=8 * BS, gc_threshold=0.5),
+    )
 
 
 async def fill_snapshots(engine):

@@ -82,8 +82,9 @@ async def test_sequential_reads_fetch_ahead_random_reads_do_not():
 async def test_get_many_coalesces_and_verifies():
     store = SlowStore()
     await publish.init_store(store)
-    engine = await Engine.open(store, tempfile.mkdtemp(prefix="snapfs-ra-"),
-                               EngineConfig(pack_size=8 * BS))
+    engine = await Engine.open(
+        store, tempfile.mkdtemp(prefix="snapfs-ra-"), EngineConfig(pack_size=8 * BS)
+    )
     try:
         blocks = [os.urandom(BS) for _ in range(16)]
         await engine.create_volume("v", 16 * BS, BS)
