@@ -346,6 +346,21 @@ class ChunkStore:
             out.append((key, body[off : off + length]))
         return out
 
+    async def read_trailer(self, pid: bytes) -> tuple[list[tuple[bytes, int, int]], int]:
+        """What a pack holds, from its own trailer: ([(key, offset, length)], pack size).
+        The whole pack is read and verified against its id."""
+        name = pack_key(pid)
+        body = await self.store.get(name)
+        if digest(body) != pid:
+            raise IntegrityError(f"{name}: content does not match its digest")
+        if len(body) < 8 or body[-4:] != _MAGIC:
+            raise IntegrityError(f"{name}: no pack trailer")
+        (length,) = struct.unpack("<I", body[-8:-4])
+        doc = codec.unpack(body[-8 - length : -8], f"{self.store.url}/{name}")
+        if not isinstance(doc, dict) or not isinstance(doc.get("blobs"), list):
+            raise IntegrityError(f"{name}: malformed pack trailer")
+        return [(bytes(k), int(o), int(n)) for k, o, n in doc["blobs"]], len(body)
+
     # ------------------------------------------------------------------ index publication
 
     async def checkpoint(self) -> list[str]:
@@ -365,8 +380,9 @@ class ChunkStore:
 
     async def load_index(self) -> None:
         """Fresh cache: rebuild `blobs` and `packs` from the published fragments, keeping
-        entries whose pack is in the store (a later fragment wins). The caller wraps it in
-        a transaction, then releases what no root references."""
+        entries whose pack is in the store (a later fragment wins), and from the trailers of
+        packs no fragment lists. The caller wraps it in a transaction, then releases what no
+        root references (which deletes orphan packs)."""
         present = {key.rsplit("/", 1)[1] for key in await self.store.list("p/")}
         fkeys = await self.store.list("i/")
         sizes: dict[bytes, int] = {}
@@ -384,6 +400,14 @@ class ChunkStore:
             for key, pid, off, length in doc["blobs"]:
                 if pid.hex() in present:
                     found[key] = (pid, off, length)
+        # Packs that no fragment lists (a fragment lost, or a cycle that failed between its
+        # packs and its fragment): their own trailers say what they hold.
+        for name in sorted(present - {pid.hex() for pid in sizes}):
+            pid = bytes.fromhex(name)
+            table, size = await self.read_trailer(pid)
+            sizes[pid] = size
+            for key, off, length in table:
+                found.setdefault(key, (pid, off, length))
         live: dict[bytes, int] = {}
         for key, (pid, off, length) in found.items():
             self.db.execute("INSERT OR REPLACE INTO blobs VALUES(?,?,?,?)", (key, pid, off, length))

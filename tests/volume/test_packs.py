@@ -155,3 +155,20 @@ async def test_a_failed_flush_leaves_orphans_that_the_sweep_removes():
             await fresh.close(flush=False)
     finally:
         await engine.close(flush=False)
+
+
+async def test_the_index_is_rebuilt_from_pack_trailers_when_fragments_are_lost():
+    store = MemoryStore()
+    await publish.init_store(store)
+    engine = await make(store)
+    try:
+        contents = await fill_snapshots(engine)
+    finally:
+        await engine.close()
+    for key in [k for k in store.objects if k.startswith("i/")]:
+        del store.objects[key]
+    fresh = await make(store)  # an empty cache dir: restore from the store alone
+    try:
+        await check_exact(fresh, contents)
+    finally:
+        await fresh.close(flush=False)
