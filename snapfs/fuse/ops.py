@@ -421,6 +421,8 @@ class Operations(pyfuse3.Operations):
     # ------------------------------------------------------------------ xattrs
 
     async def getxattr(self, inode, name, ctx):
+        if not name.startswith(b"user.snapfs."):  # the kernel asks security.* before writes
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         kind, obj = self._resolve(inode)
         if kind != "vol":
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
