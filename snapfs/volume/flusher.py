@@ -1,5 +1,6 @@
 """Flush cycles and publication (see docs/design.md, "The flush cycle")."""
 
+import functools
 import logging
 import os
 
@@ -11,6 +12,7 @@ from snapfs.errors import (
     AlreadyExists,
     ReadOnly,
 )
+from snapfs.tasks import run_all
 from snapfs.tree import levels_for
 from snapfs.volume import publish
 from snapfs.volume.base import EngineBase
@@ -130,14 +132,21 @@ class Flusher(EngineBase):
             if snap is None:
                 # A head commit reads in the thread: a write racing with it bumps the block's
                 # generation, so the block stays dirty.
-                hashed = await trio.to_thread.run_sync(load_and_hash, todo)
+                work = functools.partial(load_and_hash, todo)
             else:
                 # A snapshot needs exactly the content it froze: read here, with no await
                 # since the check. A block overwritten since the commit began was copied to
                 # the frozen file before that.
-                loaded = load(todo, head.frozen.get(target, {}))
-                hashed = await trio.to_thread.run_sync(hash_all, loaded)
-                del loaded
+                work = functools.partial(hash_all, load(todo, head.frozen.get(target, {})))
+            result: list[list[tuple[int, bytes | None, bytes]]] = []
+
+            async def hash_slice(work=work, result=result) -> None:
+                result.append(await trio.to_thread.run_sync(work))
+
+            # This slice is hashed while the packs of the last one go up.
+            await run_all([hash_slice, self.chunks.upload_sealed], 2)
+            hashed = result.pop()
+            del work
             for blk, oid, data in hashed:
                 changes[blk] = oid
                 if oid is None:
@@ -149,7 +158,7 @@ class Flusher(EngineBase):
                 self.uploaded_bytes += self.chunks.stage(CHUNK, oid, data)
                 self.uploaded_objects += 1
             del hashed
-            await self.chunks.upload_sealed()
+        await self.chunks.upload_sealed()
 
         old_root, old_level = head.row.root, head.row.root_level
         update = await self.tree.update(
