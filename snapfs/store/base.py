@@ -6,12 +6,18 @@ either absent or holds its final bytes. `barrier()` makes every put that returne
 durable; the layers above call it before they publish anything that points at those objects.
 """
 
+import functools
 import re
 from abc import ABC, abstractmethod
 
 from snapfs.errors import AlreadyExists, InvalidArgument
+from snapfs.tasks import run_all
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-z0-9._-]*)*$")
+
+
+Ranges = list[tuple[str, int, int]]  # (key, offset, length)
+Bodies = list[bytes]
 
 
 def check_key(key: str) -> str:
@@ -44,6 +50,17 @@ class Store(ABC):
     @abstractmethod
     async def list(self, prefix: str = "") -> list[str]:
         """Every key starting with `prefix`, sorted."""
+
+    async def get_ranges(self, ranges: Ranges) -> Bodies:
+        """`get(key, offset, length)` for each (key, offset, length), in order; by default
+        all at once (a store bounds its own concurrency). Raises ObjectNotFound."""
+        out: Bodies = [b""] * len(ranges)
+
+        async def one(i: int) -> None:
+            out[i] = await self.get(*ranges[i])
+
+        await run_all([functools.partial(one, i) for i in range(len(ranges))], len(ranges) or 1)
+        return out
 
     async def put_new(self, key: str, data: bytes) -> None:
         """Put only if `key` is absent (or already holds exactly `data`, as after a retried

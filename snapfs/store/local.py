@@ -14,7 +14,7 @@ import secrets
 import trio
 
 from snapfs.errors import AlreadyExists, ObjectNotFound, StoreError
-from snapfs.store.base import Store, check_key
+from snapfs.store.base import Bodies, Ranges, Store, check_key
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -86,27 +86,25 @@ class LocalStore(Store):
 
     async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         path = self._path(key)
-
-        def read() -> bytes:
-            fd = os.open(path, os.O_RDONLY)  # no buffered file object: one pread, no copy
-            try:
-                pos = offset
-                end = os.fstat(fd).st_size if length is None else offset + length
-                parts = []
-                while pos < end:  # a pread may return less than asked
-                    part = os.pread(fd, end - pos, pos)
-                    if not part:
-                        break
-                    parts.append(part)
-                    pos += len(part)
-                return parts[0] if len(parts) == 1 else b"".join(parts)
-            finally:
-                os.close(fd)
-
         try:
-            return await self._run(read)
+            return await self._run(_read_range, path, offset, length)
         except FileNotFoundError:
             raise ObjectNotFound(f"{self.url}/{key}: not found") from None
+
+    async def get_ranges(self, ranges: Ranges) -> Bodies:
+        """All in one trip to a worker thread (read-ahead asks for many small ranges)."""
+        paths = [(self._path(key), offset, length) for key, offset, length in ranges]
+
+        def read_all() -> Bodies:
+            out = []
+            for i, (path, offset, length) in enumerate(paths):
+                try:
+                    out.append(_read_range(path, offset, length))
+                except FileNotFoundError:
+                    raise ObjectNotFound(f"{self.url}/{ranges[i][0]}: not found") from None
+            return out
+
+        return await self._run(read_all)
 
     async def head(self, key: str) -> int | None:
         path = self._path(key)
@@ -153,3 +151,20 @@ def check_local_root(path: str) -> None:
         raise StoreError(f"file:// store path must be absolute: {path!r}")
     if os.path.exists(path) and not os.path.isdir(path):
         raise StoreError(f"{path}: {os.strerror(errno.ENOTDIR)}")
+
+
+def _read_range(path: str, offset: int, length: int | None) -> bytes:
+    fd = os.open(path, os.O_RDONLY)  # no buffered file object: one pread, no copy
+    try:
+        pos = offset
+        end = os.fstat(fd).st_size if length is None else offset + length
+        parts = []
+        while pos < end:  # a pread may return less than asked
+            part = os.pread(fd, end - pos, pos)
+            if not part:
+                break
+            parts.append(part)
+            pos += len(part)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+    finally:
+        os.close(fd)

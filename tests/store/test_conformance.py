@@ -373,3 +373,13 @@ async def test_put_new_is_conditional(store):
         await store.put_new("catalog/0001", b"second")
     assert await store.get("catalog/0001") == b"first"
     assert await store.list("catalog/") == ["catalog/0001"]
+
+
+async def test_get_ranges(store):
+    await store.put("r/one", bytes(range(200)))
+    await store.put("r/two", b"x" * 50)
+    got = await store.get_ranges([("r/one", 10, 5), ("r/two", 0, 50), ("r/one", 190, 100)])
+    assert got == [bytes(range(10, 15)), b"x" * 50, bytes(range(190, 200))]
+    assert await store.get_ranges([]) == []
+    with pytest.raises(ObjectNotFound):
+        await store.get_ranges([("r/one", 0, 1), ("r/missing", 0, 1)])
