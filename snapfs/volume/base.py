@@ -32,7 +32,7 @@ class EngineConfig:
     flush_delay: float = 1.0
     uploads: int = 8
     batch_bytes: int = 256 << 20  # dirty blocks per flush commit
-    slice_bytes: int = 32 << 20  # of which a commit holds at most this much in memory
+    slice_bytes: int = 16 << 20  # a commit holds two slices in memory (one hashed, one uploading)
     pack_size: int = 4 << 20
     gc_threshold: float = 0.5  # rewrite packs whose live share fell below this
     readahead_bytes: int = 4 << 20  # fetched ahead of a sequential reader (0: off)
