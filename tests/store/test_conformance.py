@@ -383,3 +383,23 @@ async def test_get_ranges(store):
     assert await store.get_ranges([]) == []
     with pytest.raises(ObjectNotFound):
         await store.get_ranges([("r/one", 0, 1), ("r/missing", 0, 1)])
+
+
+def test_swift_keystone_credentials_from_os_variables(monkeypatch):
+    """OS_* variables select Keystone v3, as the swift CLI does (no Keystone runs here, so
+    this stops at the options handed to python-swiftclient)."""
+    from snapfs.store import swift
+
+    env = {"OS_AUTH_URL": "https://keystone:5000/v3", "OS_USERNAME": "u",
+           "OS_PASSWORD": "secret", "OS_PROJECT_NAME": "p", "OS_REGION_NAME": "r1"}  # fmt: skip
+    with pytest.raises(InvalidArgument, match="OS_PROJECT_NAME"):
+        swift._credentials_from_env({**env, "OS_PROJECT_NAME": ""}, "h:8080", False)
+    monkeypatch.setattr(swift.importlib.util, "find_spec", lambda name: object())
+    creds = swift._credentials_from_env(env, "h:8080", False)
+    assert (creds.auth_url, creds.auth_version) == ("https://keystone:5000/v3", "3")
+    assert creds.os_options == {"project_name": "p", "user_domain_name": "Default",
+                                "project_domain_name": "Default", "region_name": "r1"}  # fmt: skip
+    assert "secret" not in repr(creds) and "'u'" not in repr(creds)
+    monkeypatch.setattr(swift.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(InvalidArgument, match="keystoneclient"):
+        swift._credentials_from_env(env, "h:8080", False)
