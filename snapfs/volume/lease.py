@@ -84,13 +84,20 @@ async def acquire(
     elif current is not None and current.expires > now:
         log.warning("taking over the lease of %s (--takeover)", current.describe())
     lease = Lease(uuid.uuid4().hex, host, os.getpid(), now, now + ttl, cache_dir)
-    await store.put(LEASE_KEY, codec.pack(asdict(lease)))
-    await store.barrier()
-    check = await read_lease(store)
-    if check is None or check.token != lease.token:
-        holder = check.describe() if check else "another writer"
-        raise Busy(f"{store.url}: lost the race for the lease to {holder}")
-    return lease
+    # A forced takeover insists. A live holder renewing at the same moment (a read, then a
+    # write: stores have no compare-and-swap) can overwrite our lease once; so we let such
+    # a renewal land before we look, and write again if it did. The holder's next renewal
+    # then sees our token and stops (the conditional publish guards the catalog anyway).
+    for attempt in range(5 if takeover else 1):
+        await store.put(LEASE_KEY, codec.pack(asdict(lease)))
+        await store.barrier()
+        if takeover:
+            await trio.sleep(min(ttl / 10, 0.5) * (attempt + 1))
+        check = await read_lease(store)
+        if check is not None and check.token == lease.token:
+            return lease
+    holder = check.describe() if check else "another writer"
+    raise Busy(f"{store.url}: lost the race for the lease to {holder}")
 
 
 async def renew(store: Store, lease: Lease, ttl: float = DEFAULT_TTL) -> bool:
