@@ -588,11 +588,7 @@ def raw_local(run) -> dict:
                 where = run.dir / f"raw-local-{label}-{i}"
                 runs.append(rawstore.local_put_get(where, size, run.sizes["raw_local"]))
                 shutil.rmtree(where, ignore_errors=True)
-            out[label] = {
-                "put_MBps": [r["put_MBps"] for r in runs],
-                "get_MBps": [r["get_MBps"] for r in runs],
-                "objects": runs[0]["objects"],
-            }
+            out[label] = _raw_runs(runs)
         run.results.setdefault("raw_stores", {})["local"] = out
         return out
 
@@ -614,15 +610,19 @@ def raw_swift(run, sw: SwiftSaio) -> dict:
                 )
                 for _ in range(run.repeat)
             ]
-            out[label] = {
-                "put_MBps": [r["put_MBps"] for r in runs],
-                "get_MBps": [r["get_MBps"] for r in runs],
-                "objects": runs[0]["objects"],
-            }
+            out[label] = _raw_runs(runs)
         run.results.setdefault("raw_stores", {})["swift"] = out
         return out
 
     return run.fixture("raw_swift", measure)
+
+
+def _raw_runs(runs: list[dict]) -> dict:
+    return {
+        "put_MBps": [r["put_MBps"] for r in runs],
+        "get_MBps": [r["get_MBps"] for r in runs],
+        "objects": runs[0]["objects"],
+    }
 
 
 def _raw_baselines(raw: dict, op: str, what: str) -> list[Baseline]:

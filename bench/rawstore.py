@@ -61,13 +61,7 @@ def local_put_get(root: Path, obj_size: int, total: int, threads: int = 8) -> di
     t = time.perf_counter()
     got = sum(parallel(get, names, threads))
     get_s = time.perf_counter() - t
-    return {
-        "objects": n,
-        "object_size": obj_size,
-        "threads": threads,
-        "put_MBps": n * obj_size / put_s / 1e6,
-        "get_MBps": got / get_s / 1e6,
-    }
+    return _rates(n, obj_size, threads, put_s, got, get_s)
 
 
 def swift_put_get(
@@ -115,6 +109,10 @@ def swift_put_get(
     get_s = time.perf_counter() - t
     while not pool.empty():
         pool.get().close()
+    return _rates(n, obj_size, threads, put_s, got, get_s)
+
+
+def _rates(n: int, obj_size: int, threads: int, put_s: float, got: int, get_s: float) -> dict:
     return {
         "objects": n,
         "object_size": obj_size,

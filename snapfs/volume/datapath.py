@@ -88,14 +88,8 @@ class DataPath(Flusher):
             if head.row.root != root or head is not self.heads.get(head.row.name):
                 return
             for b, oid in oids.items():
-                if b in head.dirty or (vid, b) in self.lru:
-                    continue
-                if oid is None:
-                    punch_hole(head.cache_fd, b * head.bs, head.blen(b))
-                else:
-                    self.fetched += 1
-                    os.pwrite(head.cache_fd, memoryview(datas[oid])[: head.blen(b)], b * head.bs)
-                self._lru_add(head, b)
+                if b not in head.dirty and (vid, b) not in self.lru:
+                    self._cache_clean(head, b, None if oid is None else datas[oid])
             self._evict()
         finally:
             for b, event in events.items():
@@ -118,17 +112,21 @@ class DataPath(Flusher):
             oid = await self.tree.lookup(root, level, blk)
             data = None if oid is None else await self.chunks.get(CHUNK, oid)
             if blk not in head.dirty and key not in self.lru and head.row.root == root:
-                if data is None:
-                    punch_hole(head.cache_fd, blk * head.bs, head.blen(blk))
-                else:
-                    self.fetched += 1
-                    os.pwrite(head.cache_fd, memoryview(data)[: head.blen(blk)], blk * head.bs)
-                self._lru_add(head, blk)
+                self._cache_clean(head, blk, data)
                 self._evict()
             return data
         finally:
             del head.fetching[blk]
             event.set()
+
+    def _cache_clean(self, head: Head, blk: int, data: bytes | None) -> None:
+        """Put a fetched block (None: a hole) into the cache file as a clean block."""
+        if data is None:
+            punch_hole(head.cache_fd, blk * head.bs, head.blen(blk))
+        else:
+            self.fetched += 1
+            os.pwrite(head.cache_fd, memoryview(data)[: head.blen(blk)], blk * head.bs)
+        self._lru_add(head, blk)
 
     async def write(self, name: str, offset: int, data: bytes) -> int:
         head = self.head(name)
@@ -215,12 +213,12 @@ class DataPath(Flusher):
             await self._zero_range(head, last * bs, end)
             # Blocks that are neither mapped nor dirty read as zeros already, and stay so
             # (a flush changes only dirty blocks; writes wait for the lock).
-            candidates = {
-                blk
-                async for blk, _oid in self.tree.items(
-                    head.row.root, head.row.root_level, first, last
-                )
+            root = head.row.root
+            mapped = {
+                blk async for blk, _oid in self.tree.items(root, head.row.root_level, first, last)
             }
+            known = (root, mapped) if head.row.root == root else (b"", set())
+            candidates = set(mapped)
             if last - first <= 2 * len(head.dirty):
                 candidates.update(b for b in range(first, last) if b in head.dirty)
             else:
@@ -228,7 +226,7 @@ class DataPath(Flusher):
             todo = sorted(candidates)
             for i in range(0, len(todo), 1024):  # the dirty limit holds for discards too
                 chunk = todo[i : i + 1024]
-                mapped = await self._settle_for_discard(name, head, chunk)
+                mapped = await self._settle_for_discard(name, head, chunk, known)
                 # No await from here to the end of the chunk: blocks are marked dirty first,
                 # then their cache ranges are punched in runs.
                 run: list[int] = []
@@ -247,10 +245,13 @@ class DataPath(Flusher):
                 self._punch_run(head, run)
         self.discarded_bytes += end - offset
 
-    async def _settle_for_discard(self, name: str, head: Head, chunk: list[int]) -> set[int]:
+    async def _settle_for_discard(
+        self, name: str, head: Head, chunk: list[int], known: tuple[bytes | None, set[int]]
+    ) -> set[int]:
         """Wait for dirty room, freeze what a pending snapshot needs, and return which blocks
         of the chunk the committed tree maps, in a state where nothing changed since (a
-        flush or a new snapshot during these awaits makes it start over)."""
+        flush or a new snapshot during these awaits makes it start over). `known` is the
+        mapping read for the whole range at some root: reused while that root holds."""
         while True:
             await self._wait_dirty_room()
             if head is not self.heads.get(name):
@@ -259,12 +260,15 @@ class DataPath(Flusher):
                 if blk in head.dirty and head.dirty[blk] < head.row.epoch:
                     await self._freeze(head, blk)
             root, epoch = head.row.root, head.row.epoch
-            mapped = {
-                blk
-                async for blk, _oid in self.tree.items(
-                    root, head.row.root_level, chunk[0], chunk[-1] + 1
-                )
-            }
+            if root == known[0]:
+                mapped = known[1]  # a flush changes the root: nothing to read again
+            else:
+                mapped = {
+                    blk
+                    async for blk, _oid in self.tree.items(
+                        root, head.row.root_level, chunk[0], chunk[-1] + 1
+                    )
+                }
             stale = any(b in head.dirty and head.dirty[b] < epoch for b in chunk)
             if head.row.root == root and head.row.epoch == epoch and not stale:
                 return mapped
