@@ -151,12 +151,20 @@ def test_mount_o_discard(snapfs: Snapfs, workdir: Path):
     fs.cleanup.push(f"mount {where}", lambda: run(["umount", str(where)], check=False))
     write_random(where / "f", 64 * MiB, seed=3)
     run(["sync"])
+    os.setxattr(fs.vol("db"), "user.snapfs.snapshot", b"full")
     fs.cli("sync")
     full = allocated(fs.vol("db"))
+    before = fs.stats()
+    snap_sum = sha256(fs.snap("db", "full"))
     os.unlink(where / "f")
     run(["sync"])
     got = wait_allocated_below(fs.vol("db"), full - 60 * MiB)
     assert full - got >= 60 * MiB, (full, got)
+    assert sha256(fs.snap("db", "full")) == snap_sum  # the snapshot keeps the file
+    fs.cli("snapshot", "delete", "db@full")
+    fs.cli("sync")
+    fs.cli("gc", "--threshold", "0.5")
+    assert before["stored_data_bytes"] - fs.stats()["stored_data_bytes"] >= 60 * MiB
     run(["umount", str(where)])
     fsck = run(["e2fsck", "-fn", dev], check=False)
     assert fsck.returncode == 0, fsck.stdout
