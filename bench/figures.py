@@ -142,13 +142,18 @@ def fig_fio(run) -> None:
     targets["plain file"] = str(plain)
     targets["loop on plain file"], loops["plain"] = loop_attach(c, plain, direct_io=dio)
 
-    backing = work / "pt-backing.img"
-    backing.write_bytes(b"")
-    os.truncate(backing, size)
-    pt = Passthrough(c, backing, work / "pt-mnt")
-    targets["pyfuse3 pass-through + loop"], loops["passthrough"] = loop_attach(
-        c, pt.file, direct_io=dio
-    )
+    # Two pass-throughs: the page-cached file, and direct I/O as snapfs opens volumes.
+    passthroughs = {}
+    for label, key, direct in (
+        ("pyfuse3 pass-through + loop", "passthrough", False),
+        ("pyfuse3 pass-through, direct_io + loop", "passthrough_dio", True),
+    ):
+        backing = work / f"{key}-backing.img"
+        backing.write_bytes(b"")
+        os.truncate(backing, size)
+        pt = Passthrough(c, backing, work / f"{key}-mnt", direct_io=direct)
+        passthroughs[label] = pt
+        targets[label], loops[key] = loop_attach(c, pt.file, direct_io=dio)
 
     s3b = None
     try:
@@ -183,7 +188,7 @@ def fig_fio(run) -> None:
     # block first, with its simulated network delay (a fill of 20 s instead of 1 s).
     for name, path in (
         ("plain file", plain),
-        ("pyfuse3 pass-through + loop", pt.file),
+        *((label, pt.file) for label, pt in passthroughs.items()),
         ("s3backer --test + loop", s3b.file if s3b else None),
         ("snapfs + loop", sf.vol("fio")),
     ):

@@ -1,7 +1,10 @@
 """The ceiling of a Python FUSE daemon: a minimal pyfuse3 + trio file system with one file
 that passes reads and writes through to a local file (pread / pwrite, no caching of ours).
 
-    python bench/passthrough.py BACKING_FILE MOUNTPOINT     (foreground; the file is 'disk')
+    python bench/passthrough.py BACKING_FILE MOUNTPOINT [--direct-io]
+                                                  (foreground; the file is 'disk')
+
+--direct-io opens the file with FOPEN_DIRECT_IO (no page cache), as snapfs opens volumes.
 """
 
 import errno
@@ -16,9 +19,10 @@ FILE_INO = pyfuse3.ROOT_INODE + 1
 
 
 class Passthrough(pyfuse3.Operations):
-    def __init__(self, backing: str) -> None:
+    def __init__(self, backing: str, direct_io: bool) -> None:
         super().__init__()
         self.fd = os.open(backing, os.O_RDWR)
+        self.direct_io = direct_io
 
     def _attrs(self, ino: int) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
@@ -54,7 +58,9 @@ class Passthrough(pyfuse3.Operations):
     async def open(self, inode, flags, ctx):
         if inode != FILE_INO:
             raise pyfuse3.FUSEError(errno.EISDIR)
-        return pyfuse3.FileInfo(fh=FILE_INO, keep_cache=True)
+        return pyfuse3.FileInfo(
+            fh=FILE_INO, keep_cache=not self.direct_io, direct_io=self.direct_io
+        )
 
     async def read(self, fh, off, size):
         return os.pread(self.fd, size, off)
@@ -71,7 +77,8 @@ class Passthrough(pyfuse3.Operations):
 
 def main() -> None:
     backing, mountpoint = sys.argv[1], sys.argv[2]
-    pyfuse3.init(Passthrough(backing), mountpoint, {"fsname=passthrough", "allow_other"})
+    ops = Passthrough(backing, direct_io="--direct-io" in sys.argv[3:])
+    pyfuse3.init(ops, mountpoint, {"fsname=passthrough", "allow_other"})
     try:
         trio.run(pyfuse3.main)
     finally:

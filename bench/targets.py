@@ -117,11 +117,12 @@ class Snapfs:
 class Passthrough:
     """bench/passthrough.py: one file `disk` passing pread/pwrite to a local file."""
 
-    def __init__(self, cleanup: Cleanup, backing: Path, mnt: Path) -> None:
+    def __init__(self, cleanup: Cleanup, backing: Path, mnt: Path, direct_io: bool = False) -> None:
         mnt.mkdir(parents=True, exist_ok=True)
         self.mnt = mnt
+        flags = ["--direct-io"] if direct_io else []
         self.proc = subprocess.Popen(
-            [PY, str(ROOT / "bench" / "passthrough.py"), str(backing), str(mnt)],
+            [PY, str(ROOT / "bench" / "passthrough.py"), str(backing), str(mnt), *flags],
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )  # Ctrl-C: we stop it, in order

@@ -1,6 +1,8 @@
 """The whole path through the kernel: FUSE mount, loop devices, ext4, snapshots, restore."""
 
+import errno
 import json
+import mmap
 import os
 import signal
 import subprocess
@@ -216,3 +218,28 @@ def test_holes_and_zero_blocks(snapfs: Snapfs):
     shown = fs.cli_json("volume", "show", "z")
     assert (shown["size"], shown["allocated"]) == (1 << 30, 2 * MiB)
     assert "ALLOCATED" in fs.cli("volume", "list").stdout
+
+
+def test_volumes_are_direct_io_files(snapfs: Snapfs):
+    """Volumes are opened with FOPEN_DIRECT_IO: every read and write reaches the daemon (no
+    stale page cache between file descriptors, unaligned O_DIRECT is fine), private mmap
+    reads the data, and shared mmap is refused with ENODEV (FUSE cannot keep it coherent)."""
+    fs = snapfs
+    fs.cli("volume", "create", "d", "--size", "16M")
+    data = os.urandom(3 * MiB + 123)
+    reader = os.open(fs.vol("d"), os.O_RDONLY)
+    writer = os.open(fs.vol("d"), os.O_RDWR | os.O_DIRECT)
+    try:
+        assert os.pread(reader, 4096, 0) == bytes(4096)  # read once, before the write
+        assert os.pwrite(writer, data, 5) == len(data)  # unaligned, through O_DIRECT
+        assert os.pread(reader, len(data), 5) == data
+        with mmap.mmap(reader, 4 * MiB, mmap.MAP_PRIVATE, mmap.PROT_READ) as m:
+            assert m[5 : 5 + len(data)] == data
+        with pytest.raises(OSError) as exc:
+            mmap.mmap(writer, 4 * MiB, mmap.MAP_SHARED)
+        assert exc.value.errno == errno.ENODEV
+    finally:
+        os.close(reader)
+        os.close(writer)
+    fs.cli("sync")
+    assert fs.cli_json("volume", "show", "d")["allocated"] >= 3 * MiB
