@@ -237,7 +237,7 @@ USAGE = """usage: snapfs [--mount MOUNTPOINT] [--json] COMMAND ...
 
   init STORE_URL                          create a store (file:///path, swift://host:port/c)
   mount STORE_URL MOUNTPOINT [--cache-dir D] [--cache-size SIZE] [--foreground]
-        [--read-only [--snapshot VOL@SNAP]]
+        [--flush-delay SECONDS] [--flush-max-age SECONDS] [--read-only [--snapshot VOL@SNAP]]
   umount MOUNTPOINT                       flush, publish and unmount
 """
 

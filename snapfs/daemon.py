@@ -26,7 +26,7 @@ from snapfs.control import Controller
 from snapfs.errors import Busy, InvalidArgument, SnapfsError
 from snapfs.fuse.ops import Operations
 from snapfs.store import open_store
-from snapfs.units import parse_size, split_snapshot_ref
+from snapfs.units import parse_seconds, parse_size, split_snapshot_ref
 from snapfs.volume import lease
 from snapfs.volume.engine import Engine, EngineConfig
 
@@ -44,6 +44,17 @@ def arg_parser() -> argparse.ArgumentParser:
     p.add_argument("mountpoint")
     p.add_argument("--cache-dir", help="local cache (default /var/cache/snapfs/<store hash>)")
     p.add_argument("--cache-size", default="2G", help="bound of the local cache (default 2G)")
+    p.add_argument(
+        "--flush-delay",
+        default="5",
+        help="upload a dirty block once left alone this many seconds (default 5)",
+    )
+    p.add_argument(
+        "--flush-max-age",
+        default="30",
+        help="upload a dirty block at the latest this many seconds after it became dirty, "
+        "however often it is rewritten (default 30)",
+    )
     p.add_argument("--foreground", action="store_true", help="do not go to the background")
     p.add_argument("--read-only", action="store_true", help="show the published snapshots only")
     p.add_argument("--snapshot", help="with --read-only: show just this VOL@SNAP")
@@ -86,6 +97,10 @@ class Daemon:
         self.opts = opts
         self.mountpoint = check_mountpoint(opts.mountpoint)
         self.cache_size = parse_size(opts.cache_size, "cache size")
+        self.flush_delay = parse_seconds(opts.flush_delay, "flush delay", 3600)
+        self.flush_max_age = parse_seconds(opts.flush_max_age, "flush max age", 86400)
+        if self.flush_max_age < self.flush_delay:
+            raise InvalidArgument("--flush-max-age must not be shorter than --flush-delay")
         self.only = split_snapshot_ref(opts.snapshot) if opts.snapshot else None
         if self.only and not opts.read_only:
             raise InvalidArgument("--snapshot goes with --read-only")
@@ -100,7 +115,11 @@ class Daemon:
         self.lock_fd = lock_cache_dir(self.cache_dir)
 
     async def run(self, ready) -> None:
-        config = EngineConfig(cache_size=self.cache_size)
+        config = EngineConfig(
+            cache_size=self.cache_size,
+            flush_delay=self.flush_delay,
+            flush_max_age=self.flush_max_age,
+        )
         read_only = self.opts.read_only
         held = None
         if not read_only:

@@ -25,6 +25,17 @@ def parse_size(text: str | int, what: str = "size") -> int:
     return value
 
 
+def parse_seconds(text: str, what: str = "duration", upto: float = 86400.0) -> float:
+    """'5', '0.5', '30' seconds → float in (0, upto]; anything else is an error."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise InvalidArgument(f"invalid {what} {text!r}: use a number of seconds") from None
+    if not 0 < value <= upto:  # also refuses nan
+        raise InvalidArgument(f"invalid {what} {text!r}: must be in (0, {upto:g}] seconds")
+    return value
+
+
 def format_size(n: int) -> str:
     for unit, factor in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
         if n >= factor:

@@ -29,7 +29,12 @@ DEFAULT_BLOCK_SIZE = 128 << 10
 class EngineConfig:
     cache_size: int = 2 << 30
     dirty_fraction: float = 0.5
-    flush_delay: float = 1.0
+    # Write-back: a dirty block goes to the store once left alone for flush_delay seconds
+    # (hot blocks are rewritten in the cache, not uploaded again and again), and at the
+    # latest flush_max_age seconds after it became dirty, however hot (a bound on what a
+    # lost machine loses; fsync and snapshots are durable at once regardless).
+    flush_delay: float = 5.0
+    flush_max_age: float = 30.0
     uploads: int = 8
     batch_bytes: int = 256 << 20  # dirty blocks per flush commit
     slice_bytes: int = 16 << 20  # a commit holds two slices in memory (one hashed, one uploading)

@@ -181,7 +181,8 @@ class DataPath(Flusher):
         head.dirty[blk] = head.row.epoch
         self.gen += 1
         head.gen[blk] = self.gen
-        head.touched[blk] = trio.current_time()
+        head.touched[blk] = now = trio.current_time()
+        head.since.setdefault(blk, now)
         head.unsynced.add(blk)
 
     async def discard(self, name: str, offset: int, length: int) -> None:

@@ -452,6 +452,7 @@ class Engine(DataPath, Maintenance):
             head.dirty.clear()
             head.gen.clear()
             head.touched.clear()
+            head.since.clear()
             head.unsynced.clear()
             for key in [k for k in self.lru if k[0] == head.row.id]:
                 self.lru_bytes -= self.lru.pop(key)

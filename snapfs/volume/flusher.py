@@ -43,12 +43,14 @@ class Flusher(EngineBase):
             await self._publish()
             await self._collect()
 
-    async def flush_once(self, upto_gen: int | None = None, min_age: float = 0.0) -> bool:
+    async def flush_once(
+        self, upto_gen: int | None = None, min_age: float = 0.0, max_age: float = 0.0
+    ) -> bool:
         """One flush cycle: the oldest pending snapshot of a volume, else a batch of dirty
         blocks of the heads: only those written up to `upto_gen`, when given, and only
-        those left alone for `min_age` seconds (the background flusher lets hot blocks be
-        rewritten in the cache instead of uploading every version). Returns whether it
-        found work."""
+        those left alone for `min_age` seconds or dirty for `max_age` seconds, when given
+        (the background flusher lets hot blocks be rewritten in the cache instead of
+        uploading every version, but not forever). Returns whether it found work."""
         if self.read_only or self.lease_lost:
             return False
         async with self.commit_lock:
@@ -59,13 +61,18 @@ class Flusher(EngineBase):
                     return True
             budget = self.config.batch_bytes
             did = False
-            settled = trio.current_time() - min_age
+            now = trio.current_time()
+            settled, expired = now - min_age, now - max_age
             for head in list(self.heads.values()):
                 blocks = []
                 for blk in head.dirty:
                     if budget <= 0:
                         break
-                    if min_age and head.touched.get(blk, 0.0) > settled:
+                    if (
+                        min_age
+                        and head.touched.get(blk, 0.0) > settled
+                        and not (max_age and head.since.get(blk, 0.0) <= expired)
+                    ):
                         continue
                     if upto_gen is None or head.gen[blk] <= upto_gen:
                         blocks.append(blk)
@@ -231,6 +238,8 @@ class Flusher(EngineBase):
         head.mapped += mapped_delta
         for blk, oid in changes.items():
             if blk in head.dirty:  # written again meanwhile, or a snapshot's older version
+                if blk in head.touched:  # what is dirty now dates from its last write
+                    head.since[blk] = head.touched[blk]
                 if blk in head.holes:
                     head.holes[blk] = oid is not None
                 elif oid is None:
@@ -241,6 +250,7 @@ class Flusher(EngineBase):
             del head.dirty[blk]
             del head.gen[blk]
             head.touched.pop(blk, None)
+            head.since.pop(blk, None)
             head.dirty_new.discard(blk)
             head.holes.pop(blk, None)
             head.unsynced.discard(blk)

@@ -37,6 +37,7 @@ class Head:
         self.dirty: dict[int, int] = {}  # blk → epoch of its last write
         self.gen: dict[int, int] = {}  # blk → write generation (detects writes during upload)
         self.touched: dict[int, float] = {}  # blk → trio time of its last write
+        self.since: dict[int, float] = {}  # blk → trio time it became dirty
         self.unsynced: set[int] = set()  # dirty blocks whose dirty row is not yet committed
         self.frozen: dict[int, dict[int, int]] = {}  # snapshot epoch → {blk → slot}
         self.free_slots: list[int] = []

@@ -25,20 +25,26 @@ class Maintenance(Flusher):
 
     async def run_flusher(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Background task: every `flush_delay` (at once when kicked), flush the blocks left
-        alone for `flush_delay`. Cycles follow each other without a pause only while there
-        is a backlog (a full batch or a pending snapshot): under steady writes, blocks that
-        settle meanwhile wait for the next tick instead of making a commit each (every
-        commit has fixed costs: barriers, a catalog transaction and a publish).
+        alone for `flush_delay` or dirty for `flush_max_age`. Cycles follow each other
+        without a pause only while there is a backlog (a full batch or a pending
+        snapshot): under steady writes, blocks that settle meanwhile wait for the next tick
+        instead of making a commit each (every commit has fixed costs: barriers, a catalog
+        transaction and a publish).
         Store errors are logged and retried with backoff; cancellation stops it between
         cycles (the final flush is `close()`'s, shielded)."""
         task_status.started()
         backoff = 1.0
         while True:
-            with trio.move_on_after(self.config.flush_delay):
+            with trio.move_on_after(min(self.config.flush_delay, self.config.flush_max_age)):
                 await self._kick.wait()
             self._kick = trio.Event()
             try:
-                while await self.flush_once(min_age=self.config.flush_delay) and self._backlog:
+                while (
+                    await self.flush_once(
+                        min_age=self.config.flush_delay, max_age=self.config.flush_max_age
+                    )
+                    and self._backlog
+                ):
                     await trio.lowlevel.checkpoint()
                 if self.catalog.get_meta("published") != self.catalog.get_meta("seq"):
                     async with self.commit_lock:

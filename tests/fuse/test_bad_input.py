@@ -116,6 +116,18 @@ def test_bad_mounts_and_urls(fs: Snapfs, workdir):
         )
     )
     assert "already" in line
+    other = workdir / "mnt2"
+    other.mkdir()
+    for opts in (
+        ["--flush-delay", "0"],
+        ["--flush-delay", "nan"],
+        ["--flush-delay", "soon"],
+        ["--flush-max-age", "-1"],
+        ["--flush-delay", "60", "--flush-max-age", "10"],
+        ["--cache-size", "0"],
+    ):
+        cmd = [*SNAPFS, "mount", fs.store_url, str(other), "--cache-dir", str(workdir / "c2")]
+        one_line_error(run([*cmd, *opts], check=False))
     for url in ("ftp://x/y", "file://relative", "swift://user:secret@h:1/c", "nonsense"):
         res = run([*SNAPFS, "init", url], check=False)
         assert "secret" not in one_line_error(res)

@@ -106,3 +106,30 @@ async def test_a_partial_write_keeps_the_block_when_a_commit_lands_during_its_fe
         assert await engine.read("v", 0, BS) == expected
     finally:
         await engine.close()
+
+
+async def test_a_block_rewritten_all_the_time_still_reaches_the_store():
+    """Write-back waits for a block to settle (flush_delay), but not forever: a block that
+    is rewritten more often than that is uploaded flush_max_age after it became dirty."""
+    engine = await make(flush_delay=30.0, flush_max_age=0.3)
+    try:
+        await engine.create_volume("v", 4 * BS, BS)
+        head = engine.head("v")
+        await engine.write("v", 0, b"cold" * (BS // 4))  # written once
+        version = 0
+        async with trio.open_nursery() as nursery:
+            await nursery.start(engine.run_flusher)
+            with trio.fail_after(20):
+                while await engine.tree.lookup(head.row.root, head.row.root_level, 1) is None:
+                    version += 1  # the hot block: rewritten every 10 ms, never settles
+                    await engine.write("v", BS, version.to_bytes(8, "big") * (BS // 8))
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        assert 0 not in head.dirty  # the cold block went too
+        assert version > 1
+        await engine.sync()
+        engine.evict_all()
+        assert await engine.read("v", 0, BS) == b"cold" * (BS // 4)
+        assert await engine.read("v", BS, BS) == version.to_bytes(8, "big") * (BS // 8)
+    finally:
+        await engine.close()
