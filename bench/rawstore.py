@@ -1,8 +1,8 @@
 """The stores' own throughput, without snapfs: what a flush or a cold read could reach.
 
 Local: `threads` threads each write whole objects to a temporary file and rename it into
-place (as LocalStore.put does, no fsync per object), then one syncfs (as the flusher's
-barrier). Reads: the same objects, page cache dropped first, `threads` at a time.
+place (no fsync per object), then one syncfs of the store (the cheapest durable batch when
+nothing else on the filesystem is dirty). Reads: the same objects, page cache dropped first, `threads` at a time.
 Swift: python-swiftclient PUTs and GETs, one Connection per thread.
 """
 
