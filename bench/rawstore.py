@@ -2,7 +2,8 @@
 
 Local: `threads` threads each write whole objects to a temporary file and rename it into
 place (no fsync per object), then one syncfs of the store (the cheapest durable batch when
-nothing else on the filesystem is dirty). Reads: the same objects, page cache dropped first, `threads` at a time.
+nothing else on the filesystem is dirty). Reads: the same objects, page cache dropped
+first, `threads` at a time.
 Swift: python-swiftclient PUTs and GETs, one Connection per thread.
 """
 
