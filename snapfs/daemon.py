@@ -170,6 +170,7 @@ class Daemon:
                     await nursery.start(lease.keep_renewed, self.store, held, engine.lost)
                 await nursery.start(engine.readahead.run)
                 nursery.start_soon(self._signals)
+                nursery.start_soon(self._kernel_readahead, engine.config.readahead_bytes)
                 log.info(
                     "mounted %s on %s (cache %s)", self.store.url, self.mountpoint, self.cache_dir
                 )
@@ -197,6 +198,21 @@ class Daemon:
                     pyfuse3.invalidate_inode(ino, attr_only=False)
 
         return invalidate
+
+    async def _kernel_readahead(self, nbytes: int) -> None:
+        """Let the kernel read ahead `nbytes` for buffered readers of snapshot files (cp, dd,
+        exports): FUSE caps its read-ahead at 128 KiB, one request in flight, at INIT. The
+        stat waits for INIT to complete (the main loop answers it); a mount that is not ours
+        to tune (no root, no sysfs) keeps the kernel's default."""
+        if nbytes <= 0:
+            return
+        try:
+            st = await trio.to_thread.run_sync(os.stat, self.mountpoint)
+            bdi = f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb"
+            with open(bdi, "w") as f:
+                f.write(f"{max(128, nbytes >> 10)}\n")
+        except OSError as exc:
+            log.info("kernel read-ahead left at its default: %s", exc)
 
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
