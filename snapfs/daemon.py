@@ -206,11 +206,15 @@ class Daemon:
         to tune (no root, no sysfs) keeps the kernel's default."""
         if nbytes <= 0:
             return
-        try:
-            st = await trio.to_thread.run_sync(os.stat, self.mountpoint)
+
+        def tune() -> None:
+            st = os.stat(self.mountpoint)
             bdi = f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb"
             with open(bdi, "w") as f:
                 f.write(f"{max(128, nbytes >> 10)}\n")
+
+        try:
+            await trio.to_thread.run_sync(tune)
         except OSError as exc:
             log.info("kernel read-ahead left at its default: %s", exc)
 
