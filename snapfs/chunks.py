@@ -147,6 +147,21 @@ class ChunkStore:
         sealed, self._sealed = self._sealed, []
         await run_all([functools.partial(self._upload, e) for e in sealed], self.uploads)
 
+    async def start_sealed(self, nursery: trio.Nursery, window: trio.Semaphore) -> None:
+        """Start uploading the full packs in `nursery`, each holding a slot of `window`
+        until its PUT returns: the caller goes on hashing and staging while up to that many
+        packs are in flight (it waits here only when the window is full)."""
+        sealed, self._sealed = self._sealed, []
+        for entries in sealed:
+            await window.acquire()
+            nursery.start_soon(self._upload_in_window, entries, window)
+
+    async def _upload_in_window(self, entries, window: trio.Semaphore) -> None:
+        try:
+            await self._upload(entries)
+        finally:
+            window.release()
+
     async def _upload(self, entries: list[tuple[bytes, tuple[bytes, ...]]]) -> None:
         def build() -> tuple[bytes, bytes, list[tuple[bytes, int, int]]]:
             pieces: list[bytes] = []

@@ -5,6 +5,7 @@ can report in one line. `run_all` runs calls concurrently (at most `limit` at a 
 any failed, raises the first failure itself (outer cancellation propagates untouched).
 """
 
+import contextlib
 from collections.abc import Awaitable, Callable, Iterable
 
 import trio
@@ -18,6 +19,19 @@ def _leaves(exc: BaseException):
         yield exc
 
 
+@contextlib.asynccontextmanager
+async def plain_errors_nursery():
+    """A nursery whose failure is raised as the first error itself, as run_all does."""
+    try:
+        async with trio.open_nursery() as nursery:
+            yield nursery
+    except BaseExceptionGroup as group:
+        failures = [e for e in _leaves(group) if not isinstance(e, trio.Cancelled)]
+        if not failures:
+            raise
+        raise failures[0] from None
+
+
 async def run_all(calls: Iterable[Callable[[], Awaitable[object]]], limit: int) -> None:
     limiter = trio.CapacityLimiter(limit)
 
@@ -25,12 +39,6 @@ async def run_all(calls: Iterable[Callable[[], Awaitable[object]]], limit: int) 
         async with limiter:
             await call()
 
-    try:
-        async with trio.open_nursery() as nursery:
-            for call in calls:
-                nursery.start_soon(one, call)
-    except BaseExceptionGroup as group:
-        failures = [e for e in _leaves(group) if not isinstance(e, trio.Cancelled)]
-        if not failures:
-            raise
-        raise failures[0] from None
+    async with plain_errors_nursery() as nursery:
+        for call in calls:
+            nursery.start_soon(one, call)

@@ -1,6 +1,5 @@
 """Flush cycles and publication (see docs/design.md, "The flush cycle")."""
 
-import functools
 import logging
 import os
 
@@ -12,7 +11,7 @@ from snapfs.errors import (
     AlreadyExists,
     ReadOnly,
 )
-from snapfs.tasks import run_all
+from snapfs.tasks import plain_errors_nursery
 from snapfs.tree import levels_for
 from snapfs.volume import publish
 from snapfs.volume.base import EngineBase
@@ -134,38 +133,36 @@ class Flusher(EngineBase):
         changes: dict[int, bytes | None] = {}
         uploads: dict[bytes, None] = {}  # chunk ids this commit stores (an ordered set)
         per_slice = max(1, self.config.slice_bytes // bs)
-        for first in range(0, len(reads), per_slice):
-            todo = reads[first : first + per_slice]
-            if snap is None:
-                # A head commit reads in the thread: a write racing with it bumps the block's
-                # generation, so the block stays dirty.
-                work = functools.partial(load_and_hash, todo)
-            else:
-                # A snapshot needs exactly the content it froze: read here, with no await
-                # since the check. A block overwritten since the commit began was copied to
-                # the frozen file before that.
-                work = functools.partial(hash_all, load(todo, head.frozen.get(target, {})))
-            result: list[list[tuple[int, bytes | None, bytes]]] = []
-
-            async def hash_slice(work=work, result=result) -> None:
-                result.append(await trio.to_thread.run_sync(work))
-
-            # This slice is hashed while the packs of the last one go up.
-            await run_all([hash_slice, self.chunks.upload_sealed], 2)
-            hashed = result.pop()
-            del work
-            for blk, oid, data in hashed:
-                changes[blk] = oid
-                if oid is None:
-                    continue
-                if oid in uploads or self.catalog.has_ref(K_CHUNK + oid):
-                    self.deduplicated += 1
-                    continue
-                uploads[oid] = None
-                self.uploaded_bytes += self.chunks.stage(CHUNK, oid, data)
-                self.uploaded_objects += 1
-            del hashed
-        await self.chunks.upload_sealed()
+        # Full packs go up in the background, up to `uploads` at a time, while the next
+        # slice is read and hashed: the store stays busy and memory holds about one slice
+        # plus the packs in flight.
+        window = trio.Semaphore(max(1, self.config.uploads // 2))
+        async with plain_errors_nursery() as uploading:
+            for first in range(0, len(reads), per_slice):
+                todo = reads[first : first + per_slice]
+                if snap is None:
+                    # A head commit reads in the thread: a write racing with it bumps the
+                    # block's generation, so the block stays dirty.
+                    hashed = await trio.to_thread.run_sync(load_and_hash, todo)
+                else:
+                    # A snapshot needs exactly the content it froze: read here, with no await
+                    # since the check. A block overwritten since the commit began was copied
+                    # to the frozen file before that.
+                    loaded = load(todo, head.frozen.get(target, {}))
+                    hashed = await trio.to_thread.run_sync(hash_all, loaded)
+                    del loaded
+                for blk, oid, data in hashed:
+                    changes[blk] = oid
+                    if oid is None:
+                        continue
+                    if oid in uploads or self.catalog.has_ref(K_CHUNK + oid):
+                        self.deduplicated += 1
+                        continue
+                    uploads[oid] = None
+                    self.uploaded_bytes += self.chunks.stage(CHUNK, oid, data)
+                    self.uploaded_objects += 1
+                del hashed
+                await self.chunks.start_sealed(uploading, window)
 
         old_root, old_level = head.row.root, head.row.root_level
         update = await self.tree.update(
