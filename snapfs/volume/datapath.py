@@ -24,6 +24,17 @@ class DataPath(Flusher):
     """Reads, writes, discards and fsync of volume heads, and reads of snapshots."""
 
     async def read(self, name: str, offset: int, size: int) -> bytes:
+        got = await self.read_ref(name, offset, size)
+        if isinstance(got, tuple):
+            fd, pos, length = got
+            return os.pread(fd, length, pos)
+        return got
+
+    async def read_ref(self, name: str, offset: int, size: int) -> bytes | tuple[int, int, int]:
+        """Like read, but a range that is all in the cache (the common case) comes back as
+        (fd, offset, length) of the cache file instead of bytes, for the FUSE layer to
+        splice into its reply. The caller must read it before its next await: a write,
+        discard or eviction may change those bytes after that."""
         head = self.head(name)
         end = min(offset + size, head.row.size)
         if offset >= end:
@@ -56,7 +67,7 @@ class DataPath(Flusher):
                     if (head.row.id, b) in self.lru:
                         self.lru.move_to_end((head.row.id, b))
                 if pos == offset and run_end == end:  # the common case: no copies
-                    return os.pread(head.cache_fd, end - pos, pos)
+                    return (head.cache_fd, pos, end - pos)
                 out.append(os.pread(head.cache_fd, run_end - pos, pos))
                 pos = run_end
                 continue
