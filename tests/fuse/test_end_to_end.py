@@ -4,14 +4,17 @@ import errno
 import json
 import mmap
 import os
+import random
 import signal
 import subprocess
 import time
 from pathlib import Path
 
+import pyfuse3
 import pytest
 
 from tests.conftest import Snapfs, run, sha256, write_random
+from tests.fuse.test_discard import fallocate
 
 pytestmark = pytest.mark.fuse
 
@@ -243,6 +246,38 @@ def test_volumes_are_direct_io_files(snapfs: Snapfs):
         os.close(writer)
     fs.cli("sync")
     assert fs.cli_json("volume", "show", "d")["allocated"] >= 3 * MiB
+
+
+def test_spliced_reads_match_a_model_under_mixed_io(snapfs: Snapfs):
+    """Reads of cached blocks are spliced from the cache file (the patched pyfuse3 that
+    scripts/setup builds); random unaligned writes, discards and reads, through the kernel,
+    against an in-memory model of the volume."""
+    assert getattr(pyfuse3, "SNAPFS_SPLICE", False), "run scripts/pyfuse3-patch.py"
+    fs = snapfs
+    size = 8 * MiB
+    fs.cli("volume", "create", "m", "--size", "8M", "--block-size", "64K")
+    model = bytearray(size)
+    rng = random.Random(7)
+    fd = os.open(fs.vol("m"), os.O_RDWR)
+    try:
+        for step in range(300):
+            off = rng.randrange(size)
+            n = min(rng.choice([1, 100, 4096, 65536, 300_000, MiB]), size - off)
+            kind = rng.random()
+            if kind < 0.45:
+                data = rng.randbytes(n)
+                assert os.pwrite(fd, data, off) == n
+                model[off : off + n] = data
+            elif kind < 0.5:
+                assert fallocate(fd, 0x02 | 0x01, off, n) == 0  # PUNCH_HOLE | KEEP_SIZE
+                model[off : off + n] = bytes(n)
+            else:
+                assert os.pread(fd, n, off) == model[off : off + n], f"step {step}"
+            if step % 100 == 99:
+                fs.cli("sync")
+        assert os.pread(fd, size, 0) == model
+    finally:
+        os.close(fd)
 
 
 def test_snapshot_files_are_read_ahead_by_the_kernel(snapfs: Snapfs):
