@@ -298,7 +298,7 @@ class DataPath(Flusher):
         if start >= end:
             return
         blk = start // head.bs
-        if blk in head.holes and head.dirty[blk] == head.row.epoch:
+        if blk in head.holes:  # discarded and not written since: all zeros, in any epoch
             return
         clean = blk not in head.dirty  # then the tree says what it holds
         if clean and await self.tree.lookup(head.row.root, head.row.root_level, blk) is None:
