@@ -161,6 +161,15 @@ class DataPath(Flusher):
 
     async def _write_locked(self, head: Head, offset: int, view: memoryview) -> None:
         bs = head.bs
+        first, last = offset // bs, (offset + len(view) - 1) // bs
+        epoch, dirty, holes = head.row.epoch, head.dirty, head.holes
+        if all(dirty.get(b, -1) >= epoch and b not in holes for b in range(first, last + 1)):
+            # Hot data (every block already dirty in this epoch): nothing to fetch, freeze
+            # or account, so one pwrite for the whole range.
+            os.pwrite(head.cache_fd, view, offset)
+            for blk in range(first, last + 1):
+                self._mark_dirty(head, blk)
+            return
         pos = 0
         while pos < len(view):
             blk, boff = divmod(offset + pos, bs)
