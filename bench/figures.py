@@ -763,8 +763,8 @@ class UploadSampler:
 
 
 def _flush(run, sf: Snapfs, size: int, label: str) -> dict:
-    """N times: write `size` of new data to a volume and `sync`. The flusher starts on
-    blocks left alone for a second, so it is busy before sync is called: a thread samples
+    """N times: write `size` of new data to a volume and `sync`. The flusher may start on
+    blocks left alone for its flush delay before sync is called: a thread samples
     stats.uploaded_bytes every 0.1 s, and the rate is the bytes uploaded over the busy
     time, from the sample before the first upload to the return of sync."""
     sf.init().mount(cache_size="8G")
