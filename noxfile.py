@@ -14,7 +14,7 @@ def _install(session: nox.Session, *extras: str) -> None:
 def tests(session: nox.Session) -> None:
     """The whole suite (needs root, /dev/fuse and loop devices; starts a loopback Swift)."""
     _install(session, "test")
-    session.run("python", "scripts/pyfuse3-patch.py")  # discard needs it
+    session.run("python", "scripts/pyfuse3-patch.py")  # discard and spliced reads
     session.run("pytest", "-p", "no:cacheprovider", *session.posargs)
 
 
