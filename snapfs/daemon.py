@@ -147,6 +147,9 @@ class Daemon:
             "mountpoint": self.mountpoint,
             "cache_dir": self.cache_dir,
             "read_only": self.opts.read_only,
+            "cache_size": engine.config.cache_size,
+            "flush_delay": engine.config.flush_delay,
+            "flush_max_age": engine.config.flush_max_age,
             "started": time.time(),
         }
         controller = Controller(engine, status)

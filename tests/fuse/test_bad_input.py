@@ -141,7 +141,9 @@ def test_daemon_survives_everything(fs: Snapfs):
     test_bad_xattrs(fs)
     for name in BAD_SNAPSHOT_NAMES:
         fs.cli("snapshot", "create", f"good@{name}", check=False)
-    assert fs.cli_json("status")["pid"] == fs.pid
+    status = fs.cli_json("status")
+    assert status["pid"] == fs.pid
+    assert (status["flush_delay"], status["flush_max_age"]) == (5.0, 30.0)  # the defaults
     with open(fs.vol("good"), "rb") as f:
         assert f.read(8000) == b"precious" * 1000
     with open(fs.snap("good", "keep"), "rb") as f:
