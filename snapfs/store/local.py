@@ -65,13 +65,13 @@ class LocalStore(Store):
                 os.fdatasync(fd)
             finally:
                 os.close(fd)
-            with self._entries_lock:
-                self._new_entries.add(parent)
             if not exclusive:
                 os.rename(tmp, path)
+                self._entry_changed(parent)
                 return
             try:
                 os.link(tmp, path)  # atomic: fails when the key exists
+                self._entry_changed(parent)
             except FileExistsError:
                 with open(path, "rb") as f:
                     if f.read() != bytes(data):
@@ -145,8 +145,13 @@ class LocalStore(Store):
         for new in reversed(missing):
             with contextlib.suppress(FileExistsError):
                 os.mkdir(new)
-            with self._entries_lock:
-                self._new_entries.add(os.path.dirname(new))
+            self._entry_changed(os.path.dirname(new))
+
+    def _entry_changed(self, directory: str) -> None:
+        """Called after (never before) an entry of `directory` changed: the next barrier
+        fsyncs it. A barrier that runs before the change cannot have taken it."""
+        with self._entries_lock:
+            self._new_entries.add(directory)
 
     async def barrier(self) -> None:
         """Every put that returned is durable: its data was fdatasynced by the put; fsync
