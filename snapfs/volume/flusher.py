@@ -133,9 +133,10 @@ class Flusher(EngineBase):
         changes: dict[int, bytes | None] = {}
         uploads: dict[bytes, None] = {}  # chunk ids this commit stores (an ordered set)
         per_slice = max(1, self.config.slice_bytes // bs)
-        # Full packs go up in the background, up to `uploads` at a time, while the next
-        # slice is read and hashed: the store stays busy and memory holds about one slice
-        # plus the packs in flight.
+        # Full packs go up in the background, up to `uploads / 2` at a time (more gained
+        # nothing on either store and cost memory), while the next slice is read and
+        # hashed: the store stays busy and memory holds about one slice plus the packs in
+        # flight.
         window = trio.Semaphore(max(1, self.config.uploads // 2))
         async with plain_errors_nursery() as uploading:
             for first in range(0, len(reads), per_slice):
