@@ -17,6 +17,7 @@ from snapfs.store.base import Store
 from snapfs.tree import TreeReader
 from snapfs.volume.catalog import Catalog, SnapshotRow
 from snapfs.volume.head import Head, punch_hole
+from snapfs.volume.inflight import InFlight
 from snapfs.volume.readahead import ReadAhead
 
 log = logging.getLogger("snapfs.engine")
@@ -116,7 +117,7 @@ class EngineBase:
         self._snap_cache: OrderedDict[bytes, bytes] = OrderedDict()
         self._snap_cache_bytes = 0
         self._snap_cache_limit = 2 * config.readahead_bytes + (4 << 20)
-        self._snap_fetching: dict[bytes, trio.Event] = {}
+        self._snap_fetching = InFlight()
 
     # ------------------------------------------------------------------ helpers
 

@@ -90,9 +90,7 @@ class DataPath(Flusher):
             and (vid, b) not in self.lru
             and b not in head.fetching
         ]
-        events = {b: trio.Event() for b in todo}
-        head.fetching.update(events)
-        try:
+        with head.fetching.claim(todo):
             root, level = head.row.root, head.row.root_level
             oids = {b: await self.tree.lookup(root, level, b) for b in todo}
             datas = await self.chunks.get_many(CHUNK, [o for o in oids.values() if o])
@@ -102,10 +100,6 @@ class DataPath(Flusher):
                 if b not in head.dirty and (vid, b) not in self.lru:
                     self._cache_clean(head, b, None if oid is None else datas[oid])
             self._evict()
-        finally:
-            for b, event in events.items():
-                del head.fetching[b]
-                event.set()
 
     async def _fetch_block(self, head: Head, blk: int) -> bytes | None:
         """Content of a block that was not present (None for a hole), cached on the way."""
@@ -113,12 +107,9 @@ class DataPath(Flusher):
         while True:
             if blk in head.dirty or key in self.lru:
                 return os.pread(head.cache_fd, head.blen(blk), blk * head.bs)
-            event = head.fetching.get(blk)
-            if event is None:
+            if not await head.fetching.wait(blk):
                 break
-            await event.wait()
-        event = head.fetching[blk] = trio.Event()
-        try:
+        with head.fetching.claim([blk]):
             root, level = head.row.root, head.row.root_level
             oid = await self.tree.lookup(root, level, blk)
             data = None if oid is None else await self.chunks.get(CHUNK, oid)
@@ -126,9 +117,6 @@ class DataPath(Flusher):
                 self._cache_clean(head, blk, data)
                 self._evict()
             return data
-        finally:
-            del head.fetching[blk]
-            event.set()
 
     def _cache_clean(self, head: Head, blk: int, data: bytes | None) -> None:
         """Put a fetched block (None: a hole) into the cache file as a clean block."""
@@ -396,16 +384,10 @@ class DataPath(Flusher):
             oid = await self.tree.lookup(snap.root, snap.root_level, blk)
             if oid is not None and oid not in self._snap_cache and oid not in self._snap_fetching:
                 oids.add(oid)
-        events = {oid: trio.Event() for oid in oids}
-        self._snap_fetching.update(events)
-        try:
+        with self._snap_fetching.claim(oids):
             for oid, data in (await self.chunks.get_many(CHUNK, list(oids))).items():
                 self.fetched += 1
                 self._snap_cache_put(oid, data)
-        finally:
-            for oid, event in events.items():
-                del self._snap_fetching[oid]
-                event.set()
 
     def _snap_cache_put(self, oid: bytes, data: bytes) -> None:
         if oid not in self._snap_cache:
@@ -422,16 +404,10 @@ class DataPath(Flusher):
             if data is not None:
                 self._snap_cache.move_to_end(oid)
                 return data
-            event = self._snap_fetching.get(oid)
-            if event is None:
+            if not await self._snap_fetching.wait(oid):
                 break
-            await event.wait()
-        event = self._snap_fetching[oid] = trio.Event()
-        try:
+        with self._snap_fetching.claim([oid]):
             data = await self.chunks.get(CHUNK, oid)
             self.fetched += 1
             self._snap_cache_put(oid, data)
             return data
-        finally:
-            del self._snap_fetching[oid]
-            event.set()

@@ -9,6 +9,7 @@ import trio
 import trio.lowlevel
 
 from snapfs.volume.catalog import SnapshotRow, VolumeRow
+from snapfs.volume.inflight import InFlight
 
 log = logging.getLogger("snapfs.engine")
 
@@ -45,7 +46,7 @@ class Head:
         self.pending: list[SnapshotRow] = []  # snapshots in creating/deleting, by epoch
         self.opens = 0
         self.write_lock = trio.Lock()
-        self.fetching: dict[int, trio.Event] = {}
+        self.fetching = InFlight()
         self.mapped = 0  # blocks the committed tree maps to data
         self.dirty_new: set[int] = set()  # dirty blocks the committed tree does not map
         self.holes: dict[int, bool] = {}  # discarded dirty blocks → the committed tree maps it
