@@ -10,8 +10,9 @@
 
 Rules match on the operation name (put, put_new, get, get_ranges, head, delete, list,
 barrier) and a key prefix; each rule fires `times` times (None: for ever). `hook` is called
-before every call with (op, key) and may be a coroutine function: the simulation uses it to
-delay and to fail at random.
+before every call with (op, key, False) and after it with (op, key, True), and may be a
+coroutine function: the simulation uses it to delay and to fail at random (an error after
+the call is a lost reply: the call happened).
 """
 
 from __future__ import annotations
@@ -94,10 +95,10 @@ class FaultStore(Store):
     async def _point(self, op: str, key: str, after: bool) -> None:
         if not after:
             self.calls.append((op, key))
-            if self.hook is not None:
-                res = self.hook(op, key)
-                if inspect.isawaitable(res):
-                    await res
+        if self.hook is not None:
+            res = self.hook(op, key, after)
+            if inspect.isawaitable(res):
+                await res
         for rule in list(self.rules):
             if not rule.matches(op, key, after):
                 continue

@@ -371,16 +371,17 @@ class DataPath(Flusher):
         self.writable()
 
     async def _persist_dirty(self, head: Head) -> None:
-        todo, head.unsynced = head.unsynced, set()
-        try:
-            await head.cache.datasync()
-            with self.catalog.transaction():
-                self.catalog.set_dirty(
-                    head.row.id, [(b, head.dirty[b]) for b in todo if b in head.dirty]
-                )
-        except BaseException:
-            head.unsynced |= todo
-            raise
+        """Sync the cache file, then commit the rows of the dirty blocks that have none yet.
+        A block stays in `unsynced` until its row is in: at every await, each dirty block
+        has a row or is in `unsynced`. A block written again during the sync keeps the row
+        (it is dirty, in the same epoch); its new bytes wait for the next sync."""
+        todo = list(head.unsynced)
+        await head.cache.datasync()
+        with self.catalog.transaction():
+            self.catalog.set_dirty(
+                head.row.id, [(b, head.dirty[b]) for b in todo if b in head.dirty]
+            )
+        head.unsynced.difference_update(todo)
 
     async def read_snapshot(self, snap: SnapshotRow, offset: int, size: int) -> bytes:
         end = min(offset + size, snap.size)

@@ -107,6 +107,12 @@ class Engine(DataPath, Maintenance):
                     self._lru_add(head, blk)
         temporary = []
         for snap in cat.snapshots():
+            if snap.state == "creating" and snap.temporary and not self.read_only:
+                # Left by a crash: dropped like any temporary snapshot, once committed
+                # (later snapshots of the volume build on it).
+                with cat.transaction():
+                    cat.update_snapshot(snap.id, state="deleting")
+                snap.state = "deleting"
             if snap.state in ("creating", "deleting"):
                 self.heads[snap.volume].pending.append(snap)
             elif snap.temporary:

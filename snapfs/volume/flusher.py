@@ -31,11 +31,17 @@ class Flusher(EngineBase):
     transaction, publish it, then delete what the published catalog no longer needs."""
 
     async def sync(self) -> None:
-        """Upload everything written before the call, complete every pending snapshot and
-        publish the catalog. Errors of the store propagate after its retries."""
+        """Make everything written before the call durable locally (as fsync does), upload
+        it, complete every pending snapshot and publish the catalog. Errors of the store
+        propagate after its retries."""
         if self.lease_lost:
             raise ReadOnly(f"cannot sync: {self.lease_lost}")
         target = self.gen
+        # First make it durable here, as an fsync of every volume does: a block written
+        # again during the upload stays dirty, and what it held before the call must not
+        # be lost with the newer write if the machine dies before the next sync.
+        for head in list(self.heads.values()):
+            await self._persist_dirty(head)
         while await self.flush_once(upto_gen=target):
             pass
         async with self.commit_lock:

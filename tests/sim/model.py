@@ -1,0 +1,181 @@
+"""What the simulation expects of a volume: every version each block has had, and when.
+
+Each write (or discard, or rollback) gives each block it touches a new *version*: its whole
+content, the step its call began and the step it was acknowledged (None while in flight, or
+for ever when the call failed or a crash cut it off). Steps are one counter for the whole
+world, so "acknowledged before the snapshot began" is a plain comparison. From that:
+
+- a read with no write of its own volume in flight must give the newest version;
+- a snapshot taken over steps [start, end] holds, per block, the version current when it
+  began or any version whose call overlapped it (a write in flight may or may not be in);
+- after a crash a block holds the newest version made durable (acknowledged before an
+  fsync, a snapshot of the volume or a sync began) or any later one, acknowledged or not.
+
+The world resolves every uncertainty by reading (after a failed call, a crash, or the first
+read of a snapshot), so each version's content is always one definite block: the base of a
+partial write is never in doubt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Version:
+    data: bytes
+    start: int
+    end: int | None = None  # acknowledged at this step; None: in flight, failed or cut off
+
+
+@dataclass
+class VolumeModel:
+    name: str
+    size: int
+    bs: int
+    blocks: list[list[Version]] = field(default_factory=list)
+    durable: int = -1  # versions acknowledged before this step survive a crash
+    acked: bool = True  # the call that created the volume returned
+
+    @classmethod
+    def new(cls, name: str, size: int, bs: int, content: bytes | None, step: int):
+        content = content if content is not None else bytes(size)
+        content += bytes(size - len(content))
+        vol = cls(name, size, bs)
+        vol.blocks = [[Version(content[i : i + bs], step, step)] for i in range(0, size, bs)]
+        vol.durable = step + 1
+        return vol
+
+    def current(self, blk: int) -> bytes:
+        return self.blocks[blk][-1].data
+
+    def content(self) -> bytes:
+        return b"".join(self.current(b) for b in range(len(self.blocks)))
+
+    def begin(self, offset: int, data: bytes, step: int) -> list[tuple[int, Version]]:
+        """A write of `data` at `offset` began: one new version per block it touches."""
+        out = []
+        pos = 0
+        while pos < len(data):
+            blk, boff = divmod(offset + pos, self.bs)
+            n = min(self.bs - boff, len(data) - pos)
+            base = self.current(blk)
+            version = Version(base[:boff] + data[pos : pos + n] + base[boff + n :], step)
+            self.blocks[blk].append(version)
+            out.append((blk, version))
+            pos += n
+        return out
+
+    def replace_all(self, content: bytes, step: int) -> list[tuple[int, Version]]:
+        out = []
+        for blk, versions in enumerate(self.blocks):
+            version = Version(content[blk * self.bs : (blk + 1) * self.bs], step)
+            versions.append(version)
+            out.append((blk, version))
+        return out
+
+    def settle(self, blk: int, data: bytes, why: str, now: int) -> None:
+        """The block was read as `data` after an uncertain event: it must be one of the
+        versions after the last one known to have happened; it is the only one now."""
+        versions = self.blocks[blk]
+        last_known = max((i for i, v in enumerate(versions) if v.end is not None), default=0)
+        candidates = versions[last_known:]
+        for v in reversed(candidates):
+            if v.data == data:  # it happened; the others after the last known did not
+                keep = versions[: last_known + 1] + ([v] if v is not versions[last_known] else [])
+                self.blocks[blk] = keep
+                if v.end is None:
+                    v.end = now
+                return
+        raise AssertionError(
+            f"{self.name} block {blk} after {why}: read {_show(data)}, expected one of "
+            f"{[_show(v.data) for v in candidates]}"
+        )
+
+    def crash_candidates(self, blk: int) -> list[Version]:
+        versions = self.blocks[blk]
+        base = max(
+            (i for i, v in enumerate(versions) if v.end is not None and v.end < self.durable),
+            default=0,
+        )
+        return versions[base:]
+
+    def after_crash(self, blk: int, data: bytes) -> None:
+        for v in self.crash_candidates(blk):
+            if v.data == data:
+                self.blocks[blk] = [Version(data, -1, -1)]
+                return
+        raise AssertionError(
+            f"{self.name} block {blk} after a crash: read {_show(data)}, expected one of "
+            f"{[(_show(v.data), v.start, v.end) for v in self.crash_candidates(blk)]} "
+            f"(durable since step {self.durable}; all versions "
+            f"{[(_show(v.data), v.start, v.end) for v in self.blocks[blk]]}): "
+            "an acknowledged, fsynced write was lost"
+        )
+
+    def snapshot_candidates(self, blk: int, start: int, end: int | None) -> list[bytes]:
+        versions = self.blocks[blk]
+        base = max(
+            (i for i, v in enumerate(versions) if v.end is not None and v.end < start),
+            default=0,
+        )
+        return [
+            v.data
+            for i, v in enumerate(versions)
+            if i == base or (i > base and (end is None or v.start < end))
+        ]
+
+    def prune(self, keep_from: int) -> None:
+        """Forget versions that nothing can ask for again: superseded by a version
+        acknowledged before `keep_from` (the oldest unresolved snapshot's start and the
+        durable point)."""
+        keep_from = min(keep_from, self.durable)
+        for blk, versions in enumerate(self.blocks):
+            base = max(
+                (i for i, v in enumerate(versions) if v.end is not None and v.end < keep_from),
+                default=0,
+            )
+            if base:
+                self.blocks[blk] = versions[base:]
+
+
+@dataclass
+class SnapModel:
+    volume: str
+    name: str
+    start: int
+    end: int | None = None  # the create call returned at this step
+    temporary: bool = False
+    deleting: bool = False  # a delete call is under way
+    content: bytes | None = None  # once read
+    candidates: list[list[bytes]] | None = None  # per block, fixed when the call returned
+
+    def fix_candidates(self, vol: VolumeModel) -> None:
+        self.candidates = [
+            vol.snapshot_candidates(b, self.start, self.end) for b in range(len(vol.blocks))
+        ]
+
+    def resolve(self, data: bytes, bs: int) -> None:
+        if self.content is not None:
+            assert data == self.content, f"snapshot {self.volume}@{self.name} changed"
+            return
+        assert self.candidates is not None
+        assert len(data) == len(self.candidates) * bs, f"{self.volume}@{self.name}: size"
+        for blk, options in enumerate(self.candidates):
+            got = data[blk * bs : (blk + 1) * bs]
+            assert got in options, (
+                f"snapshot {self.volume}@{self.name} block {blk}: read {_show(got)}, "
+                f"expected one of {[_show(o) for o in options]}"
+            )
+        self.content = data
+        self.candidates = None
+
+
+def _show(block: bytes) -> str:
+    """A short name for a block's content: the sim writes blocks made of 8-byte tags."""
+    if not any(block):
+        return "zeros"
+    tags = sorted({block[i : i + 8] for i in range(0, len(block), 8)} - {bytes(8)})
+    return "+".join(t.decode(errors="replace").strip() for t in tags[:4]) + (
+        "+..." if len(tags) > 4 else ""
+    )

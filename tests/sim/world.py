@@ -1,0 +1,634 @@
+"""A deterministic simulation of one snapfs writer and its store (see docs/design.md,
+"The simulation").
+
+One seed is one history: trio runs on a MockClock (no wall clock: virtual time jumps when
+every task waits), its scheduler's coin and every random choice come from the seed, and
+work the engine sends to threads runs inline. On that clock, concurrent tasks work on the
+engine: a client per volume (writes of any size and offset, discards, reads, fsyncs), an
+admin (snapshots, temporary snapshots, deletes, clones, rollbacks, syncs, gc, evictions,
+fsck, reads of snapshots), the real background flusher, read-ahead, and a checker that
+calls `assert_invariants()` at random moments. The store delays calls, fails them (before
+they happen, or after: a lost reply) and the cache files sync slowly. At random moments the
+node crashes: every task is cancelled wherever it waits, the engine is dropped without
+closing, every cache-file write that was not fdatasynced is lost, and a new engine opens the
+same cache dir. Sometimes it is a clean restart instead.
+
+After every operation the invariants hold, every read equals the model, every block after a
+crash holds a version the model allows (nothing fsynced is lost), and every snapshot holds
+one consistent cut. At the end, with faults off: everything syncs, fsck is clean, and a
+store-only restore into an empty cache dir reads back every volume and snapshot exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import tempfile
+from dataclasses import dataclass
+
+import trio
+
+from snapfs.errors import IntegrityError, NotFound, ObjectNotFound, SnapfsError, StoreError
+from snapfs.store import MemoryStore
+from snapfs.volume import publish
+from snapfs.volume.engine import Engine, EngineConfig
+from tests.faultstore import FaultStore
+from tests.sim.files import SimFiles
+from tests.sim.model import SnapModel, VolumeModel, _show
+
+BS = 4096
+
+
+@dataclass
+class Knobs:
+    """How hard a run pushes: drawn from the seed, so seeds differ in kind, not only in
+    their coin flips."""
+
+    volumes: int
+    blocks: int
+    cache_blocks: int
+    store_delay: float  # share of store calls that wait a little
+    store_fail: float  # share of store calls that fail (half of them after the call)
+    incarnations: int  # crashes or restarts, plus one
+    life: float  # virtual seconds an incarnation lives, at most
+    ops: int  # operations per client and incarnation, at most
+
+    @classmethod
+    def draw(cls, rng: random.Random) -> Knobs:
+        return cls(
+            volumes=rng.choice([1, 2, 3]),
+            blocks=rng.choice([6, 16, 40]),
+            cache_blocks=rng.choice([10, 24, 400]),
+            store_delay=rng.choice([0.0, 0.3, 0.8]),
+            store_fail=rng.choice([0.0, 0.0, 0.02, 0.08]),
+            incarnations=rng.choice([1, 2, 4]),
+            life=rng.choice([2.0, 10.0, 40.0]),
+            ops=rng.choice([20, 60]),
+        )
+
+
+class BugFound(AssertionError):
+    pass
+
+
+class _ErrorLog(logging.Handler):
+    """Errors the engine logged and carried on from (the flusher survives any failure of
+    a cycle): a non-snapfs exception, a missing object or bad bytes there is a bug."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.bugs: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and (
+            not isinstance(exc, SnapfsError) or isinstance(exc, ObjectNotFound | IntegrityError)
+        ):
+            self.bugs.append(f"{record.getMessage()}: {exc.__class__.__name__}: {exc}")
+        elif "flush failed" in record.getMessage() and "injected" not in record.getMessage():
+            self.bugs.append(record.getMessage())
+
+
+class World:
+    def __init__(self, seed: int, root: str) -> None:
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.knobs = Knobs.draw(self.rng)
+        self.root = root
+        self.store = FaultStore(MemoryStore())
+        self.store.hook = self._store_fault
+        self.files = SimFiles()
+        self.files.hook = self._file_delay
+        self.faults = False
+        self.clock = 0  # the step counter of the model
+        self.steps = 0  # operations done
+        self.vols: dict[str, VolumeModel] = {}
+        self.snaps: dict[tuple[str, str], SnapModel] = {}
+        self.locks: dict[str, trio.Lock] = {}
+        self.history: list[str] = []
+        self.engine: Engine | None = None
+        self.cache_dir = tempfile.mkdtemp(prefix="cache-", dir=root)
+        self.config = EngineConfig(
+            cache_size=self.knobs.cache_blocks * BS,
+            batch_bytes=6 * BS,
+            slice_bytes=2 * BS,
+            pack_size=3 * BS,
+            uploads=3,
+            flush_delay=0.5,
+            flush_max_age=2.0,
+            readahead_bytes=4 * BS,
+        )
+        self.counter = 0
+        self.errors = _ErrorLog()
+        self._node: trio.Nursery | None = None
+        self.active = 0  # clients still at work
+        self.idle = trio.Event()
+
+    # ------------------------------------------------------------------ faults
+
+    async def _store_fault(self, op: str, key: str, after: bool) -> None:
+        if not self.faults or (
+            os.environ.get("SIM_NO_BUG3") and (key.startswith("catalog") or op == "barrier")
+        ):
+            return
+        if not after and self.rng.random() < self.knobs.store_delay:
+            await trio.sleep(self.rng.expovariate(200))
+        if self.rng.random() < self.knobs.store_fail / 2:
+            raise StoreError(f"injected: {op} {key} {'reply lost' if after else 'failed'}")
+
+    async def _file_delay(self, op: str, path: str) -> None:
+        if self.faults and self.rng.random() < 0.5:
+            await trio.sleep(self.rng.expovariate(500))
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def tick(self) -> int:
+        self.clock += 1
+        return self.clock
+
+    def note(self, what: str) -> None:
+        self.steps += 1
+        self.history.append(f"{self.steps} c={self.clock} t={trio.current_time():.3f} {what}")
+        del self.history[:-400]
+
+    async def trace(self, where: str) -> None:
+        """SNAPFS_SIM_TRACE=VOL:BLK prints that block's state in the engine at each step."""
+        spec = os.environ.get("SNAPFS_SIM_TRACE")
+        if not spec or self.engine is None:
+            return
+        vol, blk = spec.split(":")
+        head = self.engine.heads.get(vol)
+        if head is None:
+            return
+        blk = int(blk)
+        mapped = await self.engine.tree.lookup(head.row.root, head.row.root_level, blk)
+        row = self.engine.catalog.dirty(head.row.id).get(blk)
+        data = head.cache.pread(BS, blk * BS)
+        image = self.files.images.get(head.cache_path, b"")
+        print(
+            f"TRACE {where} c={self.clock}: dirty={head.dirty.get(blk)} row={row} "
+            f"unsynced={blk in head.unsynced} lru={(head.row.id, blk) in self.engine.lru} "
+            f"hole={head.holes.get(blk)} tree={_show(b'') if mapped is None else mapped.hex()[:8]}"
+            f" cache={_show(data)} image={_show(image[blk * BS : (blk + 1) * BS])}"
+        )
+
+    def check(self, where: str) -> None:
+        if self.errors.bugs:
+            raise BugFound(f"the engine logged a bug: {self.errors.bugs[0]}")
+        try:
+            self.engine.assert_invariants()
+        except AssertionError as exc:
+            raise BugFound(f"invariant broken after {where}: {exc}") from None
+
+    def name(self, prefix: str) -> str:
+        self.counter += 1
+        return f"{prefix}{self.counter}"
+
+    def tag(self, n: int) -> bytes:
+        """n bytes of 8-byte tags that say which write made them."""
+        self.counter += 1
+        unit = f"w{self.counter:<6}|".encode()[:8]
+        return (unit * (n // 8 + 1))[:n]
+
+    async def retry(self, call, *args, attempts: int = 200):
+        """Call until the injected faults let it through (the oracle's own reads)."""
+        for _ in range(attempts):
+            try:
+                return await call(*args)
+            except StoreError:
+                await trio.sleep(0.01)
+        raise BugFound(f"{call.__name__} kept failing")
+
+    # ------------------------------------------------------------------ the run
+
+    async def run(self) -> None:
+        logging.getLogger("snapfs").addHandler(self.errors)
+        try:
+            await publish.init_store(self.store)
+            self.engine = await Engine.open(
+                self.store, self.cache_dir, self.config, files=self.files
+            )
+            for i in range(self.knobs.volumes):
+                name = f"v{i}"
+                await self.engine.create_volume(name, self.knobs.blocks * BS, BS)
+                self.vols[name] = VolumeModel.new(
+                    name, self.knobs.blocks * BS, BS, None, self.tick()
+                )
+                self.locks[name] = trio.Lock()
+            for life in range(self.knobs.incarnations):
+                self.faults = True
+                with trio.move_on_after(self.rng.uniform(0.1, 1.0) * self.knobs.life):
+                    await self.live()
+                self.faults = False
+                if life + 1 < self.knobs.incarnations:
+                    await self.restart(crash=self.rng.random() < 0.75)
+            await self.finish()
+        finally:
+            logging.getLogger("snapfs").removeHandler(self.errors)
+            if self.engine is not None:
+                self.abandon()
+
+    async def live(self) -> None:
+        self.idle = trio.Event()
+        async with trio.open_nursery() as nursery:
+            self._node = nursery
+            await nursery.start(self.engine.run_flusher)
+            await nursery.start(self.engine.readahead.run)
+            nursery.start_soon(self.checker)
+            for name in list(self.vols):
+                nursery.start_soon(self.client, name)
+            await self.admin()
+            await self.idle.wait()
+            nursery.cancel_scope.cancel()  # the work is done: end the flusher too
+
+    async def checker(self) -> None:
+        while True:
+            await trio.sleep(self.rng.expovariate(20))
+            self.check("a random moment")
+
+    # ------------------------------------------------------------------ clients
+
+    async def client(self, name: str) -> None:
+        vol = self.vols[name]
+        self.active += 1
+        try:
+            for _ in range(self.knobs.ops):
+                await trio.sleep(self.rng.expovariate(10))
+                async with self.locks[name]:
+                    await self.client_op(vol)
+                await self.trace(self.history[-1])
+                self.check(f"a client op on {name}")
+        finally:
+            self.active -= 1
+            if not self.active:
+                self.idle.set()
+
+    async def client_op(self, vol: VolumeModel) -> None:
+        r = self.rng.random()
+        engine = self.engine
+        if r < 0.55 or r >= 0.95:
+            off, n = self.extent(vol, discard=r >= 0.95)
+            data = bytes(n) if r >= 0.95 else self.tag(n)
+            versions = vol.begin(off, data, self.tick())
+            kind = "discard" if r >= 0.95 else "write"
+            self.note(f"{kind} {vol.name} {off}+{n}")
+            try:
+                if kind == "discard":
+                    await engine.discard(vol.name, off, n)
+                else:
+                    await engine.write(vol.name, off, data)
+            except SnapfsError as exc:
+                self.expected(exc)
+                await self.settle(vol, {b for b, _v in versions}, f"a failed {kind}")
+                return
+            end = self.tick()
+            for _blk, version in versions:
+                version.end = end
+        elif r < 0.7:
+            start = self.tick()
+            self.note(f"fsync {vol.name}")
+            await engine.fsync(vol.name)
+            vol.durable = max(vol.durable, start)
+        else:
+            off, n = self.extent(vol)
+            self.note(f"read {vol.name} {off}+{n}")
+            try:
+                got = await engine.read(vol.name, off, n)
+            except SnapfsError as exc:
+                self.expected(exc)
+                return
+            want = vol.content()[off : off + n]
+            if got != want:
+                first = off + next(i for i in range(n) if got[i : i + 1] != want[i : i + 1])
+                raise BugFound(
+                    f"read {vol.name} {off}+{n} differs from the model at byte {first} "
+                    f"(block {first // BS}): {got[first - off : first - off + 16]!r} instead "
+                    f"of {want[first - off : first - off + 16]!r}"
+                )
+
+    def extent(self, vol: VolumeModel, discard: bool = False) -> tuple[int, int]:
+        size = vol.size
+        kind = self.rng.random()
+        if kind < 0.4:  # whole blocks
+            blk = self.rng.randrange(len(vol.blocks))
+            count = self.rng.randint(1, min(4, len(vol.blocks) - blk))
+            return blk * BS, count * BS
+        off = self.rng.randrange(size)
+        n = self.rng.randint(1, min(size - off, 3 * BS if not discard else 8 * BS))
+        return off, n
+
+    def expected(self, exc: SnapfsError) -> None:
+        """An error a call may give in this world: the store failed (injected)."""
+        if isinstance(exc, ObjectNotFound | IntegrityError) or not isinstance(exc, StoreError):
+            raise BugFound(f"unexpected error: {exc.__class__.__name__}: {exc}") from exc
+
+    async def settle(self, vol: VolumeModel, blocks, why: str) -> None:
+        for blk in sorted(blocks):
+            data = await self.retry(self.engine.read, vol.name, blk * BS, BS)
+            vol.settle(blk, data, why, self.tick())
+
+    # ------------------------------------------------------------------ admin
+
+    async def admin(self) -> None:
+        ops = [
+            (self.op_snapshot, 6),
+            (self.op_delete_snapshot, 2),
+            (self.op_read_snapshot, 4),
+            (self.op_clone, 1),
+            (self.op_rollback, 1),
+            (self.op_sync, 2),
+            (self.op_gc, 1),
+            (self.op_evict, 2),
+            (self.op_fsck, 1),
+        ]
+        funcs, weights = zip(*ops, strict=True)
+        for _ in range(self.knobs.ops):
+            await trio.sleep(self.rng.expovariate(5))
+            op = self.rng.choices(funcs, weights)[0]
+            try:
+                await op()
+            except SnapfsError as exc:
+                self.expected(exc)
+            await self.trace(f"admin {op.__name__}")
+            self.check(op.__name__)
+            self.prune()
+
+    def pick_volume(self) -> VolumeModel:
+        return self.vols[self.rng.choice(sorted(self.vols))]
+
+    def pick_snapshot(self, volume: str | None = None) -> SnapModel | None:
+        keys = sorted(k for k, s in self.snaps.items() if s.end is not None)
+        if volume is not None:
+            keys = [k for k in keys if k[0] == volume]
+        return self.snaps[self.rng.choice(keys)] if keys else None
+
+    async def op_snapshot(self) -> None:
+        vol = self.pick_volume()
+        snap = SnapModel(vol.name, self.name("s"), self.tick(), temporary=self.rng.random() < 0.2)
+        self.snaps[(vol.name, snap.name)] = snap
+        self.note(f"snapshot {vol.name}@{snap.name}{' (temporary)' if snap.temporary else ''}")
+        try:
+            await self.engine.create_snapshot(vol.name, snap.name, temporary=snap.temporary)
+        except SnapfsError as exc:
+            self.expected(exc)
+            if not self.exists(vol.name, snap.name):
+                del self.snaps[(vol.name, snap.name)]
+                return
+        snap.end = self.tick()
+        snap.fix_candidates(vol)
+        vol.durable = max(vol.durable, snap.start)
+
+    async def op_delete_snapshot(self) -> None:
+        snap = self.pick_snapshot()
+        if snap is None:
+            return
+        self.note(f"delete {snap.volume}@{snap.name}")
+        snap.deleting = True
+        try:
+            await self.engine.delete_snapshot(snap.volume, snap.name)
+        except SnapfsError as exc:
+            self.expected(exc)
+            if self.exists(snap.volume, snap.name):
+                snap.deleting = False
+                return  # failed before it was deleted
+        del self.snaps[(snap.volume, snap.name)]
+
+    def exists(self, volume: str, name: str) -> bool:
+        try:
+            self.engine.snapshot_row(volume, name)
+            return True
+        except NotFound:
+            return False
+
+    async def op_read_snapshot(self, snap: SnapModel | None = None) -> SnapModel | None:
+        snap = snap or self.pick_snapshot()
+        if snap is None:
+            return None
+        self.note(f"read {snap.volume}@{snap.name}")
+        row = await self.engine.wait_available(snap.volume, snap.name)
+        data = await self.engine.read_snapshot(row, 0, row.size)
+        snap.resolve(data, BS)
+        return snap
+
+    async def op_clone(self) -> None:
+        snap = await self.op_read_snapshot()
+        if snap is None or len(self.vols) >= 5:
+            return
+        name = self.name("c")
+        grow = self.rng.choice([0, 0, 2 * BS])
+        size = len(snap.content) + grow
+        self.note(f"clone {snap.volume}@{snap.name} -> {name}")
+        model = VolumeModel.new(name, size, BS, snap.content, self.tick())
+        model.acked = False
+        self.vols[name] = model
+        self.locks[name] = trio.Lock()
+        try:
+            await self.engine.create_volume(name, size, source=(snap.volume, snap.name))
+        except SnapfsError as exc:
+            self.expected(exc)
+            if name not in self.engine.heads:
+                del self.vols[name]
+                return
+        model.acked = True
+        model.durable = self.tick()
+        self._node.start_soon(self.client, name)
+
+    async def op_rollback(self) -> None:
+        vol = self.pick_volume()
+        snap = self.pick_snapshot(vol.name)
+        if snap is None or self.engine.snapshot_row(vol.name, snap.name).size != vol.size:
+            return
+        snap = await self.op_read_snapshot(snap)
+        async with self.locks[vol.name]:
+            self.note(f"rollback {vol.name} to @{snap.name}")
+            versions = vol.replace_all(snap.content, self.tick())
+            try:
+                await self.engine.rollback(vol.name, snap.name)
+            except SnapfsError as exc:
+                self.expected(exc)
+                await self.settle(vol, range(len(vol.blocks)), "a failed rollback")
+                return
+            end = self.tick()
+            for _blk, version in versions:
+                version.end = end
+            vol.durable = end + 1
+
+    async def op_sync(self) -> None:
+        start = self.tick()
+        self.note("sync")
+        await self.engine.sync()
+        for vol in self.vols.values():
+            vol.durable = max(vol.durable, start)
+
+    async def op_gc(self) -> None:
+        self.note("gc")
+        await self.engine.gc(threshold=self.rng.uniform(0.2, 1.0))
+
+    async def op_evict(self) -> None:
+        self.note("evict")
+        self.engine.evict_all()
+
+    async def op_fsck(self) -> None:
+        self.note("fsck")
+        report = await self.engine.check()
+        if not report.clean:
+            raise BugFound(f"fsck: {report.as_dict()}")
+
+    def prune(self) -> None:
+        pending = [s.start for s in self.snaps.values() if s.end is None]
+        keep = min(pending, default=self.clock)
+        for vol in self.vols.values():
+            vol.prune(keep)
+
+    # ------------------------------------------------------------------ crashes
+
+    def abandon(self) -> None:
+        """Drop the engine as a crash does: no flush, no clean mark, nothing saved."""
+        engine, self.engine = self.engine, None
+        for head in engine.heads.values():
+            head.close()
+        engine.catalog.close()
+
+    async def restart(self, crash: bool) -> None:
+        if crash:
+            await self.trace("before the crash")
+            self.note("CRASH")
+            self.abandon()
+            self.files.crash()
+        else:
+            self.note("restart")
+            try:
+                await self.engine.close()
+            except SnapfsError as exc:
+                self.expected(exc)
+            self.engine = None
+            for vol in self.vols.values():  # a clean close syncs the files
+                vol.durable = self.tick()
+        self.engine = await self.retry(
+            Engine.open, self.store, self.cache_dir, self.config, False, self.files
+        )
+        self.check("a restart")
+        await self.recover()
+
+    async def recover(self) -> None:
+        """After a restart: every volume the model knows of, and every block of it, holds
+        what the model allows; temporary snapshots are gone, acknowledged ones are there."""
+        for key, snap in list(self.snaps.items()):  # first: they need the history
+            there = self.exists(*key)
+            if snap.temporary:
+                if there:
+                    raise BugFound(f"temporary snapshot {key} survived a restart")
+                del self.snaps[key]
+            elif not there:
+                if snap.end is not None and not snap.deleting:
+                    raise BugFound(f"snapshot {key[0]}@{key[1]} is gone after a restart")
+                del self.snaps[key]
+            elif snap.end is None:  # the call was cut off, but the snapshot is there
+                snap.end = self.tick()
+                snap.fix_candidates(self.vols[snap.volume])
+            snap.deleting = False
+        for name, vol in list(self.vols.items()):
+            if name not in self.engine.heads:
+                if vol.acked:
+                    raise BugFound(f"volume {name} is gone after a restart")
+                del self.vols[name]
+                continue
+            vol.acked = True
+            for blk in range(len(vol.blocks)):
+                data = await self.retry(self.engine.read, name, blk * BS, BS)
+                vol.after_crash(blk, data)
+            vol.durable = self.tick()
+
+    # ------------------------------------------------------------------ the end
+
+    def compare(self, vol: VolumeModel, got: bytes, when: str) -> None:
+        bad = [b for b in range(len(vol.blocks)) if got[b * BS : (b + 1) * BS] != vol.current(b)]
+        if bad:
+            blk = bad[0]
+            raise BugFound(
+                f"{vol.name} differs from the model {when} in blocks {bad}: block {blk} reads "
+                f"{_show(got[blk * BS : (blk + 1) * BS])}, the model says {_show(vol.current(blk))}"
+            )
+
+    async def resolve_cut_off(self) -> None:
+        """The last incarnation ended by cancelling its calls wherever they were (a
+        cancellation, not a crash): each may or may not have happened, in part."""
+        for key, snap in list(self.snaps.items()):
+            if snap.end is None or snap.deleting:
+                if not self.exists(*key):
+                    del self.snaps[key]
+                    continue
+                if snap.end is None:
+                    snap.end = self.tick()
+                    snap.fix_candidates(self.vols[snap.volume])
+                snap.deleting = False
+        for name, vol in list(self.vols.items()):
+            if name not in self.engine.heads:
+                del self.vols[name]
+                continue
+            vol.acked = True
+            cut = [b for b, vs in enumerate(vol.blocks) if any(v.end is None for v in vs)]
+            await self.settle(vol, cut, "a cancelled call")
+
+    async def finish(self) -> None:
+        self.note("finish")
+        await self.resolve_cut_off()
+        await self.engine.sync()
+        self.check("the final sync")
+        self.engine.evict_all()
+        for vol in self.vols.values():
+            self.compare(vol, await self.engine.read(vol.name, 0, vol.size), "at the end")
+        for snap in list(self.snaps.values()):
+            await self.op_read_snapshot(snap)
+        report = await self.engine.check()
+        if not report.clean:
+            raise BugFound(f"fsck at the end: {report.as_dict()}")
+        await self.engine.close()
+        self.engine = None
+        # Store-only restore: a new machine with an empty cache dir.
+        fresh = tempfile.mkdtemp(prefix="restore-", dir=self.root)
+        self.engine = await Engine.open(self.store, fresh, self.config)
+        for vol in self.vols.values():
+            got = await self.engine.read(vol.name, 0, vol.size)
+            self.compare(vol, got, "after a store-only restore")
+        for snap in self.snaps.values():
+            if snap.temporary:
+                continue
+            row = self.engine.snapshot_row(snap.volume, snap.name)
+            data = await self.engine.read_snapshot(row, 0, row.size)
+            if data != snap.content:
+                raise BugFound(f"{snap.volume}@{snap.name} differs after a store-only restore")
+        report = await self.engine.check()
+        if not report.clean:
+            raise BugFound(f"fsck after a store-only restore: {report.as_dict()}")
+        await self.engine.close()
+        self.engine = None
+
+
+def inline_threads(monkeypatch) -> None:
+    """Thread work runs on the event loop, so that a seed decides everything."""
+
+    async def run_sync(fn, *args, **_kw):
+        await trio.lowlevel.checkpoint()
+        return fn(*args)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", run_sync)
+
+
+def seeded_randomness(monkeypatch, seed: int) -> None:
+    """trio's scheduler coin and the pack nonces come from the seed too."""
+    import trio._core._run as trio_run
+
+    import snapfs.chunks
+
+    trio_run._r.seed(seed)
+    nonces = random.Random(seed ^ 0x5EED)
+
+    class Secrets:
+        @staticmethod
+        def token_bytes(n: int) -> bytes:
+            return nonces.randbytes(n)
+
+    monkeypatch.setattr(snapfs.chunks, "secrets", Secrets)
+    os.environ.setdefault("SNAPFS_LEASE_SECONDS", "60")
