@@ -82,9 +82,10 @@ class Engine(DataPath, Maintenance):
                 await engine._load(manifest)
                 return engine
             except FenceConflict as exc:
+                why = None if engine.restored else engine._older_than_store(exc)
                 engine._abandon()
-                if not engine.restored:
-                    raise Busy(engine._older_than_store(exc)) from None
+                if why is not None:
+                    raise Busy(why) from None
                 if attempt == 3:
                     raise Busy(
                         f"{store.url}: another writer keeps publishing ({exc}); is it still "
@@ -121,8 +122,8 @@ class Engine(DataPath, Maintenance):
             )
         if unpublished:
             held.append(f"snapshots never published: {', '.join(unpublished)}")
-        if behind and not held:
-            held.append(f"{behind} catalog change(s) never published")
+        if behind:
+            held.append(f"{behind} committed change(s) never published")
         what = "; ".join(held) if held else "nothing that was not uploaded"
         return (
             f"cache dir {self.cache_dir} is older than the store (catalog {exc.seq} was "
@@ -143,6 +144,8 @@ class Engine(DataPath, Maintenance):
             )
         elif not self.read_only:
             await self.fence.reconcile()  # FenceConflict: another writer published since
+        else:
+            await self.refresh()  # a reused read-only cache dir: catch up with the store
         clean = bool(cat.get_meta("clean", 0))
         with cat.transaction():
             cat.set_meta("clean", 0)
@@ -168,8 +171,6 @@ class Engine(DataPath, Maintenance):
             # this one displaced can publish nothing.
             async with self.commit_lock:
                 await self._publish()
-        elif not self.restored:
-            await self.refresh()  # a reused cache dir: catch up with the store
         for snap in temporary:  # dropped on unmount; after a crash, dropped now
             await self._drop_snapshot(snap)
         if not clean:
@@ -274,21 +275,20 @@ class Engine(DataPath, Maintenance):
         with cat.transaction():
             self.chunks.apply_scan(scan, replace=reload_index)
             if doc is not None:
-                changed = self._apply_catalog(doc)
+                self._apply_catalog(doc)
                 self.fence.record_loaded(newest)
         if reload_index:
             self._index_loads += 1
         if doc is None:
             return False
-        for head in changed:
-            await self._count_mapped(head)
         log.info("following %s: catalog %d", self.store.url, newest)
         return True
 
-    def _apply_catalog(self, doc: dict) -> list[Head]:
+    def _apply_catalog(self, doc: dict) -> None:
         """Inside a transaction, no await: make the volume and snapshot records those of
-        `doc` (a read-only engine: no refcounts). Unchanged snapshots keep their ids (open
-        files and inode numbers stay valid). Returns the heads whose root changed."""
+        `doc` (a read-only engine: no refcounts; the volumes are not shown, and their
+        `mapped` counts are not kept). Unchanged snapshots keep their ids (open files and
+        inode numbers stay valid)."""
         cat = self.catalog
         wanted = {(s["volume"], s["name"]): s for s in doc["snapshots"]}
         for row in cat.snapshots():
@@ -299,42 +299,42 @@ class Engine(DataPath, Maintenance):
                 cat.delete_snapshot(row.id)  # gone, or deleted and taken again
         for s in wanted.values():
             _add_snapshot_record(cat, s)
-        changed = []
         volumes = {v["name"]: v for v in doc["volumes"]}
-        for name, head in list(self.heads.items()):
-            v = volumes.pop(name, None)
-            if v is None or v["block_size"] != head.bs:
-                cat.delete_volume(head.row.id)
-                del self.heads[name]
-                self.dirty_bytes -= len(head.dirty) * head.bs
-                for key in [k for k in self.lru if k[0] == head.row.id]:
-                    self.lru_bytes -= self.lru.pop(key)
+        for row in cat.volumes():
+            v = volumes.pop(row.name, None)
+            head = self.heads.get(row.name)
+            if v is None or v["block_size"] != row.block_size:
+                cat.delete_volume(row.id)
+                if head is None:
+                    head = Head(row, self.cache_dir)
+                else:
+                    del self.heads[row.name]
+                    self.dirty_bytes -= len(head.dirty) * head.bs
+                    self._forget_cached(row.id)
                 head.close()
                 head.remove_files()
                 if v is not None:
-                    volumes[name] = v
-                continue
-            if (v["root"], v["root_level"], v["size"]) != (
-                head.row.root,
-                head.row.root_level,
-                head.row.size,
-            ):
+                    volumes[row.name] = v  # taken again, with another block size
+            elif (v["root"], v["root_level"], v["size"]) != (row.root, row.root_level, row.size):
                 cat.update_volume(
-                    head.row.id, root=v["root"], root_level=v["root_level"], size=v["size"]
+                    row.id, root=v["root"], root_level=v["root_level"], size=v["size"]
                 )
-                head.row.root, head.row.root_level = v["root"], v["root_level"]
-                if v["size"] != head.row.size:
-                    os.ftruncate(head.cache_fd, v["size"])
-                    head.row.size = v["size"]
-                for key in [k for k in self.lru if k[0] == head.row.id]:
-                    self.lru_bytes -= self.lru.pop(key)  # cached from the old root
-                changed.append(head)
+                if head is not None:
+                    head.row.root, head.row.root_level = v["root"], v["root_level"]
+                    if v["size"] != head.row.size:
+                        os.ftruncate(head.cache_fd, v["size"])
+                        head.row.size = v["size"]
+                    self._forget_cached(row.id)  # cached from the old root
         for v in volumes.values():
             vid = _add_volume_record(cat, v)
             row = cat.volume(v["name"])
             assert row is not None and row.id == vid
-            changed.append(self._add_head(row))
-        return changed
+            if self.heads:  # else _load adds the heads
+                self._add_head(row)
+
+    def _forget_cached(self, vid: int) -> None:
+        for key in [k for k in self.lru if k[0] == vid]:
+            self.lru_bytes -= self.lru.pop(key)
 
     def _add_head(self, row: VolumeRow) -> Head:
         head = Head(row, self.cache_dir)
