@@ -125,27 +125,30 @@ async def test_a_takeover_never_deletes_what_a_paused_writer_is_about_to_publish
             await gate.wait_reached()
         a_packs = set(await store.list("p/")) - packs_before
         assert a_packs  # uploaded, in no catalog yet
-        # B takes over: restores, fences, sweeps orphans, collects (A's packs), works.
+        # B takes over: restores, fences, sweeps orphans, collects (A's packs), gc.
         b = await open_engine(store)
         await b.sweep_orphans()
-        await b.write("v", 0, os.urandom(BS))
-        await b.create_snapshot("v", "from-b")
-        await b.sync()
         await b.gc(threshold=0.99)
-        b_contents = {n: await read_snap(b, n) for n in ("one", "from-b")}
-        assert a_packs <= set(store.deleted)  # garbage to B: nothing references them
+        assert a_packs <= set(store.deleted)  # garbage to B: nothing it knows needs them
         gate.release()
-
+    # The store restores exactly: A's publish, which would reference the packs B deleted,
+    # was refused, and A lost the store.
+    await restore_exact(store, {"one": one})
+    assert await missing_from_store(store, await publish.latest_catalog(store)) == []
+    assert isinstance(outcome["a"], ReadOnly), outcome
+    assert a.lease_lost and "another writer" in a.lease_lost
+    # B goes on.
+    await b.write("v", 0, os.urandom(BS))
+    await b.create_snapshot("v", "from-b")
+    await b.sync()
+    b_contents = {n: await read_snap(b, n) for n in ("one", "from-b")}
     b_published = await publish.latest_catalog(store)
     assert b_published["writer"] == b.fence.writer
     await restore_exact(store, b_contents)
     assert await missing_from_store(store, a_published) == []
     assert await missing_from_store(store, b_published) == []
     assert b_contents["one"] == one
-    # A's publish was refused: it lost the store, and it deletes and publishes nothing.
-    assert isinstance(outcome["a"], ReadOnly), outcome
-    assert a.lease_lost and "another writer" in a.lease_lost
-    with pytest.raises(ReadOnly):
+    with pytest.raises(ReadOnly):  # A publishes nothing, ever
         await a.sync()
     a.fence.assert_invariants()
     b.fence.assert_invariants()
