@@ -123,16 +123,20 @@ def test_a_read_only_remount_of_its_cache_dir_shows_what_was_published_since(
         assert f.read(3000) == b"two" * 1000
 
 
-def test_a_writer_stopped_mid_sync_and_taken_over_never_publishes_again(
-    writer: Snapfs, workdir: Path
-):
-    first = writer
+def test_a_writer_stopped_mid_sync_and_taken_over_never_publishes_again(workdir: Path, cleanup):
+    # A long lease: the stopped writer resumes and publishes before a renewal could tell
+    # it that it was taken over; only the fence stops it.
+    env = {"SNAPFS_LEASE_SECONDS": "60"}
+    first = Snapfs(workdir, cleanup, env=env)
+    first.init()
+    first.mount()
+    first.cli("volume", "create", "v", "--size", "32M", "--block-size", "64K")
     fill(first.vol("v"), 32 * MiB, seed=2)
     first.cli("snapshot", "create", "v@base")
     first.cli("sync")
     base = sha256(first.snap("v", "base"))
     pid = first.pid
-    first.cleanup.push("SIGCONT", lambda: os.kill(pid, signal.SIGCONT))
+    cleanup.push("SIGCONT", lambda: os.kill(pid, signal.SIGCONT))
     for seed in range(3, 10):  # stop the daemon while `snapfs sync` runs on it
         fill(first.vol("v"), 32 * MiB, seed=seed)
         sync = subprocess.Popen(
@@ -152,7 +156,7 @@ def test_a_writer_stopped_mid_sync_and_taken_over_never_publishes_again(
 
     # The second writer takes over and collects: the first one's uploads are garbage to
     # it. Nothing is deleted before its fence catalog is out, and only after its grace.
-    second = Snapfs(workdir / "second", first.cleanup, store_url=first.store_url, env=ENV)
+    second = Snapfs(workdir / "second", cleanup, store_url=first.store_url, env=env)
     second.mount(extra=("--takeover", "--grace", "1"))
     assert sha256(second.snap("v", "base")) == base
     time.sleep(1.5)
