@@ -119,6 +119,11 @@ class ChunkStore:
         # more.
         self.on_missing: Callable[[], Awaitable[None]] | None = None
 
+    @property
+    def staged_blobs(self) -> int:
+        """Blobs staged whose pack PUT has not succeeded yet."""
+        return len(self._staged)
+
     async def hash(self, data: bytes) -> bytes:
         if len(data) >= 16384:
             return await trio.to_thread.run_sync(digest, data)

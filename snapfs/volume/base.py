@@ -66,6 +66,7 @@ class EngineStatistics:
     discarded_bytes: int
     orphans_removed: int
     uploaded_objects: int
+    uploading_objects: int  # blobs staged for a pack PUT that has not succeeded yet
     deduplicated_blocks: int
     fetched_blocks: int
     catalog_seq: int

@@ -641,6 +641,7 @@ class Engine(DataPath, Maintenance):
             discarded_bytes=self.discarded_bytes,
             orphans_removed=self.orphans_removed,
             uploaded_objects=self.chunks.uploaded_blobs,
+            uploading_objects=self.chunks.staged_blobs,
             deduplicated_blocks=self.deduplicated,
             fetched_blocks=self.fetched,
             catalog_seq=int(self.catalog.get_meta("seq", 0)),
