@@ -227,20 +227,15 @@ async def test_a_displaced_writers_cache_dir_is_refused_with_what_it_did_not_upl
     await a.create_volume("v", SIZE, BS)
     await a.write("v", 0, os.urandom(SIZE))
     await a.sync()
-    b = await open_engine(store)  # takes over
-    await a.write("v", 0, os.urandom(2 * BS))
-    with pytest.raises(ReadOnly):
-        await a.sync()
-    assert a.lease_lost
-    await a.write("v", 4 * BS, os.urandom(2 * BS))  # kept in its cache, never uploaded
+    await a.write("v", 4 * BS, os.urandom(2 * BS))  # in its cache, never uploaded
     await a.fsync("v")
-    await a.close()
+    b = await open_engine(store)  # takes over
+    await a.close(flush=False)  # the displaced daemon goes away
     with pytest.raises(Busy) as err:
         await open_engine(store, cache_dir)
     message = str(err.value)
     assert "older than the store" in message and "--cache-dir" in message
     assert "32K written but not uploaded (volumes v)" in message
-    assert "1 committed change(s) never published" in message
     await b.close()
 
 
