@@ -1,6 +1,7 @@
 """Fencing through the kernel: a read-only mount beside a writer that deletes and collects,
 a read-only cache dir reused, and a writer stopped mid-sync while another takes over."""
 
+import errno
 import hashlib
 import os
 import signal
@@ -177,10 +178,11 @@ def test_a_writer_stopped_mid_sync_and_taken_over_never_publishes_again(workdir:
 
     # The first writer publishes nothing any more, and says it lost the store.
     assert sync.returncode != 0, sync.stdout
-    with open(first.vol("v"), "r+b") as f:
-        f.write(b"late" * 1000)
     assert first.cli("sync", check=False).returncode != 0
     wait_lease_lost(first)
+    with pytest.raises(OSError) as err, open(first.vol("v"), "r+b") as f:
+        f.write(b"late" * 1000)
+    assert err.value.errno == errno.EROFS
     res = first.cli("snapshot", "create", "v@late", check=False)
     assert res.returncode != 0 and "lost" in res.stderr
 
