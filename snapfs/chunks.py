@@ -26,7 +26,8 @@ import functools
 import secrets
 import sqlite3
 import struct
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 import blake3
 import trio
@@ -70,6 +71,15 @@ def fragment_key(fid: bytes) -> str:
     return f"i/{h[:2]}/{h}"
 
 
+@dataclass
+class IndexScan:
+    """What `ChunkStore.scan_index` read from the store."""
+
+    fkeys: list[str]
+    sizes: dict[bytes, int] = field(default_factory=dict)
+    found: dict[bytes, tuple[bytes, int, int]] = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class PackStatistics:
     packs: int
@@ -101,6 +111,18 @@ class ChunkStore:
         self._pending_rows: list[tuple[bytes, bytes, int, int]] = []
         self._pending_packs: dict[bytes, int] = {}
         self._pending_fragments: list[str] = []
+        # Blobs whose pack PUT succeeded (not when staged: an outage must not count).
+        self.uploaded_bytes = 0
+        self.uploaded_blobs = 0
+        # A read-only engine sets this: a blob not found (not in the index, or its pack
+        # gone: the writer's gc moved it) refreshes the index, then the read is tried once
+        # more.
+        self.on_missing: Callable[[], Awaitable[None]] | None = None
+
+    @property
+    def staged_blobs(self) -> int:
+        """Blobs staged whose pack PUT has not succeeded yet."""
+        return len(self._staged)
 
     async def hash(self, data: bytes) -> bytes:
         if len(data) >= 16384:
@@ -183,6 +205,8 @@ class ChunkStore:
 
         pid, body, table = await trio.to_thread.run_sync(build)
         await self.store.put(pack_key(pid), body)
+        self.uploaded_blobs += len(table)
+        self.uploaded_bytes += sum(length for _key, _offset, length in table)
         self._unindexed_packs[pid] = len(body)
         for key, offset, length in table:
             self._unindexed_rows.append((key, pid, offset, length))
@@ -245,6 +269,15 @@ class ChunkStore:
         return None if row is None else (row[0], row[1], row[2])
 
     async def get(self, kind: str, oid: bytes) -> bytes:
+        try:
+            return await self._get(kind, oid)
+        except ObjectNotFound:
+            if self.on_missing is None:
+                raise
+        await self.on_missing()
+        return await self._get(kind, oid)
+
+    async def _get(self, kind: str, oid: bytes) -> bytes:
         key = blob_key(kind, oid)
         parts = self._staged.get(key)
         body = None if parts is None else b"".join(parts)
@@ -270,13 +303,22 @@ class ChunkStore:
         """Several blobs in as few GETs as possible: blobs of one pack that lie at most
         `gap` bytes apart come in one ranged GET (read-ahead of blocks written together).
         Every blob is verified as by `get`."""
+        try:
+            return await self._get_many(kind, oids, gap)
+        except ObjectNotFound:
+            if self.on_missing is None:
+                raise
+        await self.on_missing()
+        return await self._get_many(kind, oids, gap)
+
+    async def _get_many(self, kind: str, oids: list[bytes], gap: int) -> dict:
         out: dict[bytes, bytes] = {}
         spans: dict[bytes, list[tuple[int, int, bytes]]] = {}
         for oid in set(oids):
             key = blob_key(kind, oid)
             loc = None if key in self._staged else self.location(key)
             if loc is None:
-                out[oid] = await self.get(kind, oid)  # staged, or the error `get` gives
+                out[oid] = await self._get(kind, oid)  # staged, or the error `get` gives
                 continue
             pid, off, length = loc
             spans.setdefault(pid, []).append((off, length, oid))
@@ -333,11 +375,6 @@ class ChunkStore:
             self.db.execute("DELETE FROM packs WHERE id=?", (pid,))
         return empty
 
-    async def delete_packs(self, pids: list[bytes]) -> None:
-        await run_all(
-            [functools.partial(self.store.delete, pack_key(p)) for p in pids], self.uploads
-        )
-
     def sparse_packs(self, threshold: float) -> list[tuple[bytes, int, int]]:
         """Packs whose live share fell below `threshold`: (id, size, live)."""
         return list(
@@ -391,16 +428,18 @@ class ChunkStore:
     def forget_fragments(self, keys: list[str]) -> None:
         self.db.executemany("DELETE FROM fragments WHERE key=?", ((k,) for k in keys))
 
-    async def load_index(self) -> None:
-        """Fresh cache: rebuild `blobs` and `packs` from the published fragments, keeping
-        entries whose pack is in the store (a later fragment wins), and from the trailers of
-        packs no fragment lists. The caller wraps it in a transaction, then releases what no
-        root references (which deletes orphan packs)."""
+    async def scan_index(self, skip: set[str] | None = None) -> "IndexScan":
+        """Read the index from the store (awaits only, nothing written): the packs listed,
+        and the fragments (those not in `skip`), keeping entries whose pack is listed (a
+        later fragment wins). Without `skip`, also the trailers of packs that no fragment
+        lists (a fragment lost, or a cycle that failed between its packs and its
+        fragment): their own trailers say what they hold."""
         present = {key.rsplit("/", 1)[1] for key in await self.store.list("p/")}
         fkeys = await self.store.list("i/")
-        sizes: dict[bytes, int] = {}
-        found: dict[bytes, tuple[bytes, int, int]] = {}
+        scan = IndexScan(fkeys)
         for fkey in fkeys:
+            if skip is not None and fkey in skip:
+                continue
             try:
                 doc = codec.unpack(await self.store.get(fkey), f"{self.store.url}/{fkey}")
             except ObjectNotFound:
@@ -409,27 +448,43 @@ class ChunkStore:
                 raise IntegrityError(f"{self.store.url}/{fkey}: unsupported index fragment")
             for pid, size in doc["packs"].items():
                 if pid.hex() in present:
-                    sizes[pid] = size
+                    scan.sizes[pid] = size
             for key, pid, off, length in doc["blobs"]:
                 if pid.hex() in present:
-                    found[key] = (pid, off, length)
-        # Packs that no fragment lists (a fragment lost, or a cycle that failed between its
-        # packs and its fragment): their own trailers say what they hold.
-        for name in sorted(present - {pid.hex() for pid in sizes}):
-            pid = bytes.fromhex(name)
-            table, size = await self.read_trailer(pid)
-            sizes[pid] = size
-            for key, off, length in table:
-                found.setdefault(key, (pid, off, length))
-        live: dict[bytes, int] = {}
-        for key, (pid, off, length) in found.items():
-            self.db.execute("INSERT OR REPLACE INTO blobs VALUES(?,?,?,?)", (key, pid, off, length))
-            live[pid] = live.get(pid, 0) + length
-        for pid, size in sizes.items():
-            self.db.execute(
-                "INSERT OR REPLACE INTO packs VALUES(?,?,?)", (pid, size, live.get(pid, 0))
-            )
-        self.db.executemany("INSERT OR IGNORE INTO fragments VALUES(?)", ((k,) for k in fkeys))
+                    scan.found[key] = (pid, off, length)
+        if skip is None:
+            for name in sorted(present - {pid.hex() for pid in scan.sizes}):
+                pid = bytes.fromhex(name)
+                try:
+                    table, size = await self.read_trailer(pid)
+                except ObjectNotFound:
+                    continue  # deleted since the listing
+                scan.sizes[pid] = size
+                for key, off, length in table:
+                    scan.found.setdefault(key, (pid, off, length))
+        return scan
+
+    def apply_scan(self, scan: "IndexScan", replace: bool) -> None:
+        """Inside the caller's transaction, with no await: take what `scan_index` read,
+        instead of the index (replace) or on top of it (newer fragments win)."""
+        if replace:
+            for table in ("blobs", "packs", "fragments"):
+                self.db.execute(f"DELETE FROM {table}")
+        self.db.executemany(
+            "INSERT OR REPLACE INTO blobs VALUES(?,?,?,?)",
+            ((key, pid, off, length) for key, (pid, off, length) in scan.found.items()),
+        )
+        self.db.executemany(
+            "INSERT OR REPLACE INTO packs VALUES(?,?,0)", ((p, n) for p, n in scan.sizes.items())
+        )
+        self.db.executemany("INSERT OR IGNORE INTO fragments VALUES(?)", ((k,) for k in scan.fkeys))
+        self.recount_live()
+
+    async def load_index(self) -> None:
+        """Fresh cache: rebuild `blobs` and `packs` from the published fragments and the
+        trailers of packs no fragment lists (`scan_index`). The caller then releases what
+        no root references (which deletes orphan packs, after the fence and a grace)."""
+        self.apply_scan(await self.scan_index(), replace=False)
 
     def live_mismatches(self) -> list[tuple[bytes, int, int]]:
         """Packs whose live bytes differ from the blobs the index places in them."""

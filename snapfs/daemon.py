@@ -55,6 +55,19 @@ def arg_parser() -> argparse.ArgumentParser:
         help="upload a dirty block at the latest this many seconds after it became dirty, "
         "however often it is rewritten (default 30)",
     )
+    p.add_argument(
+        "--grace",
+        default="600",
+        help="delete what the store no longer needs this many seconds after the catalog that "
+        "stopped needing it was published, so that read-only mounts and reads in flight "
+        "finish (default 600)",
+    )
+    p.add_argument(
+        "--refresh",
+        default="30",
+        help="with --read-only: follow the writer's catalog this often, in seconds; keep it "
+        "well under the writer's --grace (default 30)",
+    )
     p.add_argument("--foreground", action="store_true", help="do not go to the background")
     p.add_argument("--read-only", action="store_true", help="show the published snapshots only")
     p.add_argument("--snapshot", help="with --read-only: show just this VOL@SNAP")
@@ -99,6 +112,8 @@ class Daemon:
         self.cache_size = parse_size(opts.cache_size, "cache size")
         self.flush_delay = parse_seconds(opts.flush_delay, "flush delay", 3600)
         self.flush_max_age = parse_seconds(opts.flush_max_age, "flush max age", 86400)
+        self.grace = parse_seconds(opts.grace, "grace period", 7 * 86400)
+        self.refresh = parse_seconds(opts.refresh, "refresh interval", 86400)
         if self.flush_max_age < self.flush_delay:
             raise InvalidArgument("--flush-max-age must not be shorter than --flush-delay")
         self.only = split_snapshot_ref(opts.snapshot) if opts.snapshot else None
@@ -119,6 +134,8 @@ class Daemon:
             cache_size=self.cache_size,
             flush_delay=self.flush_delay,
             flush_max_age=self.flush_max_age,
+            grace=self.grace,
+            refresh=self.refresh,
         )
         read_only = self.opts.read_only
         held = None
@@ -171,6 +188,8 @@ class Daemon:
                 if not self.opts.read_only:
                     await nursery.start(engine.run_flusher)
                     await nursery.start(lease.keep_renewed, self.store, held, engine.lost)
+                else:  # follow the writer: new snapshots appear, deleted ones go
+                    await nursery.start(engine.run_refresher)
                 await nursery.start(engine.readahead.run)
                 nursery.start_soon(self._signals)
                 nursery.start_soon(self._kernel_readahead, engine.config.readahead_bytes)

@@ -1,7 +1,9 @@
 """Engine state shared by its parts: configuration, statistics record, caches and helpers."""
 
 import logging
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -16,6 +18,7 @@ from snapfs.errors import (
 from snapfs.store.base import Store
 from snapfs.tree import TreeReader
 from snapfs.volume.catalog import Catalog, SnapshotRow
+from snapfs.volume.fence import Fence
 from snapfs.volume.files import Files
 from snapfs.volume.head import Head
 from snapfs.volume.inflight import InFlight
@@ -43,6 +46,11 @@ class EngineConfig:
     pack_size: int = 4 << 20
     gc_threshold: float = 0.5  # rewrite packs whose live share fell below this
     readahead_bytes: int = 4 << 20  # fetched ahead of a sequential reader (0: off)
+    # Store objects no longer needed are deleted this long after the catalog or index that
+    # stopped needing them was published (read-only mounts and reads in flight finish).
+    grace: float = 600.0
+    refresh: float = 30.0  # a read-only engine follows the writer's catalog this often
+    clock: Callable[[], float] = time.time  # this host's clock, for grace periods
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,7 @@ class EngineStatistics:
     discarded_bytes: int
     orphans_removed: int
     uploaded_objects: int
+    uploading_objects: int  # blobs staged for a pack PUT that has not succeeded yet
     deduplicated_blocks: int
     fetched_blocks: int
     catalog_seq: int
@@ -89,7 +98,7 @@ class EngineBase:
     ):
         self.read_only = read_only
         self.files = files or Files()
-        self.lease_lost: str | None = None
+        self.fence = Fence(store, catalog, read_only, config.grace, config.clock, config.uploads)
         self.store = store
         self.chunks = ChunkStore(store, catalog.db, config.pack_size, config.uploads)
         self.tree = TreeReader(self.chunks)
@@ -104,11 +113,9 @@ class EngineBase:
         self.commit_lock = trio.Lock()
         self.gen = 0
         self.snap_opens: dict[int, int] = {}
-        self.uploaded_bytes = 0
         self.discarded_bytes = 0
         self.orphans_removed = 0
         self.sweep_needed = False  # a cycle failed after uploading, or a crash: sweep
-        self.uploaded_objects = 0
         self.deduplicated = 0
         self.fetched = 0
         self.flush_errors = 0
@@ -190,12 +197,16 @@ class EngineBase:
         if self.lease_lost:
             raise ReadOnly(f"this writer lost the store ({self.lease_lost}): remount")
 
+    @property
+    def lease_lost(self) -> str | None:
+        """Why this writer lost the store (the fence owns it), or None."""
+        return self.fence.lost
+
     def lost(self, reason: str) -> None:
         """This writer no longer owns the store: keep the cache, publish and delete nothing,
         refuse snapshots until remounted."""
-        if not self.lease_lost:
-            log.error("lost the store: %s; keeping the local cache, publishing nothing", reason)
-            self.lease_lost = reason
+        if not self.fence.lost:
+            self.fence.mark_lost(reason)
             self.last_error = reason
 
     def assert_invariants(self) -> None:

@@ -10,8 +10,14 @@ Tables (all in one file, <cache-dir>/catalog.sqlite3):
     dirty(volume_id, blk, epoch)           blocks of a head not yet in its committed tree
     frozen(volume_id, snap_epoch, blk, slot)  copy-on-write saves for snapshots in `creating`
     present(volume_id, blk)                clean cached blocks, written only at clean shutdown
-    garbage(key)                           objects whose count reached zero, to delete from
-                                           the store once a catalog without them is published
+    garbage(key, since)                    blobs whose count reached zero (since NULL: they
+                                           leave the index once a catalog without them is
+                                           published), and store objects to delete (packs,
+                                           old index fragments, old catalogs) with the time
+                                           (this host's clock) they stopped being needed:
+                                           deleted `grace` seconds after (volume/fence.py)
+    orphans(key, seen)                     store objects no catalog knows, first seen when:
+                                           the sweep deletes them `grace` seconds after
 
 refs, the present list and garbage are derived or transient: a fresh machine rebuilds refs
 from the published catalog by walking every root (see volume/check.py).
@@ -44,8 +50,13 @@ CREATE TABLE IF NOT EXISTS frozen(volume_id INTEGER, snap_epoch INTEGER, blk INT
     slot INTEGER NOT NULL, PRIMARY KEY(volume_id, snap_epoch, blk)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS present(volume_id INTEGER, blk INTEGER,
     PRIMARY KEY(volume_id, blk)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS garbage(key BLOB PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS garbage(key BLOB PRIMARY KEY, since REAL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS orphans(key TEXT PRIMARY KEY, seen REAL NOT NULL) WITHOUT ROWID;
 """
+
+# Kinds of garbage rows (the key's first byte): blobs, and objects to delete from the store.
+BLOB_KINDS = (b"c", b"n")
+STORE_KINDS = (b"p", b"i", b"g")  # pack, index fragment, catalog object
 
 
 @dataclass
@@ -86,6 +97,19 @@ class Catalog:
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA + INDEX_SCHEMA)
         self._depth = 0
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Cache dirs written by older versions: garbage rows had no time. Store objects
+        queued then wait a grace period from now."""
+        cols = {r[1] for r in self.db.execute("PRAGMA table_info(garbage)")}
+        if "since" not in cols:
+            with self.transaction():
+                self.db.execute("ALTER TABLE garbage ADD COLUMN since REAL")
+                self.db.execute(
+                    "UPDATE garbage SET since=? WHERE substr(key,1,1) NOT IN (?, ?)",
+                    (time.time(), *BLOB_KINDS),
+                )
 
     def close(self) -> None:
         self.db.close()
@@ -269,11 +293,37 @@ class Catalog:
     def garbage(self) -> list[bytes]:
         return [r[0] for r in self.db.execute("SELECT key FROM garbage")]
 
-    def add_garbage(self, keys: Iterable[bytes]) -> None:
-        self.db.executemany("INSERT OR IGNORE INTO garbage(key) VALUES(?)", ((k,) for k in keys))
+    def add_garbage(self, keys: Iterable[bytes], since: float | None = None) -> None:
+        """Queue blobs (since None) or store objects to delete (since: when the last
+        catalog or index that needed them was replaced)."""
+        self.db.executemany(
+            "INSERT OR IGNORE INTO garbage(key, since) VALUES(?, ?)", ((k, since) for k in keys)
+        )
 
     def forget_garbage(self, keys: Iterable[bytes]) -> None:
         self.db.executemany("DELETE FROM garbage WHERE key=?", ((k,) for k in keys))
+
+    def due_garbage(self, cutoff: float) -> list[bytes]:
+        """Store objects queued for deletion at or before `cutoff`."""
+        return [
+            r[0]
+            for r in self.db.execute(
+                "SELECT key FROM garbage WHERE since IS NOT NULL AND since <= ? ORDER BY since",
+                (cutoff,),
+            )
+        ]
+
+    def next_garbage_time(self) -> float | None:
+        r = self.db.execute("SELECT MIN(since) FROM garbage WHERE since IS NOT NULL").fetchone()
+        return None if r[0] is None else float(r[0])
+
+    # orphans: store objects no catalog knows, with the time the sweep first saw them
+    def orphans(self) -> dict[str, float]:
+        return dict(self.db.execute("SELECT key, seen FROM orphans"))
+
+    def set_orphans(self, seen: dict[str, float]) -> None:
+        self.db.execute("DELETE FROM orphans")
+        self.db.executemany("INSERT INTO orphans(key, seen) VALUES(?, ?)", seen.items())
 
     # dirty / frozen / present
     def dirty(self, vid: int) -> dict[int, int]:

@@ -11,6 +11,8 @@ from snapfs.tree import TreeReader, encode_node
 K_CHUNK = CHUNK.encode()
 K_NODE = NODE.encode()
 K_PACK = b"p"  # in the garbage queue: a pack to delete from the store
+K_FRAG = b"i"  # ... an index fragment (its digest)
+K_CATALOG = b"g"  # ... a catalog object (its seq, 8 bytes big-endian)
 
 
 def ref_key(kind: bytes, oid: bytes) -> bytes:

@@ -39,6 +39,7 @@ from snapfs.volume.check import (
     expected_refs,
 )
 from snapfs.volume.datapath import DataPath
+from snapfs.volume.fence import FenceConflict
 from snapfs.volume.files import Files
 from snapfs.volume.head import Head
 from snapfs.volume.maintenance import Maintenance
@@ -53,6 +54,14 @@ class Engine(DataPath, Maintenance):
 
     # ------------------------------------------------------------------ lifecycle
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.restored = False  # this open restored the cache dir from the store
+        self._refresh_lock = trio.Lock()
+        self._index_loads = 0  # full index reloads of a read-only engine
+        if self.read_only:
+            self.chunks.on_missing = self._reload_index
+
     @classmethod
     async def open(
         cls,
@@ -63,36 +72,82 @@ class Engine(DataPath, Maintenance):
         files: Files | None = None,
     ):
         """Open the cache dir for `store`: restore from the store when it is empty, recover
-        after a crash when the last shutdown was not clean."""
+        after a crash when the last shutdown was not clean. A read-write engine then
+        publishes its fence catalog before anything else; a read-only one catches up with
+        the store's newest catalog."""
         manifest = await publish.read_manifest(store)
         os.makedirs(cache_dir, mode=0o700, exist_ok=True)
-        catalog = Catalog(os.path.join(cache_dir, "catalog.sqlite3"))
-        engine = cls(store, catalog, cache_dir, config or EngineConfig(), read_only, files)
-        try:
-            await engine._load(manifest)
-        except BaseException:
-            catalog.close()
-            raise
-        return engine
+        for attempt in range(4):
+            catalog = Catalog(os.path.join(cache_dir, "catalog.sqlite3"))
+            engine = cls(store, catalog, cache_dir, config or EngineConfig(), read_only, files)
+            try:
+                await engine._load(manifest)
+                return engine
+            except FenceConflict as exc:
+                why = None if engine.restored else engine._older_than_store(exc)
+                engine._abandon()
+                if why is not None:
+                    raise Busy(why) from None
+                if attempt == 3:
+                    raise Busy(
+                        f"{store.url}: another writer keeps publishing ({exc}); is it still "
+                        "running?"
+                    ) from None
+                # Another writer published while we restored (a displaced writer's last
+                # publish): restore again from its catalog.
+                log.warning("%s while restoring: restoring again", exc)
+                _remove_cache_files(cache_dir)
+            except BaseException:
+                engine._abandon()
+                raise
+        raise AssertionError("unreachable")
+
+    def _abandon(self) -> None:
+        """A failed open: release the files, publish nothing."""
+        for head in self.heads.values():
+            head.close()
+        self.heads.clear()
+        self.catalog.close()
+
+    def _older_than_store(self, exc: FenceConflict) -> str:
+        """Why this cache dir cannot follow the store, and what it holds that is lost."""
+        cat = self.catalog
+        dirty = [(v.name, len(cat.dirty(v.id)) * v.block_size) for v in cat.volumes()]
+        dirty = [(n, b) for n, b in dirty if b]
+        unpublished = [f"{s.volume}@{s.name}" for s in cat.snapshots() if s.state != "available"]
+        behind = int(cat.get_meta("seq", 0)) - int(cat.get_meta("published", 0))
+        held = []
+        if dirty:
+            held.append(
+                f"{format_size(sum(b for _n, b in dirty))} written but not uploaded "
+                f"(volumes {', '.join(n for n, _b in dirty)})"
+            )
+        if unpublished:
+            held.append(f"snapshots never published: {', '.join(unpublished)}")
+        if behind:
+            held.append(f"{behind} committed change(s) never published")
+        what = "; ".join(held) if held else "nothing that was not uploaded"
+        return (
+            f"cache dir {self.cache_dir} is older than the store (catalog {exc.seq} was "
+            f"published by another writer, this cache dir published {self.fence.store_seq}): "
+            f"it holds {what}; mount with a new --cache-dir to follow the store (this one is "
+            "left as it is)"
+        )
 
     async def _load(self, manifest: dict) -> None:
         cat = self.catalog
         known = cat.get_meta("store_uuid")
         if known is None:
             await self._restore_from_store(manifest["uuid"])
+            self.restored = True
         elif known != manifest["uuid"]:
             raise InvalidArgument(
                 f"cache dir {self.cache_dir} belongs to another store; use another --cache-dir"
             )
         elif not self.read_only:
-            published = int(cat.get_meta("published", 0))
-            newest = await publish.latest_seq(self.store)
-            if newest > published:
-                raise Busy(
-                    f"cache dir {self.cache_dir} is older than the store (catalog {newest} > "
-                    f"{published}): another writer has published since; mount with a new "
-                    "--cache-dir (what this cache had not uploaded is lost)"
-                )
+            await self.fence.reconcile()  # FenceConflict: another writer published since
+        else:
+            await self.refresh()  # a reused read-only cache dir: catch up with the store
         clean = bool(cat.get_meta("clean", 0))
         with cat.transaction():
             cat.set_meta("clean", 0)
@@ -120,6 +175,11 @@ class Engine(DataPath, Maintenance):
         for head in self.heads.values():
             self._drop_stale_saves(head)
             await self._count_mapped(head)
+        if not self.read_only:
+            # The fence, before any delete, sweep or collect: from here on a writer that
+            # this one displaced can publish nothing.
+            async with self.commit_lock:
+                await self._publish()
         for snap in temporary:  # dropped on unmount; after a crash, dropped now
             await self._drop_snapshot(snap)
         if not clean:
@@ -147,37 +207,18 @@ class Engine(DataPath, Maintenance):
                 "pack; run fsck on the writer"
             )
         with cat.transaction():
-            cat.add_garbage(indexed - set(refs))  # left over from crashed cycles
+            # Left over from crashed cycles, or uploaded by a writer this one displaces:
+            # released at the first collect, which comes after the fence.
+            cat.add_garbage(indexed - set(refs))
             if doc is not None:
                 for v in doc["volumes"]:
-                    cat.add_volume(
-                        v["name"],
-                        v["size"],
-                        v["block_size"],
-                        v["root"],
-                        v["root_level"],
-                        v["owner"],
-                        v["parent"],
-                        v["created"],
-                    )
+                    _add_volume_record(cat, v)
                 for s in doc["snapshots"]:
-                    cat.add_snapshot(
-                        s["volume"],
-                        s["name"],
-                        s["epoch"],
-                        "available",
-                        s["root"],
-                        s["root_level"],
-                        s["size"],
-                        s["block_size"],
-                        False,
-                        s["owner"],
-                        s["created"],
-                    )
+                    _add_snapshot_record(cat, s)
                 cat.replace_refs(refs)
             seq = doc["seq"] if doc else 0
-            cat.set_meta("seq", seq)
-            cat.set_meta("published", seq)
+            cat.set_meta("seq", 0)
+            self.fence.record_loaded(seq)
             cat.set_meta("store_uuid", store_uuid)
             cat.set_meta("clean", 1)
         if doc is not None:
@@ -188,6 +229,121 @@ class Engine(DataPath, Maintenance):
                 self.store.url,
                 seq,
             )
+
+    # ------------------------------------------------------------------ read-only: follow
+
+    async def run_refresher(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Background task of a read-only engine: follow the writer every `refresh`
+        seconds (new snapshots appear, deleted ones go, new index fragments are loaded).
+        Errors are logged; the next round tries again."""
+        task_status.started()
+        while True:
+            await trio.sleep(self.config.refresh)
+            try:
+                await self.refresh()
+            except Exception as exc:
+                if isinstance(exc, SnapfsError):
+                    log.warning("refresh from %s failed: %s", self.store.url, exc)
+                else:
+                    log.exception("refresh from %s failed", self.store.url)
+
+    async def _reload_index(self) -> None:
+        """A read found no blob where the index said (the writer's gc moved it, and the
+        old pack went after its grace period): read the whole index again, once for all
+        the reads that failed meanwhile."""
+        loads = self._index_loads
+        async with self._refresh_lock:
+            if self._index_loads == loads:
+                await self._refresh_locked(reload_index=True)
+
+    async def refresh(self) -> bool:
+        """Read-only: take the store's newest catalog (probing past the listing) and the
+        index fragments not loaded yet. Returns whether the catalog changed."""
+        if not self.read_only:
+            return False
+        async with self._refresh_lock:
+            return await self._refresh_locked(reload_index=False)
+
+    async def _refresh_locked(self, reload_index: bool) -> bool:
+        cat = self.catalog
+        mine = self.fence.store_seq
+        newest = await publish.newest_seq(self.store, mine)
+        doc = None
+        if newest != mine:
+            doc = await publish.latest_catalog(self.store, newest)
+            newest = doc["seq"] if doc else newest
+        scan = await self.chunks.scan_index(None if reload_index else self.chunks.fragment_keys())
+        if doc is not None and not reload_index:
+            roots = [v["root"] for v in doc["volumes"]] + [s["root"] for s in doc["snapshots"]]
+            keys = {K_NODE + r for r in roots if r is not None}
+            if any(k not in scan.found and self.chunks.location(k) is None for k in keys):
+                # A root in no fragment (one lost): pack trailers say where it is.
+                scan = await self.chunks.scan_index()
+                reload_index = True
+        # From here on: no await until the tables and heads agree.
+        with cat.transaction():
+            self.chunks.apply_scan(scan, replace=reload_index)
+            if doc is not None:
+                self._apply_catalog(doc)
+                self.fence.record_loaded(newest)
+        if reload_index:
+            self._index_loads += 1
+        if doc is None:
+            return False
+        log.info("following %s: catalog %d", self.store.url, newest)
+        return True
+
+    def _apply_catalog(self, doc: dict) -> None:
+        """Inside a transaction, no await: make the volume and snapshot records those of
+        `doc` (a read-only engine: no refcounts; the volumes are not shown, and their
+        `mapped` counts are not kept). Unchanged snapshots keep their ids (open files and
+        inode numbers stay valid)."""
+        cat = self.catalog
+        wanted = {(s["volume"], s["name"]): s for s in doc["snapshots"]}
+        for row in cat.snapshots():
+            s = wanted.get((row.volume, row.name))
+            if s is not None and (s["root"], s["epoch"]) == (row.root, row.epoch):
+                del wanted[(row.volume, row.name)]
+            else:
+                cat.delete_snapshot(row.id)  # gone, or deleted and taken again
+        for s in wanted.values():
+            _add_snapshot_record(cat, s)
+        volumes = {v["name"]: v for v in doc["volumes"]}
+        for row in cat.volumes():
+            v = volumes.pop(row.name, None)
+            head = self.heads.get(row.name)
+            if v is None or v["block_size"] != row.block_size:
+                cat.delete_volume(row.id)
+                if head is None:
+                    head = Head(row, self.cache_dir, self.files)
+                else:
+                    del self.heads[row.name]
+                    self.dirty_bytes -= len(head.dirty) * head.bs
+                    self._forget_cached(row.id)
+                head.close()
+                head.remove_files()
+                if v is not None:
+                    volumes[row.name] = v  # taken again, with another block size
+            elif (v["root"], v["root_level"], v["size"]) != (row.root, row.root_level, row.size):
+                cat.update_volume(
+                    row.id, root=v["root"], root_level=v["root_level"], size=v["size"]
+                )
+                if head is not None:
+                    head.row.root, head.row.root_level = v["root"], v["root_level"]
+                    if v["size"] != head.row.size:
+                        head.cache.truncate(v["size"])
+                        head.row.size = v["size"]
+                    self._forget_cached(row.id)  # cached from the old root
+        for v in volumes.values():
+            vid = _add_volume_record(cat, v)
+            row = cat.volume(v["name"])
+            assert row is not None and row.id == vid
+            if self.heads:  # else _load adds the heads
+                self._add_head(row)
+
+    def _forget_cached(self, vid: int) -> None:
+        for key in [k for k in self.lru if k[0] == vid]:
+            self.lru_bytes -= self.lru.pop(key)
 
     def _add_head(self, row: VolumeRow) -> Head:
         head = Head(row, self.cache_dir, self.files)
@@ -508,10 +664,11 @@ class Engine(DataPath, Maintenance):
             stored_bytes=self.catalog.referenced_bytes(),
             stored_data_bytes=self.catalog.referenced_bytes(K_CHUNK),
             stored_objects=self.catalog.ref_count_rows(),
-            uploaded_bytes=self.uploaded_bytes,
+            uploaded_bytes=self.chunks.uploaded_bytes,
             discarded_bytes=self.discarded_bytes,
             orphans_removed=self.orphans_removed,
-            uploaded_objects=self.uploaded_objects,
+            uploaded_objects=self.chunks.uploaded_blobs,
+            uploading_objects=self.chunks.staged_blobs,
             deduplicated_blocks=self.deduplicated,
             fetched_blocks=self.fetched,
             catalog_seq=int(self.catalog.get_meta("seq", 0)),
@@ -524,6 +681,42 @@ class Engine(DataPath, Maintenance):
             index_fragments=packs.fragments,
             lease_lost=self.lease_lost,
         )
+
+
+def _add_volume_record(cat: Catalog, v: dict) -> int:
+    return cat.add_volume(
+        v["name"],
+        v["size"],
+        v["block_size"],
+        v["root"],
+        v["root_level"],
+        v["owner"],
+        v["parent"],
+        v["created"],
+    )
+
+
+def _add_snapshot_record(cat: Catalog, s: dict) -> int:
+    return cat.add_snapshot(
+        s["volume"],
+        s["name"],
+        s["epoch"],
+        "available",
+        s["root"],
+        s["root_level"],
+        s["size"],
+        s["block_size"],
+        False,
+        s["owner"],
+        s["created"],
+    )
+
+
+def _remove_cache_files(cache_dir: str) -> None:
+    """What a failed restore left in a cache dir that was empty before it."""
+    for name in os.listdir(cache_dir):
+        if name.startswith(("catalog.sqlite3", "vol-")):
+            os.unlink(os.path.join(cache_dir, name))
 
 
 def check_block_size(block_size: int) -> None:

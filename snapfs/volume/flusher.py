@@ -6,10 +6,7 @@ import trio
 import trio.lowlevel
 
 from snapfs.chunks import CHUNK, NODE, digest
-from snapfs.errors import (
-    AlreadyExists,
-    ReadOnly,
-)
+from snapfs.errors import ReadOnly
 from snapfs.tasks import plain_errors_nursery
 from snapfs.tree import levels_for
 from snapfs.volume import publish
@@ -166,8 +163,7 @@ class Flusher(EngineBase):
                         self.deduplicated += 1
                         continue
                     uploads[oid] = None
-                    self.uploaded_bytes += self.chunks.stage(CHUNK, oid, data)
-                    self.uploaded_objects += 1
+                    self.chunks.stage(CHUNK, oid, data)
                 del hashed
                 await self.chunks.start_sealed(uploading, window)
 
@@ -184,8 +180,7 @@ class Flusher(EngineBase):
             if not self.catalog.has_ref(K_NODE + oid)
         }
         for oid, data in new_nodes.items():
-            self.uploaded_bytes += self.chunks.stage(NODE, oid, data)
-            self.uploaded_objects += 1
+            self.chunks.stage(NODE, oid, data)
         try:
             await self.chunks.flush()
             await self.store.barrier()
@@ -286,28 +281,24 @@ class Flusher(EngineBase):
                 await self._decref(deltas, kind + child)
 
     async def _publish(self) -> None:
-        """Publish the catalog as the next write-once object. If that seq is taken, another
-        writer owns the store now: stop publishing and deleting for good."""
-        seq = int(self.catalog.get_meta("seq", 0))
-        if self.read_only or int(self.catalog.get_meta("published", 0)) == seq:
-            return
-        if self.lease_lost:
-            raise ReadOnly(f"not publishing: {self.lease_lost}")
+        """Publish the catalog as the next write-once object (the fence decides whether and
+        at which seq). If that seq holds another writer's catalog, this writer lost the
+        store: it publishes and deletes nothing from then on."""
         try:
-            await publish.write_catalog(self.store, publish.catalog_doc(self.catalog, seq))
-        except AlreadyExists:
-            self.lost(f"catalog {seq} was published by another writer")
-            raise ReadOnly(f"not publishing: {self.lease_lost}") from None
-        with self.catalog.transaction():
-            self.catalog.set_meta("published", seq)
+            await self.fence.publish(
+                lambda seq, writer, changes: publish.catalog_doc(self.catalog, seq, writer, changes)
+            )
+        except ReadOnly:
+            if self.fence.lost:
+                self.last_error = self.fence.lost
+            raise
 
     async def _collect(self) -> None:
         """Once a catalog without them is out: drop dead blobs from the index (their packs
-        lose live bytes), then delete packs with nothing live left. Both steps are queued in
-        the `garbage` table first, so a crash in between only repeats them."""
-        if self.read_only or self.lease_lost:
-            return
-        if self.catalog.get_meta("published") != self.catalog.get_meta("seq"):
+        lose live bytes) and queue packs with nothing live left; then delete the queued
+        store objects whose grace period is over. Both steps go through the `garbage`
+        table, so a crash in between only repeats them."""
+        if self.read_only or not self.fence.up_to_date():
             return
         garbage = self.catalog.garbage()
         blobs = [k for k in garbage if k[:1] in (K_CHUNK, K_NODE)]
@@ -315,9 +306,5 @@ class Flusher(EngineBase):
             with self.catalog.transaction():
                 empty = self.chunks.release(blobs)
                 self.catalog.forget_garbage(blobs)
-                self.catalog.add_garbage(K_PACK + pid for pid in empty)
-        packs = [k for k in self.catalog.garbage() if k[:1] == K_PACK]
-        if packs:
-            await self.chunks.delete_packs([k[1:] for k in packs])
-            with self.catalog.transaction():
-                self.catalog.forget_garbage(packs)
+                self.fence.queue(K_PACK + pid for pid in empty)
+        await self.fence.delete_due()

@@ -1,4 +1,5 @@
-"""One writer per store: a lease object in the store.
+"""One writer per store: a lease object in the store. Advisory: it keeps honest writers
+apart and names the holder; it does not decide safety.
 
     lease    msgpack {token, host, pid, mounted, expires, cache_dir}
 
@@ -6,10 +7,15 @@ A read-write mount takes the lease and renews it every third of its time to live
 read-write mount is refused with the holder's name, unless the lease has expired, the holder
 is a dead process on this very host, or `--takeover` says so. Read-only mounts never take it.
 
-The lease keeps honest writers apart; what keeps a writer that lost its lease (paused past
-the expiry, or taken over) from doing harm is that catalogs are published with a conditional
-put (`Store.put_new`): the loser's next publish finds the newer writer's seq taken, and from
-then on it publishes nothing and deletes nothing.
+"Expired" compares the holder's `expires` (its wall clock) with ours: two hosts whose clocks
+disagree may judge it differently, and a paused holder does not know it was taken over. So
+nothing that keeps the store correct depends on it. Safety comes from the fence
+(volume/fence.py): a writer that takes over first publishes a catalog at the newest seq + 1
+with a conditional put, so the displaced writer's next publish finds that seq taken and it
+stops publishing and deleting; and nothing is deleted before that fence, nor within the
+grace period after the last catalog that needed it. (Judging expiry by our own observation,
+a renewal counter unchanged for a TTL of our monotonic clock, would cost every takeover a
+TTL wait at mount; with the fence it would buy no safety, so the rule stays as it is.)
 """
 
 import logging

@@ -5,11 +5,14 @@ import logging
 import trio
 import trio.lowlevel
 
-from snapfs.chunks import pack_key
+from snapfs.chunks import fragment_key, pack_key
 from snapfs.errors import (
     SnapfsError,
 )
 from snapfs.volume.check import (
+    K_CHUNK,
+    K_FRAG,
+    K_NODE,
     K_PACK,
     CheckReport,
     expected_refs,
@@ -22,6 +25,8 @@ log = logging.getLogger("snapfs.engine")
 
 class Maintenance(Flusher):
     """The background loop (flush, publish, gc, orphan sweep) and the checks."""
+
+    _sweep_at = 0.0  # when the orphans the last sweep remembered are due (config.clock)
 
     async def run_flusher(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Background task: every `flush_delay` (at once when kicked), flush the blocks left
@@ -46,13 +51,21 @@ class Maintenance(Flusher):
                     and self._backlog
                 ):
                     await trio.lowlevel.checkpoint()
-                if self.catalog.get_meta("published") != self.catalog.get_meta("seq"):
+                if not self.lease_lost and not self.fence.up_to_date():
                     async with self.commit_lock:
                         await self._publish()
                         await self._collect()
+                due = self.fence.next_due()
+                if due is not None and due <= self.config.clock() and not self.lease_lost:
+                    async with self.commit_lock:  # garbage whose grace period is over
+                        await self._collect()
                 if not self.lease_lost and self.chunks.sparse_packs(self.config.gc_threshold):
                     await self.gc()  # background gc: work follows the garbage
-                if self.sweep_needed and not self.lease_lost:
+                if (
+                    self.sweep_needed
+                    and not self.lease_lost
+                    and self.config.clock() >= self._sweep_at
+                ):
                     await self.sweep_orphans()
                 backoff = 1.0
             except Exception as exc:  # the daemon must outlive any failure of a cycle
@@ -89,10 +102,12 @@ class Maintenance(Flusher):
                 self.chunks.discard_staged()
                 self.sweep_needed = True
                 raise
+            # The old packs stay in the store for the grace period: a reader that loaded
+            # the index before this transaction (a read-only mount) still finds its blobs.
             with self.catalog.transaction():
                 self.chunks.record()
                 self.chunks.forget_packs([pid for pid, _s, _l in sparse])
-                self.catalog.add_garbage(K_PACK + pid for pid, _s, _l in sparse)
+                self.fence.queue(K_PACK + pid for pid, _s, _l in sparse)
             await self._collect()
             if self.chunks.statistics().fragments > 32:
                 old = await self.chunks.checkpoint()
@@ -100,8 +115,8 @@ class Maintenance(Flusher):
                 with self.catalog.transaction():
                     self.chunks.record()
                     self.chunks.forget_fragments(old)
-                for fkey in old:
-                    await self.store.delete(fkey)
+                    self.fence.queue(K_FRAG + _fragment_id(k) for k in old)
+                await self._collect()
             after = self.chunks.statistics()
             return {
                 "rewritten_packs": len(sparse),
@@ -114,26 +129,34 @@ class Maintenance(Flusher):
 
     async def sweep_orphans(self) -> int:
         """Delete the packs and index fragments that no committed catalog knows: what a
-        flush or gc cycle uploaded before it failed (store error, crash, cancellation).
-        The flusher runs it once after such a failure or an unclean shutdown. Packs still
-        waiting for deletion after a publish are not orphans (an older published catalog
-        may need them until then). Returns how many objects went."""
+        flush or gc cycle uploaded before it failed (store error, crash, cancellation), or
+        what a displaced writer uploaded and never published. The flusher runs it after
+        such a failure or an unclean shutdown. Only after this writer's fence, and only
+        objects seen orphaned for the grace period (the fence remembers when). Objects
+        queued for deletion are not orphans. Returns how many objects went."""
         self.writable()
         async with self.commit_lock:
             await self._publish()
             await self._collect()
+            self.fence.check_may_delete()
+            garbage = self.catalog.garbage()
             keep = self.chunks.known_packs()
-            keep.update(k[1:] for k in self.catalog.garbage() if k[:1] == K_PACK)
-            doomed = [k for k in await self.store.list("p/") if _pack_id(k) not in keep]
+            keep.update(k[1:] for k in garbage if k[:1] == K_PACK)
+            orphans = set()
+            for key in await self.store.list("p/"):
+                pid = _pack_id(key)
+                if pid is not None and pid not in keep:
+                    orphans.add(key)
             fragments = self.chunks.fragment_keys()
-            doomed += [k for k in await self.store.list("i/") if k not in fragments]
-            for key in doomed:
-                await self.store.delete(key)
-            if doomed:
-                log.info("removed %d objects that a failed cycle left in the store", len(doomed))
-            self.orphans_removed += len(doomed)
-            self.sweep_needed = False
-            return len(doomed)
+            fragments.update(fragment_key(k[1:]) for k in garbage if k[:1] == K_FRAG)
+            orphans.update(k for k in await self.store.list("i/") if k not in fragments)
+            removed, due = await self.fence.sweep(orphans)
+            if removed:
+                log.info("removed %d objects that a failed cycle left in the store", removed)
+            self.orphans_removed += removed
+            self.sweep_needed = due is not None
+            self._sweep_at = due or 0.0
+            return removed
 
     # ------------------------------------------------------------------ checks and stats
 
@@ -151,6 +174,7 @@ class Maintenance(Flusher):
         listed = {bytes.fromhex(k.rsplit("/", 1)[1]) for k in await self.store.list("p/")}
         missing += [f"{pack_key(pid)}: missing from the store" for pid in packs - listed]
         known = self.chunks.known_packs()
+        known.update(k[1:] for k in self.catalog.garbage() if k[:1] == K_PACK)  # in grace
         return missing, sorted(listed - known)
 
     async def check(self, repair: bool = False, verify_store: bool = True) -> CheckReport:
@@ -174,9 +198,9 @@ class Maintenance(Flusher):
                 report.missing, orphans = await self._check_store(expected)
                 report.orphan_packs = len(orphans)
                 if repair and orphans:
-                    await self.chunks.delete_packs(orphans)
+                    await self.fence.delete([pack_key(p) for p in orphans])
                     report.repaired = True
-            if not self.catalog.garbage():
+            if not any(k[:1] in (K_CHUNK, K_NODE) for k in self.catalog.garbage()):
                 for pid, live, counted in self.chunks.live_mismatches():
                     report.wrong_counts.append(
                         f"{pack_key(pid)}: live bytes {live}, blobs indexed in it {counted}"
@@ -194,3 +218,7 @@ def _pack_id(key: str) -> bytes | None:
         return bytes.fromhex(key.rsplit("/", 1)[1])
     except ValueError:
         return None  # not a name snapfs writes: left alone
+
+
+def _fragment_id(key: str) -> bytes:
+    return bytes.fromhex(key.rsplit("/", 1)[1])

@@ -1,13 +1,18 @@
 """What goes to the store besides data: the manifest and the published catalog.
 
     manifest                       msgpack {format: 1, uuid: str, created: float}
-    catalog/<seq:016x>             msgpack {format: 1, seq, created, volumes: [...],
-                                            snapshots: [...]}   (write-once; newest wins)
+    catalog/<seq:016x>             msgpack {format: 1, seq, created, writer, changes,
+                                            volumes: [...], snapshots: [...]}
+                                   (write-once; newest wins)
 
 A catalog object holds the volume and snapshot records only (names, sizes, roots, owners):
 a few hundred bytes each, never refcounts or block maps, which any machine derives from the
-roots. Each commit writes the next seq as a new object and removes the ones three behind,
-so a reader always finds a complete one and nothing is rewritten in place.
+roots. Sequences are contiguous: each publish is a conditional put of the newest seq + 1
+(volume/fence.py), so two writers can never both publish the same seq, and the newest is
+found by probing upwards from the listing (`newest_seq`), not by trusting the listing. `writer`
+is the publishing cache dir's token (it recognises its own catalog after a lost reply or a
+crash) and `changes` the local change counter the document covers. The three newest are kept;
+older ones are deleted a grace period after they fell out of those three.
 """
 
 import time
@@ -51,25 +56,52 @@ async def read_manifest(store: Store) -> dict:
     return manifest
 
 
-async def latest_seq(store: Store) -> int:
-    keys = await store.list(CATALOG_PREFIX)
-    return max((int(k[len(CATALOG_PREFIX) :], 16) for k in keys), default=0)
+def catalog_seq_of(key: str) -> int | None:
+    try:
+        return int(key[len(CATALOG_PREFIX) :], 16)
+    except ValueError:
+        return None
 
 
-async def latest_catalog(store: Store) -> dict | None:
-    keys = await store.list(CATALOG_PREFIX)
-    for key in reversed(keys):
-        try:
-            doc = codec.unpack(await store.get(key), f"{store.url}/{key}")
-        except ObjectNotFound:
-            continue  # removed by the writer between list and get: take the next
-        if isinstance(doc, dict) and doc.get("format") == FORMAT:
-            return doc
+async def listed_seqs(store: Store) -> list[int]:
+    seqs = (catalog_seq_of(k) for k in await store.list(CATALOG_PREFIX))
+    return sorted(s for s in seqs if s is not None)
+
+
+async def newest_seq(store: Store, known: int = 0) -> int:
+    """The newest catalog seq in the store: the highest listed (or `known`, a seq known to
+    exist), then HEAD of the next ones until one is absent. Sequences are contiguous, so a
+    container listing that lags behind (Swift's does) cannot hide a newer catalog."""
+    seq = max([known, *await listed_seqs(store)])
+    while await store.head(catalog_key(seq + 1)) is not None:
+        seq += 1
+    return seq
+
+
+async def read_catalog(store: Store, seq: int) -> dict | None:
+    """Catalog `seq`, or None when absent."""
+    key = catalog_key(seq)
+    try:
+        doc = codec.unpack(await store.get(key), f"{store.url}/{key}")
+    except ObjectNotFound:
+        return None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise IntegrityError(f"{store.url}/{key}: unsupported catalog format")
-    return None
+    return doc
 
 
-def catalog_doc(catalog: Catalog, seq: int) -> dict:
+async def latest_catalog(store: Store, known: int = 0) -> dict | None:
+    for _attempt in range(5):
+        seq = await newest_seq(store, known)
+        if seq == 0:
+            return None
+        doc = await read_catalog(store, seq)
+        if doc is not None:
+            return doc
+    raise StoreError(f"{store.url}: catalog {seq} is listed but cannot be read")
+
+
+def catalog_doc(catalog: Catalog, seq: int, writer: str = "", changes: int = 0) -> dict:
     volumes = [
         {
             "name": v.name,
@@ -102,15 +134,8 @@ def catalog_doc(catalog: Catalog, seq: int) -> dict:
         "format": FORMAT,
         "seq": seq,
         "created": time.time(),
+        "writer": writer,
+        "changes": changes,
         "volumes": volumes,
         "snapshots": snapshots,
     }
-
-
-async def write_catalog(store: Store, doc: dict) -> None:
-    """Publish one catalog; the caller has made every object it references durable."""
-    await store.put_new(catalog_key(doc["seq"]), codec.pack(doc))  # AlreadyExists: not ours
-    await store.barrier()
-    for key in await store.list(CATALOG_PREFIX):
-        if int(key[len(CATALOG_PREFIX) :], 16) <= doc["seq"] - KEEP_CATALOGS:
-            await store.delete(key)

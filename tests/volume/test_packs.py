@@ -31,7 +31,7 @@ async def make(store, cache_dir=None):
     return await Engine.open(
         store,
         cache_dir or tempfile.mkdtemp(prefix="snapfs-packs-"),
-        EngineConfig(pack_size=8 * BS, gc_threshold=0.5),
+        EngineConfig(pack_size=8 * BS, gc_threshold=0.5, grace=0),
     )
 
 
