@@ -161,14 +161,14 @@ class Controller:
 
     async def do_volume_list(self, uid):
         return [
-            self.engine.volume_info(n)
-            for n, h in sorted(self.engine.heads.items())
-            if self._visible(h.row.owner, uid)
+            self.engine.volume_info(v.name)
+            for v in self.engine.volumes()
+            if self._visible(v.owner, uid)
         ]
 
     async def do_volume_show(self, uid, name):
-        head = self.engine.head(_volume(name))
-        self.engine._check_access(head.row.owner, uid, f"volume {name!r}")
+        vol = self.engine.volume(_volume(name))
+        self.engine.check_access(vol.owner, uid, f"volume {name!r}")
         return self.engine.volume_info(name)
 
     async def do_volume_resize(self, uid, name, size=None):
@@ -188,19 +188,20 @@ class Controller:
     async def do_snapshot_list(self, uid, volume=None):
         if volume is not None:
             _volume(volume)
-            if volume not in self.engine.heads and not self.engine.catalog.snapshots(volume):
+            known = any(v.name == volume for v in self.engine.volumes())
+            if not known and not self.engine.snapshots(volume):
                 raise InvalidArgument(f"volume {volume!r} not found")
         return [
             snapshot_info(s)
-            for s in self.engine.catalog.snapshots(volume)
+            for s in self.engine.snapshots(volume)
             if s.state != "deleting" and self._visible(s.owner, uid)
         ]
 
     async def do_snapshot_show(self, uid, ref):
         snap = self.engine.snapshot_row(*split_snapshot_ref(ref))
-        self.engine._check_access(snap.owner, uid, f"snapshot {ref}")
+        self.engine.check_access(snap.owner, uid, f"snapshot {ref}")
         info = snapshot_info(snap)
-        info["parent_of"] = [v.name for v in self.engine.catalog.volumes() if v.parent == ref]
+        info["parent_of"] = [v.name for v in self.engine.volumes() if v.parent == ref]
         return info
 
     async def do_snapshot_delete(self, uid, ref):
@@ -219,7 +220,7 @@ class Controller:
         if va != vb:
             raise InvalidArgument("diff compares two snapshots of the same volume")
         snap = self.engine.snapshot_row(va, sa)
-        self.engine._check_access(snap.owner, uid, f"snapshot {a}")
+        self.engine.check_access(snap.owner, uid, f"snapshot {a}")
         blocks = await self.engine.diff(va, sa, sb)
         bs = snap.block_size
         extents: list[list[int]] = []

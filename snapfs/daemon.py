@@ -192,10 +192,11 @@ class Daemon:
     @staticmethod
     def _invalidator(ops: Operations):
         async def invalidate(volume: str) -> None:
-            head = ops.engine.heads.get(volume)
-            if head is None:
+            try:
+                vid = ops.engine.volume(volume).id
+            except SnapfsError:
                 return
-            ino = ops._inode.get(("vol", head.row.id))
+            ino = ops._inode.get(("vol", vid))
             if ino is not None:
                 with contextlib.suppress(Exception):
                     pyfuse3.invalidate_inode(ino, attr_only=False)
