@@ -26,7 +26,7 @@ from snapfs.control import Controller
 from snapfs.errors import Busy, InvalidArgument, SnapfsError
 from snapfs.fuse.ops import Operations
 from snapfs.store import open_store
-from snapfs.units import parse_seconds, parse_size, split_snapshot_ref
+from snapfs.units import format_size, parse_seconds, parse_size, split_snapshot_ref
 from snapfs.volume import lease
 from snapfs.volume.engine import Engine, EngineConfig
 
@@ -92,6 +92,26 @@ def lock_cache_dir(cache_dir: str) -> int:
     return fd
 
 
+def check_cache_room(cache_dir: str, cache_size: int) -> None:
+    """Refuse a cache dir that cannot hold `cache_size`: its free space plus what its cache
+    files already occupy (they are reused) must reach it. Otherwise writes would meet
+    ENOSPC long before the cache is full, instead of waiting for the flusher."""
+    st = os.statvfs(cache_dir)
+    free = st.f_bavail * st.f_frsize
+    used = 0
+    with os.scandir(cache_dir) as entries:
+        for entry in entries:
+            if entry.name.startswith("vol-") and entry.name.endswith((".cache", ".frozen")):
+                with contextlib.suppress(OSError):
+                    used += entry.stat(follow_symlinks=False).st_blocks * 512
+    if free + used < cache_size:
+        raise InvalidArgument(
+            f"cache dir {cache_dir} has room for {format_size(free + used)} "
+            f"({format_size(free)} free), less than --cache-size {format_size(cache_size)}: "
+            "free some space, use another --cache-dir or a smaller --cache-size"
+        )
+
+
 class Daemon:
     def __init__(self, opts: argparse.Namespace) -> None:
         self.opts = opts
@@ -113,6 +133,8 @@ class Daemon:
             self.cache_dir = default_cache_dir(opts.store)
         self.store = open_store(opts.store)
         self.lock_fd = lock_cache_dir(self.cache_dir)
+        if not opts.read_only:  # a read-only mount caches nothing on disk
+            check_cache_room(self.cache_dir, self.cache_size)
 
     async def run(self, ready) -> None:
         config = EngineConfig(
