@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from snapfs.errors import InvalidArgument
+from snapfs.errors import InvalidArgument, PermissionDenied
 from snapfs.units import check_name, parse_size, split_snapshot_ref
 from snapfs.volume.engine import Engine, snapshot_info
 
@@ -78,7 +78,7 @@ SPECS = [
         options={"threshold": lambda t: _fraction(t)},
         help="rewrite packs whose live share fell below --threshold (default 0.5)",
     ),
-    Spec(("evict",), help="drop clean cached blocks"),
+    Spec(("evict",), help="drop clean cached blocks (root only)"),
     Spec(("status",), help="daemon status"),
 ]
 _BY_WORDS = {s.words: s for s in SPECS}
@@ -254,6 +254,8 @@ class Controller:
         return await self.engine.gc(threshold)
 
     async def do_evict(self, uid):
+        if uid != 0:  # it drops every user's cached blocks
+            raise PermissionDenied("evict is for root: it drops the cached blocks of every user")
         self.engine.evict_all()
         return {"cached_bytes": self.engine.statistics().cached_bytes}
 
