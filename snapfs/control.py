@@ -9,13 +9,14 @@ A command is one line of shell-quoted words, the same words a user gives the `sn
 why; `execute()` runs it against the engine as a given uid and returns a JSON-able result.
 """
 
+import os
 import shlex
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from snapfs.errors import InvalidArgument, PermissionDenied
-from snapfs.units import check_name, parse_size, split_snapshot_ref
+from snapfs.units import check_name, parse_seconds, parse_size, split_snapshot_ref
 from snapfs.volume.engine import Engine, snapshot_info
 
 MAX_LINE = 64 * 1024
@@ -80,6 +81,11 @@ SPECS = [
     ),
     Spec(("evict",), help="drop clean cached blocks (root only)"),
     Spec(("status",), help="daemon status"),
+    Spec(
+        ("umount",),
+        options={"within": lambda t: parse_seconds(t, "umount timeout", 3600)},
+        help="",  # `snapfs umount` sends it before unmounting; not a command of its own
+    ),
 ]
 _BY_WORDS = {s.words: s for s in SPECS}
 
@@ -258,6 +264,17 @@ class Controller:
             raise PermissionDenied("evict is for root: it drops the cached blocks of every user")
         self.engine.evict_all()
         return {"cached_bytes": self.engine.statistics().cached_bytes}
+
+    async def do_umount(self, uid, within=60.0):
+        """Before an unmount: sync for at most `within` seconds; if that cannot be done the
+        daemon will keep its cache at the unmount instead of flushing. Root's or the
+        mounting user's."""
+        if uid not in (0, os.getuid()):
+            raise PermissionDenied("umount is for root and the user who mounted")
+        prepare = self.status.get("prepare_umount")
+        if prepare is None:
+            raise InvalidArgument("umount: not a mount")
+        return await prepare(within)
 
     async def do_status(self, uid):
         return {k: v for k, v in self.status.items() if not callable(v)}
