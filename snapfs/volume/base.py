@@ -16,7 +16,8 @@ from snapfs.errors import (
 from snapfs.store.base import Store
 from snapfs.tree import TreeReader
 from snapfs.volume.catalog import Catalog, SnapshotRow
-from snapfs.volume.head import Head, punch_hole
+from snapfs.volume.files import Files
+from snapfs.volume.head import Head
 from snapfs.volume.inflight import InFlight
 from snapfs.volume.readahead import ReadAhead
 
@@ -84,8 +85,10 @@ class EngineBase:
         cache_dir: str,
         config: EngineConfig,
         read_only: bool = False,
+        files: Files | None = None,
     ):
         self.read_only = read_only
+        self.files = files or Files()
         self.lease_lost: str | None = None
         self.store = store
         self.chunks = ChunkStore(store, catalog.db, config.pack_size, config.uploads)
@@ -167,7 +170,7 @@ class EngineBase:
                 by_id = {h.row.id: h for h in self.heads.values()}
             head = by_id.get(vid)
             if head is not None:
-                punch_hole(head.cache_fd, blk * head.bs, head.blen(blk))
+                head.cache.punch(blk * head.bs, head.blen(blk))
 
     def evict_all(self) -> None:
         """Drop every clean cached block (tests use it to force reads from the store)."""
@@ -194,6 +197,55 @@ class EngineBase:
             log.error("lost the store: %s; keeping the local cache, publishing nothing", reason)
             self.lease_lost = reason
             self.last_error = reason
+
+    def assert_invariants(self) -> None:
+        """Check what the cache state must always satisfy (tests call it after every step;
+        it reads the local catalog, so it is not for the hot path):
+        - a block is dirty or clean-cached, never both, and only blocks of the volume;
+        - the byte counters equal the maps they count;
+        - a copy-on-write save exists only for a pending snapshot, in a slot of its own;
+        - the dirty rows on disk are the dirty blocks, less those not yet fsynced;
+        - the discard and allocation bookkeeping covers dirty blocks only."""
+        by_id = {h.row.id: h for h in self.heads.values()}
+        assert self.lru_bytes == sum(self.lru.values()), "lru_bytes != the LRU"
+        for vid, blk in self.lru:
+            head = by_id.get(vid)
+            assert head is not None, f"LRU holds a block of unknown volume {vid}"
+            assert blk not in head.dirty, f"{head.row.name} block {blk}: dirty and clean"
+            assert 0 <= blk < head.nblocks, f"{head.row.name} block {blk}: outside"
+        dirty = sum(len(h.dirty) * h.bs for h in self.heads.values())
+        assert self.dirty_bytes == dirty, f"dirty_bytes {self.dirty_bytes} != {dirty}"
+        frozen = sum(len(f) * h.bs for h in self.heads.values() for f in h.frozen.values())
+        assert self.frozen_bytes == frozen, f"frozen_bytes {self.frozen_bytes} != {frozen}"
+        for head in self.heads.values():
+            name = head.row.name
+            assert set(head.gen) == set(head.dirty), f"{name}: generations != dirty blocks"
+            assert set(head.touched) <= set(head.dirty), f"{name}: touched beyond dirty"
+            assert set(head.since) <= set(head.dirty), f"{name}: since beyond dirty"
+            assert head.unsynced <= set(head.dirty), f"{name}: unsynced beyond dirty"
+            assert set(head.holes) <= set(head.dirty), f"{name}: holes beyond dirty"
+            assert head.dirty_new <= set(head.dirty), f"{name}: dirty_new beyond dirty"
+            assert not head.dirty_new & set(head.holes), f"{name}: discarded yet new"
+            assert all(0 <= b < head.nblocks for b in head.dirty), f"{name}: dirty outside"
+            assert all(e <= head.row.epoch for e in head.dirty.values()), f"{name}: epoch"
+            epochs = [s.epoch for s in head.pending]
+            assert epochs == sorted(epochs), f"{name}: pending snapshots out of order"
+            assert all(e < head.row.epoch for e in epochs), f"{name}: pending in the future"
+            slots = [s for f in head.frozen.values() for s in f.values()]
+            assert len(slots) == len(set(slots)), f"{name}: two saves share a slot"
+            assert not set(slots) & set(head.free_slots), f"{name}: a used slot is free"
+            assert all(0 <= s < head.next_slot for s in slots), f"{name}: slot beyond the end"
+            for epoch, saves in head.frozen.items():
+                assert epoch in epochs, f"{name}: saves for epoch {epoch}, no snapshot needs"
+                assert all(0 <= b < head.nblocks for b in saves), f"{name}: save outside"
+            rows = self.catalog.frozen(head.row.id)
+            on_disk = {(e, b): s for e, b, s in rows}
+            in_mem = {(e, b): s for e, f in head.frozen.items() for b, s in f.items()}
+            assert on_disk == in_mem, f"{name}: frozen rows != saves in memory"
+            stored = self.catalog.dirty(head.row.id)
+            assert set(stored) <= set(head.dirty), f"{name}: dirty rows of clean blocks"
+            missing = set(head.dirty) - head.unsynced - set(stored)
+            assert not missing, f"{name}: fsynced dirty blocks without a row: {sorted(missing)}"
 
     def kick(self) -> None:
         self._kick.set()

@@ -10,12 +10,11 @@ from snapfs.chunks import CHUNK
 from snapfs.errors import (
     InvalidArgument,
     NotFound,
-    ReadOnly,
     SnapfsError,
 )
 from snapfs.volume.catalog import SnapshotRow
 from snapfs.volume.flusher import Flusher
-from snapfs.volume.head import Head, punch_hole
+from snapfs.volume.head import Head
 
 log = logging.getLogger("snapfs.engine")
 
@@ -67,8 +66,8 @@ class DataPath(Flusher):
                     if (head.row.id, b) in self.lru:
                         self.lru.move_to_end((head.row.id, b))
                 if pos == offset and run_end == end:  # the common case: no copies
-                    return (head.cache_fd, pos, end - pos)
-                out.append(os.pread(head.cache_fd, run_end - pos, pos))
+                    return (head.cache.fd, pos, end - pos)
+                out.append(head.cache.pread(run_end - pos, pos))
                 pos = run_end
                 continue
             data = await self._fetch_block(head, blk)
@@ -106,7 +105,7 @@ class DataPath(Flusher):
         key = (head.row.id, blk)
         while True:
             if blk in head.dirty or key in self.lru:
-                return os.pread(head.cache_fd, head.blen(blk), blk * head.bs)
+                return head.cache.pread(head.blen(blk), blk * head.bs)
             if not await head.fetching.wait(blk):
                 break
         with head.fetching.claim([blk]):
@@ -121,16 +120,15 @@ class DataPath(Flusher):
     def _cache_clean(self, head: Head, blk: int, data: bytes | None) -> None:
         """Put a fetched block (None: a hole) into the cache file as a clean block."""
         if data is None:
-            punch_hole(head.cache_fd, blk * head.bs, head.blen(blk))
+            head.cache.punch(blk * head.bs, head.blen(blk))
         else:
             self.fetched += 1
-            os.pwrite(head.cache_fd, memoryview(data)[: head.blen(blk)], blk * head.bs)
+            head.cache.pwrite(memoryview(data)[: head.blen(blk)], blk * head.bs)
         self._lru_add(head, blk)
 
     async def write(self, name: str, offset: int, data: bytes) -> int:
         head = self.head(name)
-        if self.read_only:
-            raise ReadOnly("this mount is read-only")
+        self.writable()  # read-only, or this writer lost the store: EROFS
         if offset < 0 or offset + len(data) > head.row.size:
             raise SnapfsError(f"write beyond the end of volume {name!r}")
         lock = head.write_lock
@@ -154,7 +152,7 @@ class DataPath(Flusher):
         if all(dirty.get(b, -1) >= epoch and b not in holes for b in range(first, last + 1)):
             # Hot data (every block already dirty in this epoch): nothing to fetch, freeze
             # or account, so one pwrite for the whole range.
-            os.pwrite(head.cache_fd, view, offset)
+            head.cache.pwrite(view, offset)
             for blk in range(first, last + 1):
                 self._mark_dirty(head, blk)
             return
@@ -162,19 +160,9 @@ class DataPath(Flusher):
         while pos < len(view):
             blk, boff = divmod(offset + pos, bs)
             n = min(bs - boff, len(view) - pos)
-            written = head.dirty.get(blk)
-            unmapped = False
-            if written is None:
-                # Not dirty: its mapping cannot change while we hold the write lock.
-                unmapped = await self.tree.lookup(head.row.root, head.row.root_level, blk) is None
-                # Read-modify-write needs the block cached. A fetch that a commit overtook
-                # does not cache it: fetch again.
-                while n < head.blen(blk) and (head.row.id, blk) not in self.lru:
-                    await self._fetch_block(head, blk)
-            elif written < head.row.epoch:
-                await self._freeze(head, blk)
+            unmapped = await self._settle_for_write(head, blk, n < head.blen(blk))
             # No await from here until the block is marked dirty.
-            os.pwrite(head.cache_fd, view[pos : pos + n], offset + pos)
+            head.cache.pwrite(view[pos : pos + n], offset + pos)
             if blk not in head.dirty:
                 self._lru_drop(head, blk)
                 self.dirty_bytes += bs
@@ -184,6 +172,27 @@ class DataPath(Flusher):
                 head.dirty_new.add(blk)  # a discarded block that the tree does not map
             self._mark_dirty(head, blk)
             pos += n
+
+    async def _settle_for_write(self, head: Head, blk: int, partial: bool) -> bool:
+        """Bring a block into a state where it can be written with no further await: dirty
+        in this epoch, or clean (cached when the write is partial, for read-modify-write),
+        with any content a pending snapshot needs saved first. Every await may let a commit
+        land (a dirty block turns clean) or an eviction (a cached block goes), so the state
+        is looked at again after each one. Returns, for a block that is not dirty, whether
+        the committed tree leaves it unmapped. Called with the write lock held: nobody else
+        makes a block dirty meanwhile, and a clean block's mapping cannot change."""
+        while True:
+            written = head.dirty.get(blk)
+            if written is not None:
+                if written >= head.row.epoch:
+                    return False
+                await self._freeze(head, blk)
+                continue
+            unmapped = await self.tree.lookup(head.row.root, head.row.root_level, blk) is None
+            if partial and (head.row.id, blk) not in self.lru:
+                await self._fetch_block(head, blk)  # a fetch that a commit overtook: again
+                continue
+            return unmapped
 
     def _mark_dirty(self, head: Head, blk: int) -> None:
         head.dirty[blk] = head.row.epoch
@@ -200,8 +209,7 @@ class DataPath(Flusher):
         edges are zeroed. A snapshot taken before keeps the old data (copy-on-write, as for
         a write). Durable like a write: at the next fsync, snapshot or flush."""
         head = self.head(name)
-        if self.read_only:
-            raise ReadOnly("this mount is read-only")
+        self.writable()
         if offset < 0 or length < 0:
             raise InvalidArgument("discard: negative offset or length")
         end = min(offset + length, head.row.size)
@@ -287,7 +295,7 @@ class DataPath(Flusher):
         """Punch the cache ranges of consecutive blocks in one call; empties `run`."""
         if run:
             start = run[0] * head.bs
-            punch_hole(head.cache_fd, start, min((run[-1] + 1) * head.bs, head.row.size) - start)
+            head.cache.punch(start, min((run[-1] + 1) * head.bs, head.row.size) - start)
             run.clear()
 
     async def _zero_range(self, head: Head, start: int, end: int) -> None:
@@ -304,18 +312,27 @@ class DataPath(Flusher):
 
     async def _freeze(self, head: Head, blk: int) -> None:
         """Save a block that a pending snapshot still needs before it is overwritten: copy to
-        the frozen file, make the copy durable, then record it (copy-on-write)."""
+        the frozen file, make the copy durable, then record it (copy-on-write). The commit of
+        that snapshot may land during the sync: then the block went to the snapshot and the
+        clean cache, and the save is dropped instead (the caller looks at the block again)."""
         written = head.dirty[blk]
         target = next((s.epoch for s in head.pending if s.epoch >= written), None)
         if target is None or blk in head.frozen.get(target, {}):
             head.dirty[blk] = head.row.epoch
             return
-        data = os.pread(head.cache_fd, head.blen(blk), blk * head.bs)
+        data = head.cache.pread(head.blen(blk), blk * head.bs)
         slot = head.free_slots.pop() if head.free_slots else head.next_slot
         if slot == head.next_slot:
             head.next_slot += 1
-        os.pwrite(head.frozen_fd, data, slot * head.bs)
-        await trio.to_thread.run_sync(os.fdatasync, head.frozen_fd)
+        head.saves.pwrite(data, slot * head.bs)
+        try:
+            await head.saves.datasync()
+        except BaseException:
+            self._free_slot(head, slot)
+            raise
+        if head.dirty.get(blk) != written or all(s.epoch != target for s in head.pending):
+            self._free_slot(head, slot)  # overtaken by the commit: nothing to save
+            return
         with self.catalog.transaction():
             self.catalog.add_frozen(head.row.id, target, blk, slot)
             self.catalog.set_dirty(head.row.id, [(blk, head.row.epoch)])
@@ -324,24 +341,39 @@ class DataPath(Flusher):
         head.unsynced.discard(blk)
         self.frozen_bytes += head.bs
 
+    @staticmethod
+    def _free_slot(head: Head, slot: int) -> None:
+        if slot < head.next_slot:  # else the frozen file was emptied meanwhile
+            head.free_slots.append(slot)
+
     async def _wait_dirty_room(self) -> None:
         """Backpressure: past the dirty limit a writer flushes (or waits for the flush)
-        instead of failing."""
+        instead of failing. A store that fails makes it wait and try again, as the
+        background flusher does; a writer that lost the store fails at once (EROFS): its
+        dirty blocks can never leave."""
         limit = self.config.cache_size * self.config.dirty_fraction
         while self.dirty_bytes + self.frozen_bytes >= limit:
+            self.writable()
             self.kick()
-            if not await self.flush_once():
-                await trio.sleep(0.05)
+            try:
+                if await self.flush_once():
+                    continue
+            except SnapfsError as exc:
+                log.warning("waiting for dirty room: %s", exc)
+            await trio.sleep(0.05)
 
     async def fsync(self, name: str) -> None:
         """Return once everything written to the volume survives a crash of the daemon or of
-        the machine: the cache file is synced, then its dirty map committed."""
+        the machine: the cache file is synced, then its dirty map committed. A writer that
+        lost the store still keeps what it has on disk (for `snapfs recover`), then fails:
+        nothing it holds can reach the store any more."""
         await self._persist_dirty(self.head(name))
+        self.writable()
 
     async def _persist_dirty(self, head: Head) -> None:
         todo, head.unsynced = head.unsynced, set()
         try:
-            await trio.to_thread.run_sync(os.fdatasync, head.cache_fd)
+            await head.cache.datasync()
             with self.catalog.transaction():
                 self.catalog.set_dirty(
                     head.row.id, [(b, head.dirty[b]) for b in todo if b in head.dirty]

@@ -39,6 +39,7 @@ from snapfs.volume.check import (
     expected_refs,
 )
 from snapfs.volume.datapath import DataPath
+from snapfs.volume.files import Files
 from snapfs.volume.head import Head
 from snapfs.volume.maintenance import Maintenance
 
@@ -59,13 +60,14 @@ class Engine(DataPath, Maintenance):
         cache_dir: str,
         config: EngineConfig | None = None,
         read_only: bool = False,
+        files: Files | None = None,
     ):
         """Open the cache dir for `store`: restore from the store when it is empty, recover
         after a crash when the last shutdown was not clean."""
         manifest = await publish.read_manifest(store)
         os.makedirs(cache_dir, mode=0o700, exist_ok=True)
         catalog = Catalog(os.path.join(cache_dir, "catalog.sqlite3"))
-        engine = cls(store, catalog, cache_dir, config or EngineConfig(), read_only)
+        engine = cls(store, catalog, cache_dir, config or EngineConfig(), read_only, files)
         try:
             await engine._load(manifest)
         except BaseException:
@@ -110,6 +112,7 @@ class Engine(DataPath, Maintenance):
             elif snap.temporary:
                 temporary.append(snap)
         for head in self.heads.values():
+            self._drop_stale_saves(head)
             await self._count_mapped(head)
         for snap in temporary:  # dropped on unmount; after a crash, dropped now
             await self._drop_snapshot(snap)
@@ -181,7 +184,7 @@ class Engine(DataPath, Maintenance):
             )
 
     def _add_head(self, row: VolumeRow) -> Head:
-        head = Head(row, self.cache_dir)
+        head = Head(row, self.cache_dir, self.files)
         head.dirty = self.catalog.dirty(row.id)
         for blk in head.dirty:
             self.gen += 1
@@ -196,6 +199,22 @@ class Engine(DataPath, Maintenance):
         head.free_slots = [s for s in range(head.next_slot) if s not in used]
         self.heads[row.name] = head
         return head
+
+    def _drop_stale_saves(self, head: Head) -> None:
+        """Copy-on-write saves of snapshots that are no longer pending (left by an older
+        version that could leak them): nothing reads them, they only took dirty room."""
+        pending = {s.epoch for s in head.pending}
+        stale = [e for e in head.frozen if e not in pending]
+        if not stale:
+            return
+        with self.catalog.transaction():
+            for epoch in stale:
+                self.catalog.clear_frozen(head.row.id, epoch)
+        for epoch in stale:
+            slots = head.frozen.pop(epoch)
+            head.free_slots.extend(slots.values())
+            self.frozen_bytes -= len(slots) * head.bs
+        log.warning("%s: dropped %d stale copy-on-write saves", head.row.name, len(stale))
 
     async def close(self, flush: bool = True) -> None:
         """Flush everything (unless told not to), drop temporary snapshots, remember the
@@ -271,7 +290,7 @@ class Engine(DataPath, Maintenance):
                 f"volume {name!r} is {format_size(head.row.size)}: shrinking is not supported"
             )
         async with self.commit_lock:
-            os.ftruncate(head.cache_fd, size)
+            head.cache.truncate(size)
             with self.catalog.transaction():
                 self.catalog.update_volume(head.row.id, size=size)
                 self._bump_seq()
@@ -395,7 +414,9 @@ class Engine(DataPath, Maintenance):
                 return snap
             if snap.state != "creating":
                 raise SnapfsError(f"snapshot {volume}@{name} is {snap.state}")
-            await self.flush_once()
+            self.writable()  # lost the store: it stays creating here for ever
+            if not await self.flush_once():
+                await trio.sleep(0.05)  # another task's cycle holds the work: let it run
 
     async def delete_snapshot(self, volume: str, name: str, uid: int = 0) -> None:
         self.writable()
@@ -461,8 +482,8 @@ class Engine(DataPath, Maintenance):
             head.holes.clear()
             await self._count_mapped(head)
             head.row.size = snap.size
-            os.ftruncate(head.cache_fd, 0)
-            os.ftruncate(head.cache_fd, snap.size)
+            head.cache.truncate(0)
+            head.cache.truncate(snap.size)
             await self._publish()
             await self._collect()
 

@@ -1,7 +1,6 @@
 """Flush cycles and publication (see docs/design.md, "The flush cycle")."""
 
 import logging
-import os
 
 import trio
 import trio.lowlevel
@@ -21,7 +20,8 @@ from snapfs.volume.check import (
     K_NODE,
     K_PACK,
 )
-from snapfs.volume.head import Head, punch_hole
+from snapfs.volume.files import BlockFile
+from snapfs.volume.head import Head
 
 log = logging.getLogger("snapfs.engine")
 
@@ -110,17 +110,17 @@ class Flusher(EngineBase):
             cache_blocks = blocks or []
         # (blk, fd, offset, gen): read, hashed, staged and uploaded a slice at a time, so that
         # a commit holds about slice_bytes of blocks in memory however big it is.
-        reads: list[tuple[int, int, int, int | None]]
-        reads = [(blk, head.cache_fd, blk * bs, head.gen[blk]) for blk in cache_blocks]
-        reads += [(blk, head.frozen_fd, slot * bs, None) for blk, slot in frozen.items()]
+        reads: list[tuple[int, BlockFile, int, int | None]]
+        reads = [(blk, head.cache, blk * bs, head.gen[blk]) for blk in cache_blocks]
+        reads += [(blk, head.saves, slot * bs, None) for blk, slot in frozen.items()]
         zero = self._zeros(bs)
 
         def load(todo, saved: dict[int, int]) -> list[tuple[int, bytes]]:
             out = []
-            for blk, fd, offset, gen in todo:
+            for blk, file, offset, gen in todo:
                 if gen is not None and blk in saved:  # overwritten since, saved before that
-                    fd, offset = head.frozen_fd, saved[blk] * bs
-                data = os.pread(fd, head.blen(blk), offset)
+                    file, offset = head.saves, saved[blk] * bs
+                data = file.pread(head.blen(blk), offset)
                 out.append((blk, data + bytes(bs - len(data)) if len(data) < bs else data))
             return out
 
@@ -254,7 +254,7 @@ class Flusher(EngineBase):
             head.unsynced.discard(blk)
             self.dirty_bytes -= bs
             if changes.get(blk) is None:
-                punch_hole(head.cache_fd, blk * bs, head.blen(blk))
+                head.cache.punch(blk * bs, head.blen(blk))
             else:
                 self._lru_add(head, blk)
         if snap is not None:
@@ -263,7 +263,7 @@ class Flusher(EngineBase):
             self.frozen_bytes -= len(slots) * bs
             head.pending.pop(0)
             if not head.pending and not head.frozen:
-                os.ftruncate(head.frozen_fd, 0)
+                head.saves.truncate(0)
                 head.free_slots, head.next_slot = [], 0
         self._evict()
         await self._publish()

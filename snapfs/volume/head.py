@@ -1,7 +1,6 @@
 """Runtime state of one volume's head: its cache file, dirty map and copy-on-write saves."""
 
 import contextlib
-import ctypes
 import logging
 import os
 
@@ -9,32 +8,21 @@ import trio
 import trio.lowlevel
 
 from snapfs.volume.catalog import SnapshotRow, VolumeRow
+from snapfs.volume.files import Files
 from snapfs.volume.inflight import InFlight
 
 log = logging.getLogger("snapfs.engine")
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_FALLOC_FL_KEEP_SIZE = 1
-_FALLOC_FL_PUNCH_HOLE = 2
-
-
-def punch_hole(fd: int, offset: int, length: int) -> None:
-    mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
-    if _libc.fallocate(fd, mode, ctypes.c_long(offset), ctypes.c_long(length)) != 0:
-        os.pwrite(fd, bytes(length), offset)  # filesystems without hole punching
-
-
 class Head:
     """Runtime state of one volume's head: its cache file, dirty map and frozen saves."""
 
-    def __init__(self, row: VolumeRow, cache_dir: str) -> None:
+    def __init__(self, row: VolumeRow, cache_dir: str, files: Files) -> None:
         self.row = row
         base = os.path.join(cache_dir, f"vol-{row.id}")
         self.cache_path, self.frozen_path = base + ".cache", base + ".frozen"
-        self.cache_fd = os.open(self.cache_path, os.O_RDWR | os.O_CREAT, 0o600)
-        os.ftruncate(self.cache_fd, row.size)
-        self.frozen_fd = os.open(self.frozen_path, os.O_RDWR | os.O_CREAT, 0o600)
+        self.cache = files.open(self.cache_path, row.size)
+        self.saves = files.open(self.frozen_path)  # copy-on-write saves, one slot a block
         self.dirty: dict[int, int] = {}  # blk → epoch of its last write
         self.gen: dict[int, int] = {}  # blk → write generation (detects writes during upload)
         self.touched: dict[int, float] = {}  # blk → trio time of its last write
@@ -63,8 +51,8 @@ class Head:
         return min(self.bs, self.row.size - blk * self.bs)
 
     def close(self) -> None:
-        os.close(self.cache_fd)
-        os.close(self.frozen_fd)
+        self.cache.close()
+        self.saves.close()
 
     def remove_files(self) -> None:
         for path in (self.cache_path, self.frozen_path):
