@@ -19,13 +19,25 @@ import trio
 from snapfs import __version__
 from snapfs.control import SPECS
 from snapfs.errors import SnapfsError
-from snapfs.units import format_size
+from snapfs.units import format_size, parse_seconds
 
 FSTYPE = "fuse.snapfs"
 
 
 class CliError(Exception):
     pass
+
+
+class DaemonGone(CliError):
+    """The mount is there but its daemon is not (killed): the kernel answers ENOTCONN."""
+
+
+class NotUploaded(CliError):
+    """Unmounted, but not everything is in the store: the cache dir keeps it (exit 3)."""
+
+
+EXIT_NOT_UPLOADED = 3
+GONE = (errno.ENOTCONN, errno.ECONNABORTED)
 
 
 def snapfs_mounts() -> list[str]:
@@ -64,13 +76,15 @@ def ctl(mount: str, line: str) -> object:
     try:
         fd = os.open(path, os.O_RDWR)
     except OSError as exc:
+        if exc.errno in GONE:
+            raise DaemonGone(f"the daemon of {mount} is not running") from None
         raise CliError(f"cannot reach the daemon at {mount}: {exc.strerror}") from None
     try:
         try:
             os.write(fd, (line + "\n").encode())
         except OSError as exc:
-            if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED):
-                raise CliError(f"the daemon of {mount} is not running") from None
+            if exc.errno in GONE:
+                raise DaemonGone(f"the daemon of {mount} is not running") from None
         chunks = []
         offset = 0
         while True:
@@ -211,17 +225,35 @@ def cmd_mount(args: list[str]) -> int:
     )
 
 
+UMOUNT_TIMEOUT = 60.0
+
+
 def cmd_umount(args: list[str]) -> int:
-    if len(args) != 1:
-        raise CliError("usage: snapfs umount MOUNTPOINT")
-    mount = find_mount(args[0])
-    status = ctl(mount, "status")
+    """Upload what is dirty (for at most --timeout seconds), then unmount, always. Exit 0
+    when everything is in the store; 3 when unmounted but the store could not take it (lost
+    or out of reach): one line says what stays in the cache dir."""
+    timeout = UMOUNT_TIMEOUT
+    words = list(args)
+    if "--timeout" in words:
+        i = words.index("--timeout")
+        if i + 1 >= len(words):
+            raise CliError("--timeout needs a number of seconds")
+        timeout = parse_seconds(words[i + 1], "umount timeout", 3600)
+        del words[i : i + 2]
+    if len(words) != 1:
+        raise CliError("usage: snapfs umount MOUNTPOINT [--timeout SECONDS]")
+    mount = find_mount(words[0])
+    try:
+        status = ctl(mount, "status")
+    except DaemonGone:
+        _fusermount(mount)
+        raise NotUploaded(
+            f"unmounted {mount}, whose daemon was not running: its cache dir keeps what was "
+            "fsynced and not uploaded; mount the store again with that --cache-dir to upload it"
+        ) from None
     pid = status["pid"] if isinstance(status, dict) else None
-    ctl(mount, "sync")
-    res = subprocess.run(["fusermount3", "-u", mount], capture_output=True, text=True)
-    if res.returncode != 0:
-        msg = (res.stderr.strip().splitlines() or ["unmount failed"])[-1]
-        raise CliError(f"cannot unmount {mount}: {msg.removeprefix('fusermount3: ')}")
+    done = ctl(mount, f"umount --within {timeout:g}")
+    _fusermount(mount)
     deadline = time.monotonic() + 600
     while pid and time.monotonic() < deadline:
         try:
@@ -229,8 +261,30 @@ def cmd_umount(args: list[str]) -> int:
         except ProcessLookupError:
             break
         time.sleep(0.05)
-    print(f"unmounted {mount}")
-    return 0
+    if not isinstance(done, dict) or done.get("uploaded", True):
+        print(f"unmounted {mount}")
+        return 0
+    left = format_size(int(done.get("dirty_bytes") or 0))
+    pending = done.get("pending_snapshots") or 0
+    if pending:
+        left += f" and {pending} snapshot{'s' if pending > 1 else ''} not yet uploaded"
+    if done.get("lost"):
+        raise NotUploaded(
+            f"unmounted {mount}, but this writer had lost the store ({done['lost']}): nothing "
+            f"more was uploaded; what was not ({left}) is still in the cache dir "
+            f"{done['cache_dir']}"
+        )
+    raise NotUploaded(
+        f"unmounted {mount} without uploading: {done.get('reason')}; what was not uploaded "
+        f"({left}) stays in the cache dir {done['cache_dir']} and goes up at the next mount of it"
+    )
+
+
+def _fusermount(mount: str) -> None:
+    res = subprocess.run(["fusermount3", "-u", mount], capture_output=True, text=True)
+    if res.returncode != 0:
+        msg = (res.stderr.strip().splitlines() or ["unmount failed"])[-1]
+        raise CliError(f"cannot unmount {mount}: {msg.removeprefix('fusermount3: ')}")
 
 
 USAGE = """usage: snapfs [--mount MOUNTPOINT] [--json] COMMAND ...
@@ -238,13 +292,18 @@ USAGE = """usage: snapfs [--mount MOUNTPOINT] [--json] COMMAND ...
   init STORE_URL                          create a store (file:///path, swift://host:port/c)
   mount STORE_URL MOUNTPOINT [--cache-dir D] [--cache-size SIZE] [--foreground]
         [--flush-delay SECONDS] [--flush-max-age SECONDS] [--read-only [--snapshot VOL@SNAP]]
-  umount MOUNTPOINT                       flush, publish and unmount
+  umount MOUNTPOINT [--timeout 60]        upload (for at most --timeout seconds), publish
+                                          and unmount; unmounts also when the store is lost
+                                          or out of reach (exit 3: the cache dir keeps what
+                                          was not uploaded)
 """
 
 
 def usage() -> str:
     lines = [USAGE]
     for spec in SPECS:
+        if not spec.help:  # internal (the CLI's umount sends it)
+            continue
         args = " ".join(a.upper().rstrip("?") for a in spec.args)
         opts = " ".join(f"[--{o} X]" for o in spec.options)
         flags = " ".join(f"[--{f}]" for f in spec.flags)
@@ -291,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
         result = ctl(find_mount(mount), shlex.join(words))
         print(json.dumps(result, indent=2, default=str) if as_json else render(words, result))
         return 0
+    except NotUploaded as exc:
+        print(f"snapfs: {exc}", file=sys.stderr)
+        return EXIT_NOT_UPLOADED
     except (CliError, SnapfsError) as exc:
         print(f"snapfs: {exc}", file=sys.stderr)
         return 1

@@ -9,13 +9,14 @@ A command is one line of shell-quoted words, the same words a user gives the `sn
 why; `execute()` runs it against the engine as a given uid and returns a JSON-able result.
 """
 
+import os
 import shlex
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from snapfs.errors import InvalidArgument
-from snapfs.units import check_name, parse_size, split_snapshot_ref
+from snapfs.errors import InvalidArgument, PermissionDenied
+from snapfs.units import check_name, parse_seconds, parse_size, split_snapshot_ref
 from snapfs.volume.engine import Engine, snapshot_info
 
 MAX_LINE = 64 * 1024
@@ -78,8 +79,13 @@ SPECS = [
         options={"threshold": lambda t: _fraction(t)},
         help="rewrite packs whose live share fell below --threshold (default 0.5)",
     ),
-    Spec(("evict",), help="drop clean cached blocks"),
+    Spec(("evict",), help="drop clean cached blocks (root only)"),
     Spec(("status",), help="daemon status"),
+    Spec(
+        ("umount",),
+        options={"within": lambda t: parse_seconds(t, "umount timeout", 3600)},
+        help="",  # `snapfs umount` sends it before unmounting; not a command of its own
+    ),
 ]
 _BY_WORDS = {s.words: s for s in SPECS}
 
@@ -161,14 +167,14 @@ class Controller:
 
     async def do_volume_list(self, uid):
         return [
-            self.engine.volume_info(n)
-            for n, h in sorted(self.engine.heads.items())
-            if self._visible(h.row.owner, uid)
+            self.engine.volume_info(v.name)
+            for v in self.engine.volumes()
+            if self._visible(v.owner, uid)
         ]
 
     async def do_volume_show(self, uid, name):
-        head = self.engine.head(_volume(name))
-        self.engine._check_access(head.row.owner, uid, f"volume {name!r}")
+        vol = self.engine.volume(_volume(name))
+        self.engine.check_access(vol.owner, uid, f"volume {name!r}")
         return self.engine.volume_info(name)
 
     async def do_volume_resize(self, uid, name, size=None):
@@ -188,19 +194,20 @@ class Controller:
     async def do_snapshot_list(self, uid, volume=None):
         if volume is not None:
             _volume(volume)
-            if volume not in self.engine.heads and not self.engine.catalog.snapshots(volume):
+            known = any(v.name == volume for v in self.engine.volumes())
+            if not known and not self.engine.snapshots(volume):
                 raise InvalidArgument(f"volume {volume!r} not found")
         return [
             snapshot_info(s)
-            for s in self.engine.catalog.snapshots(volume)
+            for s in self.engine.snapshots(volume)
             if s.state != "deleting" and self._visible(s.owner, uid)
         ]
 
     async def do_snapshot_show(self, uid, ref):
         snap = self.engine.snapshot_row(*split_snapshot_ref(ref))
-        self.engine._check_access(snap.owner, uid, f"snapshot {ref}")
+        self.engine.check_access(snap.owner, uid, f"snapshot {ref}")
         info = snapshot_info(snap)
-        info["parent_of"] = [v.name for v in self.engine.catalog.volumes() if v.parent == ref]
+        info["parent_of"] = [v.name for v in self.engine.volumes() if v.parent == ref]
         return info
 
     async def do_snapshot_delete(self, uid, ref):
@@ -219,7 +226,7 @@ class Controller:
         if va != vb:
             raise InvalidArgument("diff compares two snapshots of the same volume")
         snap = self.engine.snapshot_row(va, sa)
-        self.engine._check_access(snap.owner, uid, f"snapshot {a}")
+        self.engine.check_access(snap.owner, uid, f"snapshot {a}")
         blocks = await self.engine.diff(va, sa, sb)
         bs = snap.block_size
         extents: list[list[int]] = []
@@ -253,8 +260,21 @@ class Controller:
         return await self.engine.gc(threshold)
 
     async def do_evict(self, uid):
+        if uid != 0:  # it drops every user's cached blocks
+            raise PermissionDenied("evict is for root: it drops the cached blocks of every user")
         self.engine.evict_all()
         return {"cached_bytes": self.engine.statistics().cached_bytes}
+
+    async def do_umount(self, uid, within=60.0):
+        """Before an unmount: sync for at most `within` seconds; if that cannot be done the
+        daemon will keep its cache at the unmount instead of flushing. Root's or the
+        mounting user's."""
+        if uid not in (0, os.getuid()):
+            raise PermissionDenied("umount is for root and the user who mounted")
+        prepare = self.status.get("prepare_umount")
+        if prepare is None:
+            raise InvalidArgument("umount: not a mount")
+        return await prepare(within)
 
     async def do_status(self, uid):
         return {k: v for k, v in self.status.items() if not callable(v)}

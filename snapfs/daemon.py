@@ -4,6 +4,13 @@
 --ready-fd N`) and waits on the pipe for one line: "ok" once the mount is ready, or
 "error: <why>". On unmount (fusermount3 -u, `snapfs umount`, SIGTERM or SIGINT) it flushes
 everything, publishes the catalog and exits 0.
+
+Unmounting always works. `snapfs umount` first sends the ctl command `umount --within T`:
+the daemon syncs for at most T seconds (`prepare_umount`). When that cannot be done (the
+writer lost the store, the store failed or did not answer in time), it answers what stays
+behind and skips its own final flush at the unmount that follows: the cache dir keeps
+everything that was not uploaded (dirty blocks, pending snapshots), and the next mount of
+that cache dir uploads it (a writer that lost the store cannot: its cache is all there is).
 """
 
 import argparse
@@ -23,15 +30,19 @@ import pyfuse3
 import trio
 
 from snapfs.control import Controller
-from snapfs.errors import Busy, InvalidArgument, SnapfsError
+from snapfs.errors import Busy, InvalidArgument, ReadOnly, SnapfsError
 from snapfs.fuse.ops import Operations
 from snapfs.store import open_store
-from snapfs.units import parse_seconds, parse_size, split_snapshot_ref
+from snapfs.units import format_size, parse_seconds, parse_size, split_snapshot_ref
 from snapfs.volume import lease
 from snapfs.volume.engine import Engine, EngineConfig
 
 log = logging.getLogger("snapfs.daemon")
 CACHE_ROOT = "/var/cache/snapfs"
+# After a `umount` command found the store out of reach, the unmount that follows skips the
+# final flush if it comes within this many seconds (else the mount lived on: flush as usual).
+KEEP_CACHE_WINDOW = 60.0
+LEASE_RELEASE_TIMEOUT = 10.0
 
 
 def default_cache_dir(store_url: str) -> str:
@@ -105,6 +116,26 @@ def lock_cache_dir(cache_dir: str) -> int:
     return fd
 
 
+def check_cache_room(cache_dir: str, cache_size: int) -> None:
+    """Refuse a cache dir that cannot hold `cache_size`: its free space plus what its cache
+    files already occupy (they are reused) must reach it. Otherwise writes would meet
+    ENOSPC long before the cache is full, instead of waiting for the flusher."""
+    st = os.statvfs(cache_dir)
+    free = st.f_bavail * st.f_frsize
+    used = 0
+    with os.scandir(cache_dir) as entries:
+        for entry in entries:
+            if entry.name.startswith("vol-") and entry.name.endswith((".cache", ".frozen")):
+                with contextlib.suppress(OSError):
+                    used += entry.stat(follow_symlinks=False).st_blocks * 512
+    if free + used < cache_size:
+        raise InvalidArgument(
+            f"cache dir {cache_dir} has room for {format_size(free + used)} "
+            f"({format_size(free)} free), less than --cache-size {format_size(cache_size)}: "
+            "free some space, use another --cache-dir or a smaller --cache-size"
+        )
+
+
 class Daemon:
     def __init__(self, opts: argparse.Namespace) -> None:
         self.opts = opts
@@ -128,6 +159,9 @@ class Daemon:
             self.cache_dir = default_cache_dir(opts.store)
         self.store = open_store(opts.store)
         self.lock_fd = lock_cache_dir(self.cache_dir)
+        self.keep_cache_until = float("-inf")  # trio time; see prepare_umount
+        if not opts.read_only:  # a read-only mount caches nothing on disk
+            check_cache_room(self.cache_dir, self.cache_size)
 
     async def run(self, ready) -> None:
         config = EngineConfig(
@@ -152,8 +186,8 @@ class Daemon:
             await self._serve(engine, ready, held)
         finally:
             with trio.CancelScope(shield=True):
-                if held is not None and not engine.lease_lost:
-                    with contextlib.suppress(Exception):
+                if held is not None and not engine.lease_lost and not self._keep_cache():
+                    with trio.move_on_after(LEASE_RELEASE_TIMEOUT), contextlib.suppress(Exception):
                         await lease.release(self.store, held)
                 await self.store.aclose()
 
@@ -177,6 +211,11 @@ class Daemon:
                 "fallocate handler; scripts/setup builds one"
             )
         status["on_rollback"] = self._invalidator(ops)
+
+        async def prepare_umount(within: float) -> dict:
+            return await self.prepare_umount(engine, within)
+
+        status["prepare_umount"] = prepare_umount
         options = {"fsname=snapfs", "subtype=snapfs", "allow_other", "default_permissions"}
         try:
             pyfuse3.init(ops, self.mountpoint, options)
@@ -202,19 +241,80 @@ class Daemon:
         finally:
             with contextlib.suppress(Exception):
                 pyfuse3.close(unmount=True)
-            log.info("unmounted %s: flushing", self.mountpoint)
-            await engine.close(flush=not self.opts.read_only)
+            keep = self._keep_cache()
+            log.info(
+                "unmounted %s: %s", self.mountpoint, "keeping the cache" if keep else "flushing"
+            )
+            try:
+                await engine.close(flush=not self.opts.read_only and not keep)
+            except SnapfsError as exc:  # the cache is persisted: the next mount uploads it
+                log.error(
+                    "final upload failed: %s; what was not uploaded stays in %s",
+                    exc,
+                    self.cache_dir,
+                )
             if self.temp_cache:
                 shutil.rmtree(self.temp_cache, ignore_errors=True)
             log.info("clean shutdown")
 
+    def _keep_cache(self) -> bool:
+        return trio.current_time() < self.keep_cache_until
+
+    async def prepare_umount(self, engine: Engine, within: float) -> dict:
+        """Sync for at most `within` seconds before an unmount. If that fails (lost store,
+        store errors, no answer in time), the unmount that follows skips the final flush:
+        the cache dir keeps what was not uploaded. Says which it was."""
+        info: dict = {
+            "mountpoint": self.mountpoint,
+            "cache_dir": self.cache_dir,
+            "uploaded": True,
+            "lost": None,
+            "reason": None,
+        }
+        if self.opts.read_only:
+            return info
+        reason = None
+        if not engine.statistics().lease_lost:
+            try:
+                with trio.move_on_after(within) as scope:
+                    await engine.sync()
+                if scope.cancelled_caught:
+                    reason = f"the store did not answer within {within:g}s"
+            except ReadOnly as exc:
+                reason = str(exc)
+            except SnapfsError as exc:
+                reason = str(exc)
+            except Exception as exc:
+                log.exception("sync before unmount failed")
+                reason = f"{exc.__class__.__name__}: {exc}"
+        stats = engine.statistics()
+        if stats.lease_lost or reason:
+            self.keep_cache_until = trio.current_time() + KEEP_CACHE_WINDOW
+            info.update(
+                uploaded=False,
+                lost=stats.lease_lost,
+                reason=reason,
+                dirty_bytes=stats.dirty_bytes + stats.frozen_bytes,
+                pending_snapshots=sum(
+                    1 for s in engine.snapshots() if s.state == "creating" and not s.temporary
+                ),
+            )
+            log.warning(
+                "unmount without uploading (%s): %d bytes stay in %s",
+                stats.lease_lost or reason,
+                info["dirty_bytes"],
+                self.cache_dir,
+            )
+        return info
+
     @staticmethod
     def _invalidator(ops: Operations):
         async def invalidate(volume: str) -> None:
-            head = ops.engine.heads.get(volume)
-            if head is None:
+            try:
+                vid = ops.engine.volume(volume).id
+            except SnapfsError:
                 return
-            ino = ops._inode.get(("vol", head.row.id))
+            ino = ops._inode.get(("vol", vid))
             if ino is not None:
                 with contextlib.suppress(Exception):
                     pyfuse3.invalidate_inode(ino, attr_only=False)

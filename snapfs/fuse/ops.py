@@ -5,11 +5,20 @@
     /.snapfs/ctl              write one command line, read one JSON reply (per open handle)
 
 This layer holds no business logic: it maps names to inodes, checks who may see what, and
-turns SnapfsError into the matching errno.
+turns errors into errnos. It asks the engine only through its public interface (volumes,
+snapshots, opens and the operations), never its catalog or fields.
+
+Every request handler answers with an errno, whatever goes wrong inside it (`answers_errno`,
+applied to the class once): a SnapfsError gives its own errno, an OSError keeps its errno
+(ENOSPC in the cache dir stays ENOSPC, EIO from fdatasync stays EIO), anything else (an
+sqlite3 error, an assertion, a bug) is EIO with the traceback in the daemon log. One
+request fails; the mount goes on serving everyone else.
 """
 
 import contextlib
 import errno
+import functools
+import inspect
 import json
 import logging
 import os
@@ -23,7 +32,7 @@ import pyfuse3
 import trio
 
 from snapfs.control import MAX_LINE, Controller
-from snapfs.errors import SnapfsError
+from snapfs.errors import SnapfsError, StoreError
 from snapfs.volume.engine import Engine
 
 log = logging.getLogger("snapfs.fuse")
@@ -49,12 +58,57 @@ class Handle:
     reply: bytes = b""
 
 
-def _fuse_error(exc: BaseException) -> pyfuse3.FUSEError:
+def errno_of(exc: BaseException) -> int:
+    """The errno a request answers for `exc`: a SnapfsError's own, an OSError's own (ENOSPC,
+    EIO, ...), else EIO."""
     if isinstance(exc, SnapfsError):
-        return pyfuse3.FUSEError(exc.errno)
-    return pyfuse3.FUSEError(errno.EIO)
+        return exc.errno
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno
+    return errno.EIO
 
 
+def _errname(err: int) -> str:
+    return errno.errorcode.get(err, str(err))
+
+
+# The requests pyfuse3 hands to Operations (fallocate: the patched pyfuse3's). Not init,
+# which pyfuse3.init calls before the loop runs, nor stacktrace.
+FUSE_HANDLERS = (
+    frozenset(n for n in dir(pyfuse3.Operations) if not n.startswith("_")) | {"fallocate"}
+) - {"init", "stacktrace", "enable_acl", "enable_writeback_cache", "supports_dot_lookup"}
+
+
+def _guard(name: str, handler):
+    @functools.wraps(handler)
+    async def guarded(self, *args, **kwargs):
+        try:
+            return await handler(self, *args, **kwargs)
+        except (pyfuse3.FUSEError, trio.Cancelled):
+            raise
+        except SnapfsError as exc:  # expected: one line, no traceback
+            level = logging.ERROR if isinstance(exc, StoreError) else logging.INFO
+            log.log(level, "%s: %s (%s)", name, exc, _errname(exc.errno))
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except Exception as exc:  # unexpected: answer this request, keep serving
+            err = errno_of(exc)
+            log.exception("%s failed, answered %s: %r", name, _errname(err), exc)
+            raise pyfuse3.FUSEError(err) from None
+
+    guarded.answers_errno = True  # type: ignore[attr-defined]
+    return guarded
+
+
+def answers_errno(cls):
+    """Class decorator: wrap every FUSE request handler `cls` defines so that any exception
+    but FUSEError and trio.Cancelled becomes a FUSEError with `errno_of(exc)`, logged."""
+    for name, value in list(vars(cls).items()):
+        if name in FUSE_HANDLERS and inspect.iscoroutinefunction(value):
+            setattr(cls, name, _guard(name, value))
+    return cls
+
+
+@answers_errno
 class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
     supports_dot_lookup = True
@@ -92,10 +146,10 @@ class Operations(pyfuse3.Operations):
     def _visible(self, owner: int, uid: int) -> bool:
         return uid == 0 or owner == uid
 
-    def _volumes(self, uid: int) -> dict[str, Any]:
+    def _volumes(self, uid: int) -> list:
         if self.read_only:
-            return {}
-        return {n: h for n, h in self.engine.heads.items() if self._visible(h.row.owner, uid)}
+            return []
+        return [v for v in self.engine.volumes() if self._visible(v.owner, uid)]
 
     def _snapshot_dirs(self, uid: int) -> list[str]:
         names = {s.volume for s in self._snapshots(None, uid)}
@@ -104,7 +158,7 @@ class Operations(pyfuse3.Operations):
     def _snapshots(self, volume: str | None, uid: int):
         snaps = [
             s
-            for s in self.engine.catalog.snapshots(volume)
+            for s in self.engine.snapshots(volume)
             if s.state in ("available", "creating") and self._visible(s.owner, uid)
         ]
         if self.only is not None:
@@ -115,10 +169,7 @@ class Operations(pyfuse3.Operations):
         if ino == ROOT:
             return [(b"volumes", VOLUMES), (b"snapshots", SNAPSHOTS), (b".snapfs", CTLDIR)]
         if ino == VOLUMES:
-            return [
-                (n.encode(), self._ino(("vol", h.row.id)))
-                for n, h in sorted(self._volumes(uid).items())
-            ]
+            return [(v.name.encode(), self._ino(("vol", v.id))) for v in self._volumes(uid)]
         if ino == SNAPSHOTS:
             return [(n.encode(), self._ino(("snapdir", n))) for n in self._snapshot_dirs(uid)]
         if ino == CTLDIR:
@@ -131,7 +182,7 @@ class Operations(pyfuse3.Operations):
         raise pyfuse3.FUSEError(errno.ENOTDIR)
 
     def _resolve(self, ino: int):
-        """inode → ("dir", None) | ("vol", head) | ("snap", row) | ("ctl", None)."""
+        """inode → ("dir", None) | ("vol", VolumeRow) | ("snap", SnapshotRow) | ("ctl", None)."""
         if ino in (ROOT, VOLUMES, SNAPSHOTS, CTLDIR):
             return "dir", None
         if ino == CTL:
@@ -140,19 +191,15 @@ class Operations(pyfuse3.Operations):
         if key is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         if key[0] == "vol":
-            for head in self.engine.heads.values():
-                if head.row.id == key[1]:
-                    return "vol", head
+            vol = self.engine.volume_by_id(key[1])
+            if vol is not None:
+                return "vol", vol
         elif key[0] == "snapdir":
             return "dir", key[1]
         elif key[0] == "snap":
-            row = self.engine.catalog.db.execute(
-                "SELECT volume, name FROM snapshots WHERE id=?", (key[1],)
-            ).fetchone()
-            if row is not None:
-                snap = self.engine.catalog.snapshot(*row)
-                if snap is not None and snap.state in ("available", "creating"):
-                    return "snap", snap
+            snap = self.engine.snapshot_by_id(key[1])
+            if snap is not None and snap.state in ("available", "creating"):
+                return "snap", snap
         raise pyfuse3.FUSEError(errno.ENOENT)
 
     def _attrs(self, ino: int) -> pyfuse3.EntryAttributes:
@@ -173,11 +220,11 @@ class Operations(pyfuse3.Operations):
         elif kind == "vol":
             a.st_mode = stat.S_IFREG | 0o600
             a.st_nlink = 1
-            a.st_uid = obj.row.owner
-            a.st_size = obj.row.size
-            a.st_blocks = self.engine.allocated_bytes(obj.row.name) // 512
-            a.st_blksize = obj.row.block_size
-            a.st_ctime_ns = int(obj.row.created * 1e9)
+            a.st_uid = obj.owner
+            a.st_size = obj.size
+            a.st_blocks = self.engine.allocated_bytes(obj.name) // 512
+            a.st_blksize = obj.block_size
+            a.st_ctime_ns = int(obj.created * 1e9)
         else:
             a.st_mode = stat.S_IFREG | 0o400
             a.st_nlink = 1
@@ -215,10 +262,7 @@ class Operations(pyfuse3.Operations):
         if fields.update_size:
             if kind != "vol":
                 raise pyfuse3.FUSEError(errno.EPERM if kind == "snap" else errno.EINVAL)
-            try:
-                await self.engine.resize_volume(obj.row.name, attr.st_size, uid=ctx.uid)
-            except SnapfsError as exc:
-                raise _fuse_error(exc) from None
+            await self.engine.resize_volume(obj.name, attr.st_size, uid=ctx.uid)
         elif fields.update_mode or fields.update_uid or fields.update_gid:
             raise pyfuse3.FUSEError(errno.EPERM)
         return self._attrs(inode)
@@ -249,7 +293,7 @@ class Operations(pyfuse3.Operations):
     async def statfs(self, ctx):
         s = pyfuse3.StatvfsData()
         s.f_bsize = s.f_frsize = 4096
-        total = sum(h.row.size for h in self.engine.heads.values()) or 1 << 30
+        total = sum(v.size for v in self.engine.volumes()) or 1 << 30
         used = self.engine.statistics().stored_bytes
         s.f_blocks = max(total, used) // 4096
         s.f_bfree = s.f_bavail = max(total - used, 0) // 4096
@@ -276,13 +320,13 @@ class Operations(pyfuse3.Operations):
             if not self._visible(obj.owner, ctx.uid):
                 raise pyfuse3.FUSEError(errno.EACCES)
             handle = Handle("snap", obj.id, ctx.uid)
-            self.engine.snap_opens[obj.id] = self.engine.snap_opens.get(obj.id, 0) + 1
+            self.engine.open_snapshot(obj.id)
             info_direct = False
         elif kind == "vol":
-            if not self._visible(obj.row.owner, ctx.uid):
+            if not self._visible(obj.owner, ctx.uid):
                 raise pyfuse3.FUSEError(errno.EACCES)
-            handle = Handle("vol", obj.row.name, ctx.uid)
-            obj.opens += 1
+            handle = Handle("vol", obj.name, ctx.uid)
+            self.engine.open_volume(obj.name)
             # Direct I/O: the kernel keeps no page cache of a volume (the file system on
             # it has its own) and, unlike cached writes, a direct write does not first ask
             # us for security.capability (FUSE clears SB_NOSEC), which halves the requests
@@ -306,28 +350,22 @@ class Operations(pyfuse3.Operations):
 
     async def read(self, fh, off, size):
         handle = self._handle(fh)
-        try:
-            if handle.kind == "vol":
-                got = await self.engine.read_ref(handle.key, off, size)
-                if isinstance(got, tuple):  # cached: spliced from the cache file, no await
-                    fd, pos, length = got
-                    if _REPLY_FROM_FD is None:
-                        return os.pread(fd, length, pos)
-                    return _REPLY_FROM_FD(fd, pos, length)
-                return got
-            if handle.kind == "snap":
-                snap = self._snapshot_by_id(handle.key)
-                if snap.state != "available":
-                    snap = await self.engine.wait_available(snap.volume, snap.name)
-                return await self.engine.read_snapshot(snap, off, size)
-        except SnapfsError as exc:
-            log.error("read failed: %s", exc)
-            raise _fuse_error(exc) from None
+        if handle.kind == "vol":
+            got = await self.engine.read_ref(handle.key, off, size)
+            if isinstance(got, tuple):  # cached: spliced from the cache file, no await
+                fd, pos, length = got
+                if _REPLY_FROM_FD is None:
+                    return os.pread(fd, length, pos)
+                return _REPLY_FROM_FD(fd, pos, length)
+            return got
+        if handle.kind == "snap":
+            snap = self.engine.snapshot_by_id(handle.key)
+            if snap is None or snap.state not in ("available", "creating"):
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            if snap.state != "available":
+                snap = await self.engine.wait_available(snap.volume, snap.name)
+            return await self.engine.read_snapshot(snap, off, size)
         return handle.reply[off : off + size]
-
-    def _snapshot_by_id(self, sid: int):
-        _kind, snap = self._resolve(self._ino(("snap", sid)))
-        return snap
 
     async def write(self, fh, off, buf):
         handle = self._handle(fh)
@@ -337,8 +375,7 @@ class Operations(pyfuse3.Operations):
             except SnapfsError as exc:
                 if "beyond the end" in str(exc):
                     raise pyfuse3.FUSEError(errno.ENOSPC) from None
-                log.error("write failed: %s", exc)
-                raise _fuse_error(exc) from None
+                raise
         if handle.kind != "ctl":
             raise pyfuse3.FUSEError(errno.EBADF)
         handle.inbuf += buf
@@ -365,12 +402,11 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(exc.errno) from None
         except trio.Cancelled:
             raise
-        except Exception as exc:  # a bug: keep the daemon up, say what happened
-            log.exception("command %r failed", text[:200])
-            handle.reply = _reply(
-                False, f"internal error: {exc.__class__.__name__}: {exc}", errno.EIO
-            )
-            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception as exc:  # a bug or the machine: keep the daemon up, say what happened
+            err = errno_of(exc)
+            log.exception("command %r failed, answered %s", text[:200], _errname(err))
+            handle.reply = _reply(False, f"internal error: {exc.__class__.__name__}: {exc}", err)
+            raise pyfuse3.FUSEError(err) from None
         handle.reply = _reply(True, result)
 
     async def fallocate(self, fh, mode, off, length):
@@ -390,17 +426,13 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         if off < 0 or length <= 0:
             raise pyfuse3.FUSEError(errno.EINVAL)
-        try:
-            size = self.engine.head(handle.key).row.size
-            if not mode & FALLOC_KEEP_SIZE and off + length > size:
-                raise pyfuse3.FUSEError(errno.EOPNOTSUPP)  # `snapfs volume resize` grows
-            if mode & (FALLOC_PUNCH_HOLE | FALLOC_ZERO_RANGE):
-                await self.engine.discard(handle.key, off, length)
-            elif self.engine.read_only:
-                raise pyfuse3.FUSEError(errno.EROFS)
-        except SnapfsError as exc:
-            log.error("fallocate failed: %s", exc)
-            raise _fuse_error(exc) from None
+        size = self.engine.volume(handle.key).size
+        if not mode & FALLOC_KEEP_SIZE and off + length > size:
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)  # `snapfs volume resize` grows
+        if mode & (FALLOC_PUNCH_HOLE | FALLOC_ZERO_RANGE):
+            await self.engine.discard(handle.key, off, length)
+        else:
+            self.engine.writable()  # EROFS on a read-only mount or a writer that lost
 
     async def flush(self, fh):
         return None
@@ -408,25 +440,16 @@ class Operations(pyfuse3.Operations):
     async def fsync(self, fh, datasync):
         handle = self._handle(fh)
         if handle.kind == "vol":
-            try:
-                await self.engine.fsync(handle.key)
-            except SnapfsError as exc:
-                raise _fuse_error(exc) from None
+            await self.engine.fsync(handle.key)
 
     async def release(self, fh):
         handle = self._handles.pop(fh, None)
         if handle is None:
             return
         if handle.kind == "vol":
-            head = self.engine.heads.get(handle.key)
-            if head is not None:
-                head.opens = max(0, head.opens - 1)
+            self.engine.close_volume(handle.key)
         elif handle.kind == "snap":
-            count = self.engine.snap_opens.get(handle.key, 1) - 1
-            if count:
-                self.engine.snap_opens[handle.key] = count
-            else:
-                self.engine.snap_opens.pop(handle.key, None)
+            self.engine.close_snapshot(handle.key)
         elif handle.kind == "ctl" and handle.inbuf.strip():
             with contextlib.suppress(pyfuse3.FUSEError):
                 await self._run_command(handle, bytes(handle.inbuf))
@@ -440,10 +463,10 @@ class Operations(pyfuse3.Operations):
         if kind != "vol":
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         if name == XATTR_SNAPSHOTS:
-            snaps = self.engine.catalog.snapshots(obj.row.name)
+            snaps = self.engine.snapshots(obj.name)
             return "\n".join(s.name for s in snaps if s.state != "deleting").encode()
         if name == XATTR_INFO:
-            info = self.engine.volume_info(obj.row.name)
+            info = self.engine.volume_info(obj.name)
             return json.dumps(info, sort_keys=True).encode()
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
 
@@ -459,11 +482,7 @@ class Operations(pyfuse3.Operations):
             snap = value.decode("utf-8")
         except UnicodeDecodeError:
             raise pyfuse3.FUSEError(errno.EINVAL) from None
-        try:
-            await self.engine.create_snapshot(obj.row.name, snap, uid=ctx.uid)
-        except SnapfsError as exc:
-            log.info("snapshot via xattr refused: %s", exc)
-            raise _fuse_error(exc) from None
+        await self.engine.create_snapshot(obj.name, snap, uid=ctx.uid)
 
     async def removexattr(self, inode, name, ctx):
         raise pyfuse3.FUSEError(errno.ENOTSUP)

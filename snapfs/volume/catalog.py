@@ -194,6 +194,10 @@ class Catalog:
         ).fetchone()
         return SnapshotRow(*r) if r else None
 
+    def snapshot_by_id(self, sid: int) -> SnapshotRow | None:
+        r = self.db.execute("SELECT * FROM snapshots WHERE id=?", (sid,)).fetchone()
+        return SnapshotRow(*r) if r else None
+
     def add_snapshot(
         self,
         volume: str,

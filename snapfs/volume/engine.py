@@ -682,6 +682,56 @@ class Engine(DataPath, Maintenance):
             lease_lost=self.lease_lost,
         )
 
+    # ------------------------------------------------------------------ for the FUSE layer
+    # What snapfs/fuse/ops.py, snapfs/control.py and the daemon may ask of the engine. They
+    # call only these (and the operations above), never the catalog, a Head or the
+    # engine's fields: rows come out as values, opens go in through calls.
+
+    def volumes(self) -> list[VolumeRow]:
+        """The volumes of the head, by name."""
+        return [self.heads[name].row for name in sorted(self.heads)]
+
+    def volume(self, name: str) -> VolumeRow:
+        """One volume's row; NotFound when there is no such volume."""
+        return self.head(name).row
+
+    def volume_by_id(self, vid: int) -> VolumeRow | None:
+        for head in self.heads.values():
+            if head.row.id == vid:
+                return head.row
+        return None
+
+    def snapshots(self, volume: str | None = None) -> list[SnapshotRow]:
+        """Every snapshot (of `volume`, when given) in every state, by volume and epoch."""
+        return self.catalog.snapshots(volume)
+
+    def snapshot_by_id(self, sid: int) -> SnapshotRow | None:
+        return self.catalog.snapshot_by_id(sid)
+
+    def open_volume(self, name: str) -> None:
+        """A volume file was opened: rollback and delete refuse while it is open."""
+        self.head(name).opens += 1
+
+    def close_volume(self, name: str) -> None:
+        head = self.heads.get(name)
+        if head is not None:
+            head.opens = max(0, head.opens - 1)
+
+    def open_snapshot(self, sid: int) -> None:
+        """A snapshot file was opened: delete refuses while it is open."""
+        self.snap_opens[sid] = self.snap_opens.get(sid, 0) + 1
+
+    def close_snapshot(self, sid: int) -> None:
+        count = self.snap_opens.get(sid, 1) - 1
+        if count > 0:
+            self.snap_opens[sid] = count
+        else:
+            self.snap_opens.pop(sid, None)
+
+    def check_access(self, owner: int, uid: int, what: str) -> None:
+        """PermissionDenied unless `uid` is root or `owner`."""
+        self._check_access(owner, uid, what)
+
 
 def _add_volume_record(cat: Catalog, v: dict) -> int:
     return cat.add_volume(
