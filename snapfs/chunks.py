@@ -272,9 +272,11 @@ class ChunkStore:
         try:
             return await self._get(kind, oid)
         except ObjectNotFound:
-            if self.on_missing is None:
-                raise
-        await self.on_missing()
+            pass
+        # The writer's own gc may have moved the blob while this read waited (with no grace
+        # period): the index says where it is now. A read-only engine reloads its index.
+        if self.on_missing is not None:
+            await self.on_missing()
         return await self._get(kind, oid)
 
     async def _get(self, kind: str, oid: bytes) -> bytes:
@@ -306,9 +308,9 @@ class ChunkStore:
         try:
             return await self._get_many(kind, oids, gap)
         except ObjectNotFound:
-            if self.on_missing is None:
-                raise
-        await self.on_missing()
+            pass
+        if self.on_missing is not None:  # as in `get`
+            await self.on_missing()
         return await self._get_many(kind, oids, gap)
 
     async def _get_many(self, kind: str, oids: list[bytes], gap: int) -> dict:

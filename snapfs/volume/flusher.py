@@ -56,6 +56,8 @@ class Flusher(EngineBase):
         if self.read_only or self.lease_lost:
             return False
         async with self.commit_lock:
+            if self.lease_lost:  # lost while this cycle waited for the lock
+                return False
             for head in list(self.heads.values()):
                 if head.pending:
                     await self._commit(head, head.pending[0])

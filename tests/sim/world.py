@@ -53,6 +53,7 @@ class Knobs:
     incarnations: int  # crashes or restarts, plus one
     life: float  # virtual seconds an incarnation lives, at most
     ops: int  # operations per client and incarnation, at most
+    grace: float  # before the store deletes what no catalog references
 
     @classmethod
     def draw(cls, rng: random.Random) -> Knobs:
@@ -65,6 +66,7 @@ class Knobs:
             incarnations=rng.choice([1, 2, 4]),
             life=rng.choice([2.0, 10.0, 40.0]),
             ops=rng.choice([20, 60]),
+            grace=rng.choice([0.0, 0.5, 5.0]),
         )
 
 
@@ -118,6 +120,8 @@ class World:
             flush_delay=0.5,
             flush_max_age=2.0,
             readahead_bytes=4 * BS,
+            grace=self.knobs.grace,
+            clock=trio.current_time,  # virtual time: grace periods pass as the run goes
         )
         self.counter = 0
         self.errors = _ErrorLog()
@@ -128,9 +132,7 @@ class World:
     # ------------------------------------------------------------------ faults
 
     async def _store_fault(self, op: str, key: str, after: bool) -> None:
-        if not self.faults or (
-            os.environ.get("SIM_NO_BUG3") and (key.startswith("catalog") or op == "barrier")
-        ):
+        if not self.faults:
             return
         if not after and self.rng.random() < self.knobs.store_delay:
             await trio.sleep(self.rng.expovariate(200))
