@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Snapfs, run, sha256, write_random
+from tests.conftest import Cleanup, Snapfs, run, sha256, write_random
 
 pytestmark = pytest.mark.fuse
 
@@ -41,6 +41,15 @@ def wait_allocated_below(path: Path, limit: int, timeout: float = 10.0) -> int:
 def store_bytes(fs: Snapfs) -> int:
     store = Path(fs.store_url.removeprefix("file://"))
     return sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
+
+
+@pytest.fixture
+def snapfs(workdir: Path, cleanup: Cleanup) -> Snapfs:
+    """These tests check that the store gives space back after gc: no grace period."""
+    fs = Snapfs(workdir, cleanup)
+    fs.init()
+    fs.mount(extra=("--grace", "0"))
+    return fs
 
 
 def test_punch_hole_and_the_other_modes(snapfs: Snapfs):

@@ -35,6 +35,7 @@ class VolumeModel:
     bs: int
     blocks: list[list[Version]] = field(default_factory=list)
     durable: int = -1  # versions acknowledged before this step survive a crash
+    published: int = -1  # ... and are in the store's newest catalog (a takeover keeps them)
     acked: bool = True  # the call that created the volume returned
 
     @classmethod
@@ -43,7 +44,7 @@ class VolumeModel:
         content += bytes(size - len(content))
         vol = cls(name, size, bs)
         vol.blocks = [[Version(content[i : i + bs], step, step)] for i in range(0, size, bs)]
-        vol.durable = step + 1
+        vol.durable = vol.published = step + 1
         return vol
 
     def current(self, blk: int) -> bytes:
@@ -92,25 +93,31 @@ class VolumeModel:
             f"{[_show(v.data) for v in candidates]}"
         )
 
-    def crash_candidates(self, blk: int) -> list[Version]:
+    def crash_candidates(self, blk: int, mark: int | None = None) -> list[Version]:
+        mark = self.durable if mark is None else mark
         versions = self.blocks[blk]
         base = max(
-            (i for i, v in enumerate(versions) if v.end is not None and v.end < self.durable),
+            (i for i, v in enumerate(versions) if v.end is not None and v.end < mark),
             default=0,
         )
         return versions[base:]
 
-    def after_crash(self, blk: int, data: bytes) -> None:
-        for v in self.crash_candidates(blk):
+    def after_crash(self, blk: int, data: bytes, takeover: bool = False) -> None:
+        """After a crash the block holds a durable version or a later one; after another
+        writer took the store over, a published version or a later one."""
+        mark = self.published if takeover else self.durable
+        for v in self.crash_candidates(blk, mark):
             if v.data == data:
                 self.blocks[blk] = [Version(data, -1, -1)]
                 return
+        what = "published" if takeover else "durable"
         raise AssertionError(
-            f"{self.name} block {blk} after a crash: read {_show(data)}, expected one of "
-            f"{[(_show(v.data), v.start, v.end) for v in self.crash_candidates(blk)]} "
-            f"(durable since step {self.durable}; all versions "
+            f"{self.name} block {blk} after a {'takeover' if takeover else 'crash'}: read "
+            f"{_show(data)}, expected one of "
+            f"{[(_show(v.data), v.start, v.end) for v in self.crash_candidates(blk, mark)]} "
+            f"({what} since step {mark}; all versions "
             f"{[(_show(v.data), v.start, v.end) for v in self.blocks[blk]]}): "
-            "an acknowledged, fsynced write was lost"
+            f"an acknowledged, {'synced' if takeover else 'fsynced'} write was lost"
         )
 
     def snapshot_candidates(self, blk: int, start: int, end: int | None) -> list[bytes]:
@@ -129,7 +136,7 @@ class VolumeModel:
         """Forget versions that nothing can ask for again: superseded by a version
         acknowledged before `keep_from` (the oldest unresolved snapshot's start and the
         durable point)."""
-        keep_from = min(keep_from, self.durable)
+        keep_from = min(keep_from, self.durable, self.published)
         for blk, versions in enumerate(self.blocks):
             base = max(
                 (i for i, v in enumerate(versions) if v.end is not None and v.end < keep_from),
@@ -147,6 +154,7 @@ class SnapModel:
     end: int | None = None  # the create call returned at this step
     temporary: bool = False
     deleting: bool = False  # a delete call is under way
+    published: bool = False  # a sync began after it was taken and returned
     content: bytes | None = None  # once read
     candidates: list[list[bytes]] | None = None  # per block, fixed when the call returned
 

@@ -29,7 +29,14 @@ from dataclasses import dataclass
 
 import trio
 
-from snapfs.errors import IntegrityError, NotFound, ObjectNotFound, SnapfsError, StoreError
+from snapfs.errors import (
+    IntegrityError,
+    NotFound,
+    ObjectNotFound,
+    ReadOnly,
+    SnapfsError,
+    StoreError,
+)
 from snapfs.store import MemoryStore
 from snapfs.volume import publish
 from snapfs.volume.engine import Engine, EngineConfig
@@ -54,6 +61,8 @@ class Knobs:
     life: float  # virtual seconds an incarnation lives, at most
     ops: int  # operations per client and incarnation, at most
     grace: float  # before the store deletes what no catalog references
+    reader: bool  # a read-only engine follows the writer and reads its snapshots
+    takeover: bool  # a second writer takes the store over once, while the first runs
 
     @classmethod
     def draw(cls, rng: random.Random) -> Knobs:
@@ -67,6 +76,8 @@ class Knobs:
             life=rng.choice([2.0, 10.0, 40.0]),
             ops=rng.choice([20, 60]),
             grace=rng.choice([0.0, 0.5, 5.0]),
+            reader=rng.random() < 0.5,
+            takeover=rng.random() < 0.3,
         )
 
 
@@ -88,7 +99,9 @@ class _ErrorLog(logging.Handler):
             not isinstance(exc, SnapfsError) or isinstance(exc, ObjectNotFound | IntegrityError)
         ):
             self.bugs.append(f"{record.getMessage()}: {exc.__class__.__name__}: {exc}")
-        elif "flush failed" in record.getMessage() and "injected" not in record.getMessage():
+        elif "flush failed" in record.getMessage() and not any(
+            ok in record.getMessage() for ok in ("injected", "another writer", "lost the store")
+        ):
             self.bugs.append(record.getMessage())
 
 
@@ -126,6 +139,8 @@ class World:
         self.counter = 0
         self.errors = _ErrorLog()
         self._node: trio.Nursery | None = None
+        self.usurper: Engine | None = None  # the writer that took the store over
+        self.usurper_dir: str | None = None
         self.active = 0  # clients still at work
         self.idle = trio.Event()
 
@@ -223,7 +238,9 @@ class World:
                 with trio.move_on_after(self.rng.uniform(0.1, 1.0) * self.knobs.life):
                     await self.live()
                 self.faults = False
-                if life + 1 < self.knobs.incarnations:
+                if self.usurper is not None:
+                    await self.switch_to_usurper()
+                elif life + 1 < self.knobs.incarnations:
                     await self.restart(crash=self.rng.random() < 0.75)
             await self.finish()
         finally:
@@ -238,11 +255,79 @@ class World:
             await nursery.start(self.engine.run_flusher)
             await nursery.start(self.engine.readahead.run)
             nursery.start_soon(self.checker)
+            if self.knobs.reader and self.knobs.grace > 0:
+                nursery.start_soon(self.reader)
+            if self.knobs.takeover and self.usurper_dir is None:
+                nursery.start_soon(self.usurp, nursery.cancel_scope)
             for name in list(self.vols):
                 nursery.start_soon(self.client, name)
             await self.admin()
             await self.idle.wait()
             nursery.cancel_scope.cancel()  # the work is done: end the flusher too
+
+    async def reader(self) -> None:
+        """A read-only mount on another machine: its own cache dir (kept across the
+        writer's incarnations), refreshing well within the grace period; every snapshot
+        it shows that the model still has reads back exactly."""
+        config = EngineConfig(**{**self.config.__dict__, "refresh": self.knobs.grace / 4})
+        if not hasattr(self, "reader_dir"):
+            self.reader_dir = tempfile.mkdtemp(prefix="reader-", dir=self.root)
+        try:
+            ro = await Engine.open(self.store, self.reader_dir, config, read_only=True)
+        except StoreError:
+            return
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(ro.run_refresher)
+                while True:
+                    await trio.sleep(self.rng.expovariate(4))
+                    await self.reader_op(ro)
+        finally:
+            for head in ro.heads.values():
+                head.close()
+            ro.catalog.close()
+
+    async def reader_op(self, ro: Engine) -> None:
+        known = sorted(k for k, s in self.snaps.items() if s.content is not None)
+        if not known:
+            return
+        key = self.rng.choice(known)
+        snap = self.snaps[key]
+        try:
+            row = ro.snapshot_row(*key)
+        except NotFound:
+            return  # not published yet, or not refreshed yet
+        self.note(f"reader reads {key[0]}@{key[1]}")
+        try:
+            data = await ro.read_snapshot(row, 0, row.size)
+        except SnapfsError as exc:
+            if key not in self.snaps:
+                return  # deleted by the writer meanwhile: its data may go
+            if isinstance(exc, StoreError) and not isinstance(exc, ObjectNotFound):
+                return  # an injected failure
+            raise BugFound(f"the reader could not read {key}: {exc}") from exc
+        if data != snap.content:
+            raise BugFound(f"the reader read {key[0]}@{key[1]} wrong")
+
+    async def usurp(self, scope: trio.CancelScope) -> None:
+        """Another writer takes the store over (--takeover) while this one runs: this one
+        must end up lost (every later write EROFS), and must never publish again."""
+        await trio.sleep(self.rng.uniform(0.0, 1.0) * self.knobs.life)
+        self.note("TAKEOVER begins")
+        self.usurper_dir = tempfile.mkdtemp(prefix="usurper-", dir=self.root)
+        for _ in range(50):
+            try:
+                self.usurper = await Engine.open(
+                    self.store, self.usurper_dir, self.config, files=self.files
+                )
+                break
+            except StoreError:
+                await trio.sleep(0.05)
+        else:
+            raise BugFound("the second writer could not open the store")
+        self.note("TAKEOVER: the second writer has fenced the store")
+        await trio.sleep(self.rng.uniform(0.0, 2.0))  # the first one goes on for a while
+        scope.cancel()
 
     async def checker(self) -> None:
         while True:
@@ -290,7 +375,11 @@ class World:
         elif r < 0.7:
             start = self.tick()
             self.note(f"fsync {vol.name}")
-            await engine.fsync(vol.name)
+            try:
+                await engine.fsync(vol.name)
+            except SnapfsError as exc:
+                self.expected(exc)
+                return
             vol.durable = max(vol.durable, start)
         else:
             off, n = self.extent(vol)
@@ -321,7 +410,10 @@ class World:
         return off, n
 
     def expected(self, exc: SnapfsError) -> None:
-        """An error a call may give in this world: the store failed (injected)."""
+        """An error a call may give in this world: the store failed (injected), or this
+        writer lost the store to another one (EROFS from then on)."""
+        if isinstance(exc, ReadOnly) and self.engine is not None and self.engine.lease_lost:
+            return
         if isinstance(exc, ObjectNotFound | IntegrityError) or not isinstance(exc, StoreError):
             raise BugFound(f"unexpected error: {exc.__class__.__name__}: {exc}") from exc
 
@@ -432,8 +524,10 @@ class World:
             if name not in self.engine.heads:
                 del self.vols[name]
                 return
+            if self.engine.lease_lost:  # only in this writer's cache: never published
+                return
         model.acked = True
-        model.durable = self.tick()
+        model.durable = model.published = self.tick()
         self._node.start_soon(self.client, name)
 
     async def op_rollback(self) -> None:
@@ -454,7 +548,7 @@ class World:
             end = self.tick()
             for _blk, version in versions:
                 version.end = end
-            vol.durable = end + 1
+            vol.durable = vol.published = end + 1
 
     async def op_sync(self) -> None:
         start = self.tick()
@@ -462,6 +556,10 @@ class World:
         await self.engine.sync()
         for vol in self.vols.values():
             vol.durable = max(vol.durable, start)
+            vol.published = max(vol.published, start)
+        for snap in self.snaps.values():
+            if snap.end is not None and snap.end < start and not snap.temporary:
+                snap.published = True
 
     async def op_gc(self) -> None:
         self.note("gc")
@@ -513,7 +611,25 @@ class World:
         self.check("a restart")
         await self.recover()
 
-    async def recover(self) -> None:
+    async def switch_to_usurper(self) -> None:
+        old = self.engine
+        if old.lease_lost is None:
+            # It may not have tried to publish since: its next publish must fail.
+            try:
+                await old.sync()
+            except SnapfsError as exc:
+                self.expected(exc)
+        doc = await publish.latest_catalog(self.store)
+        if doc is not None and doc.get("writer") == old.fence.writer:
+            raise BugFound("the displaced writer published after the takeover")
+        self.note("the first writer is retired (its cache dir kept)")
+        self.abandon()
+        self.engine, self.usurper = self.usurper, None
+        self.cache_dir = self.usurper_dir
+        self.check("the takeover")
+        await self.recover(takeover=True)
+
+    async def recover(self, takeover: bool = False) -> None:
         """After a restart: every volume the model knows of, and every block of it, holds
         what the model allows; temporary snapshots are gone, acknowledged ones are there."""
         for key, snap in list(self.snaps.items()):  # first: they need the history
@@ -523,7 +639,8 @@ class World:
                     raise BugFound(f"temporary snapshot {key} survived a restart")
                 del self.snaps[key]
             elif not there:
-                if snap.end is not None and not snap.deleting:
+                needed = snap.published if takeover else snap.end is not None
+                if needed and not snap.deleting:
                     raise BugFound(f"snapshot {key[0]}@{key[1]} is gone after a restart")
                 del self.snaps[key]
             elif snap.end is None:  # the call was cut off, but the snapshot is there
@@ -539,8 +656,8 @@ class World:
             vol.acked = True
             for blk in range(len(vol.blocks)):
                 data = await self.retry(self.engine.read, name, blk * BS, BS)
-                vol.after_crash(blk, data)
-            vol.durable = self.tick()
+                vol.after_crash(blk, data, takeover)
+            vol.durable = vol.published = self.tick()
 
     # ------------------------------------------------------------------ the end
 
