@@ -143,7 +143,7 @@ class Daemon:
         self.cache_size = parse_size(opts.cache_size, "cache size")
         self.flush_delay = parse_seconds(opts.flush_delay, "flush delay", 3600)
         self.flush_max_age = parse_seconds(opts.flush_max_age, "flush max age", 86400)
-        self.grace = parse_seconds(opts.grace, "grace period", 7 * 86400)
+        self.grace = parse_seconds(opts.grace, "grace period", 7 * 86400, zero=True)
         self.refresh = parse_seconds(opts.refresh, "refresh interval", 86400)
         if self.flush_max_age < self.flush_delay:
             raise InvalidArgument("--flush-max-age must not be shorter than --flush-delay")

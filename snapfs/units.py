@@ -25,14 +25,19 @@ def parse_size(text: str | int, what: str = "size") -> int:
     return value
 
 
-def parse_seconds(text: str, what: str = "duration", upto: float = 86400.0) -> float:
-    """'5', '0.5', '30' seconds → float in (0, upto]; anything else is an error."""
+def parse_seconds(
+    text: str, what: str = "duration", upto: float = 86400.0, zero: bool = False
+) -> float:
+    """'5', '0.5', '30' seconds → float in (0, upto] ([0, upto] with `zero`); anything else
+    is an error."""
     try:
         value = float(text)
     except (TypeError, ValueError):
         raise InvalidArgument(f"invalid {what} {text!r}: use a number of seconds") from None
-    if not 0 < value <= upto:  # also refuses nan
-        raise InvalidArgument(f"invalid {what} {text!r}: must be in (0, {upto:g}] seconds")
+    low = value >= 0 if zero else value > 0
+    if not (low and value <= upto):  # also refuses nan
+        span = f"[0, {upto:g}]" if zero else f"(0, {upto:g}]"
+        raise InvalidArgument(f"invalid {what} {text!r}: must be in {span} seconds")
     return value
 
 
