@@ -58,6 +58,13 @@ class InvalidReference(SnapfsError):
     errno = errno.ENOENT
 
 
+class CacheSyncFailed(SnapfsError):
+    """An fdatasync of a volume's cache file failed: the kernel may have dropped the pages it
+    could not write, so no later fsync of that volume may succeed until it is remounted."""
+
+    errno = errno.EIO
+
+
 class ReadOnly(SnapfsError):
     """The mount is read-only, or this writer lost the store's lease."""
 

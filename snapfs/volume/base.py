@@ -108,6 +108,7 @@ class EngineBase:
         self.heads: dict[str, Head] = {}
         self.lru: OrderedDict[tuple[int, int], int] = OrderedDict()  # (vid, blk) → bytes
         self.lru_bytes = 0
+        self.pinned: set[tuple[int, int]] = set()  # (vid, blk) a write waits for: kept
         self.dirty_bytes = 0
         self.frozen_bytes = 0
         self.commit_lock = trio.Lock()
@@ -166,18 +167,28 @@ class EngineBase:
         return False
 
     def _evict(self) -> None:
-        by_id = None
-        while (
-            self.lru
-            and self.lru_bytes + self.dirty_bytes + self.frozen_bytes > self.config.cache_size
-        ):
-            (vid, blk), size = self.lru.popitem(last=False)
+        """Drop the least recently used clean blocks until the cache fits its size, except
+        the pinned ones: a block a write waits for (read-modify-write) stays cached until
+        that write is done, or a full cache would throw it out as soon as it is fetched
+        and the write would fetch it for ever."""
+        over = self.lru_bytes + self.dirty_bytes + self.frozen_bytes - self.config.cache_size
+        if over <= 0 or not self.lru:
+            return
+        by_id = {h.row.id: h for h in self.heads.values()}
+        kept = []
+        while self.lru and over > 0:
+            key, size = self.lru.popitem(last=False)
+            if key in self.pinned:
+                kept.append((key, size))
+                continue
             self.lru_bytes -= size
-            if by_id is None:
-                by_id = {h.row.id: h for h in self.heads.values()}
-            head = by_id.get(vid)
+            over -= size
+            head = by_id.get(key[0])
             if head is not None:
-                head.cache.punch(blk * head.bs, head.blen(blk))
+                head.cache.punch(key[1] * head.bs, head.blen(key[1]))
+        for key, size in reversed(kept):  # back in front, in their order
+            self.lru[key] = size
+            self.lru.move_to_end(key, last=False)
 
     def evict_all(self) -> None:
         """Drop every clean cached block (tests use it to force reads from the store)."""

@@ -160,7 +160,12 @@ class DataPath(Flusher):
         while pos < len(view):
             blk, boff = divmod(offset + pos, bs)
             n = min(bs - boff, len(view) - pos)
-            unmapped = await self._settle_for_write(head, blk, n < head.blen(blk))
+            key = (head.row.id, blk)
+            self.pinned.add(key)  # fetched for this write: not evicted before it is done
+            try:
+                unmapped = await self._settle_for_write(head, blk, n < head.blen(blk))
+            finally:
+                self.pinned.discard(key)
             # No await from here until the block is marked dirty.
             head.cache.pwrite(view[pos : pos + n], offset + pos)
             if blk not in head.dirty:
@@ -191,6 +196,7 @@ class DataPath(Flusher):
             unmapped = await self.tree.lookup(head.row.root, head.row.root_level, blk) is None
             if partial and (head.row.id, blk) not in self.lru:
                 await self._fetch_block(head, blk)  # a fetch that a commit overtook: again
+                await trio.lowlevel.checkpoint()  # a loop reaches a checkpoint, always
                 continue
             return unmapped
 
@@ -376,7 +382,7 @@ class DataPath(Flusher):
         has a row or is in `unsynced`. A block written again during the sync keeps the row
         (it is dirty, in the same epoch); its new bytes wait for the next sync."""
         todo = list(head.unsynced)
-        await head.cache.datasync()
+        await head.datasync()
         with self.catalog.transaction():
             self.catalog.set_dirty(
                 head.row.id, [(b, head.dirty[b]) for b in todo if b in head.dirty]

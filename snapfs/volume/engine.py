@@ -24,6 +24,7 @@ import trio.lowlevel
 from snapfs.errors import (
     AlreadyExists,
     Busy,
+    CacheSyncFailed,
     IntegrityError,
     InvalidArgument,
     SnapfsError,
@@ -388,12 +389,17 @@ class Engine(DataPath, Maintenance):
                     for snap in [s for s in self.catalog.snapshots() if s.temporary]:
                         await self.delete_snapshot(snap.volume, snap.name, uid=0)
             finally:
+                clean = True
                 for head in self.heads.values():
-                    await self._persist_dirty(head)
+                    try:
+                        await self._persist_dirty(head)
+                    except CacheSyncFailed:
+                        clean = False  # the next open recovers as after a crash
                     head.close()
-                with self.catalog.transaction():
-                    self.catalog.save_present(self.lru.keys())
-                    self.catalog.set_meta("clean", 1)
+                if clean:
+                    with self.catalog.transaction():
+                        self.catalog.save_present(self.lru.keys())
+                        self.catalog.set_meta("clean", 1)
                 self.catalog.close()
 
     # ------------------------------------------------------------------ volumes
@@ -474,12 +480,10 @@ class Engine(DataPath, Maintenance):
             )
         for snap in snaps:
             await self.delete_snapshot(name, snap.name, uid=uid)
-        while head.pending:
-            await self.flush_once()
         async with self.commit_lock:
-            deltas: dict[bytes, int] = {}
-            if head.row.root is not None:
-                await self._decref(deltas, K_NODE + head.row.root)
+            deltas = await self._replace_tree(head, None)
+            if any(s.state != "deleting" for s in self.catalog.snapshots(name)):
+                raise Busy(f"volume {name!r} has a snapshot taken meanwhile: delete it first")
             with self.catalog.transaction():
                 self.catalog.apply_refs(deltas, {})
                 self.catalog.delete_volume(head.row.id)
@@ -616,14 +620,8 @@ class Engine(DataPath, Maintenance):
         if head.opens:
             raise Busy(f"volume {volume!r} is open: close it (detach its loop device) first")
         snap = await self.wait_available(volume, name)
-        while head.pending:
-            await self.flush_once()
         async with head.write_lock, self.commit_lock:
-            deltas: dict[bytes, int] = {}
-            if snap.root is not None:
-                deltas[K_NODE + snap.root] = 1
-            if head.row.root is not None:
-                await self._decref(deltas, K_NODE + head.row.root)
+            deltas = await self._replace_tree(head, snap.root)
             with self.catalog.transaction():
                 self.catalog.apply_refs(deltas, {})
                 self.catalog.clear_dirty(head.row.id, list(head.dirty))

@@ -68,6 +68,12 @@ class Flusher(EngineBase):
             now = trio.current_time()
             settled, expired = now - min_age, now - max_age
             for head in list(self.heads.values()):
+                if head.pending:
+                    # Taken while an earlier volume of this cycle committed: its cut comes
+                    # first (a head commit now would put later writes under it).
+                    await self._commit(head, head.pending[0])
+                    self._backlog = True
+                    return True
                 blocks = []
                 for blk in head.dirty:
                     if budget <= 0:
@@ -105,6 +111,10 @@ class Flusher(EngineBase):
         transaction and publish it. Called with commit_lock held."""
         bs = head.bs
         vid = head.row.id
+        # The cut of a pending snapshot: the committed tree never holds a block version
+        # newer than the epoch of a snapshot still pending on the volume (the snapshot's
+        # commit builds on that tree), so the head is committed only once none is pending.
+        assert snap is not None or not head.pending, f"{head.row.name}: commit under a cut"
         if snap is not None:
             target = snap.epoch
             frozen = head.frozen.get(target, {})
@@ -271,6 +281,23 @@ class Flusher(EngineBase):
         self._evict()
         await self._publish()
         await self._collect()
+
+    async def _replace_tree(self, head: Head, root: bytes | None) -> dict[bytes, int]:
+        """The refcount deltas that make `root` the head's tree instead of its own (rollback,
+        volume delete: root None), with commit_lock held. Every snapshot pending on the
+        volume is committed first, since its commit builds on the tree being replaced; one
+        taken during these awaits too: the caller applies the deltas with no await after
+        this returns. Raises ReadOnly once this writer lost the store (they would stay
+        pending for ever)."""
+        while True:
+            while head.pending:
+                self.writable()
+                await self._commit(head, head.pending[0])
+            deltas = {} if root is None else {K_NODE + root: 1}
+            if head.row.root is not None:
+                await self._decref(deltas, K_NODE + head.row.root)
+            if not head.pending:
+                return deltas
 
     async def _decref(self, deltas: dict[bytes, int], key: bytes) -> None:
         """Drop one reference to `key` in `deltas`; when its count reaches zero, drop the

@@ -7,6 +7,7 @@ import os
 import trio
 import trio.lowlevel
 
+from snapfs.errors import CacheSyncFailed
 from snapfs.volume.catalog import SnapshotRow, VolumeRow
 from snapfs.volume.files import Files
 from snapfs.volume.inflight import InFlight
@@ -38,6 +39,10 @@ class Head:
         self.mapped = 0  # blocks the committed tree maps to data
         self.dirty_new: set[int] = set()  # dirty blocks the committed tree does not map
         self.holes: dict[int, bool] = {}  # discarded dirty blocks → the committed tree maps it
+        # Why an fdatasync of the cache file failed, once one did: from then on every sync
+        # of the volume fails (the kernel may have dropped pages it could not write back;
+        # a later fdatasync that succeeds says nothing about them) until it is remounted.
+        self.sync_error: str | None = None
 
     @property
     def bs(self) -> int:
@@ -49,6 +54,21 @@ class Head:
 
     def blen(self, blk: int) -> int:
         return min(self.bs, self.row.size - blk * self.bs)
+
+    async def datasync(self) -> None:
+        """Make the cache file's writes durable, or raise CacheSyncFailed, then and at every
+        later call (the PostgreSQL "fsyncgate" lesson)."""
+        if self.sync_error is None:
+            try:
+                await self.cache.datasync()
+                return
+            except OSError as exc:
+                self.sync_error = exc.strerror or str(exc)
+                log.error("%s: fdatasync failed: %s", self.cache_path, self.sync_error)
+        raise CacheSyncFailed(
+            f"volume {self.row.name!r}: writing its cache file back failed "
+            f"({self.sync_error}); its unsynced writes may be lost: remount to recover"
+        )
 
     def close(self) -> None:
         self.cache.close()

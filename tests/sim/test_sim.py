@@ -46,7 +46,7 @@ def simulate(seed: int, monkeypatch) -> World:
 
 # Open bugs the simulation found and that are not fixed yet (see the note): a seed
 # listed here still runs, and is reported as xfail while it fails.
-OPEN = {2: "a snapshot holds a block written after it was taken (under investigation)"}
+OPEN: dict[int, str] = {}
 
 
 @pytest.mark.parametrize(
