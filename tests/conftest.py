@@ -1,7 +1,10 @@
 """Shared fixtures. Everything a test mounts, attaches or starts is registered with a
-`Cleanup` stack and torn down in reverse order, also when the test fails."""
+`Cleanup` stack and torn down in reverse order, also when the test fails. All of it lies in
+one temp root (pytest's --basetemp, see suite_root), where scripts/test-cleanup finds what a
+killed run left."""
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -18,6 +21,43 @@ import pytest
 pytest_plugins = ["tests.swift_fixtures"]
 
 SNAPFS = [sys.executable, "-m", "snapfs.cli"]
+CHECKOUT = Path(__file__).resolve().parent.parent
+
+
+def suite_root() -> Path:
+    """The dir under which a run of the suite makes everything: $SNAPFS_TEST_ROOT, else one per
+    user and checkout (scripts/test-cleanup --print-root says the same)."""
+    given = os.environ.get("SNAPFS_TEST_ROOT")
+    if given:
+        return Path(given)
+    tag = hashlib.sha256(str(CHECKOUT).encode()).hexdigest()[:8]
+    return Path(os.environ.get("TMPDIR") or "/tmp") / f"snapfs-tests-{os.getuid()}-{tag}"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """Make the root pytest's --basetemp (unless one is given), and hold ROOT.lock while the
+    run lasts: scripts/test-cleanup leaves a root alone while its lock is held, and a second
+    run would remove the first one's dirs (pytest empties --basetemp when it starts)."""
+    if config.option.basetemp is None:
+        config.option.basetemp = str(suite_root())
+    base = os.path.abspath(config.option.basetemp)
+    os.makedirs(os.path.dirname(base), exist_ok=True)
+    lock = open(f"{base}.lock", "a+")  # noqa: SIM115 (held open until the run ends)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "?"
+        lock.close()
+        raise pytest.UsageError(
+            f"another run of the suite (pid {holder}) is using {base}; wait for it to end, or "
+            "give this one a root of its own (SNAPFS_TEST_ROOT=/tmp/DIR or --basetemp=/tmp/DIR)"
+        ) from None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    config.add_cleanup(lock.close)
 
 
 class Cleanup:
