@@ -12,7 +12,6 @@ import trio.lowlevel
 from snapfs.chunks import ChunkStore
 from snapfs.errors import (
     NotFound,
-    PermissionDenied,
     ReadOnly,
 )
 from snapfs.store.base import Store
@@ -271,8 +270,3 @@ class EngineBase:
 
     def kick(self) -> None:
         self._kick.set()
-
-    @staticmethod
-    def _check_access(owner: int, uid: int, what: str) -> None:
-        if uid not in (0, owner):
-            raise PermissionDenied(f"{what} belongs to another user")

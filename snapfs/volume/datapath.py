@@ -8,6 +8,7 @@ import trio.lowlevel
 
 from snapfs.chunks import CHUNK
 from snapfs.errors import (
+    BeyondEnd,
     InvalidArgument,
     NotFound,
     SnapfsError,
@@ -130,7 +131,7 @@ class DataPath(Flusher):
         head = self.head(name)
         self.writable()  # read-only, or this writer lost the store: EROFS
         if offset < 0 or offset + len(data) > head.row.size:
-            raise SnapfsError(f"write beyond the end of volume {name!r}")
+            raise BeyondEnd(f"write beyond the end of volume {name!r}")
         lock = head.write_lock
         try:  # uncontended (the usual case): no round trip through the scheduler
             lock.acquire_nowait()
