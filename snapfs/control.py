@@ -11,13 +11,16 @@ why; `execute()` runs it against the engine as a given uid and returns a JSON-ab
 
 import os
 import shlex
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from snapfs.access import check_owner, check_root, visible
 from snapfs.errors import InvalidArgument, PermissionDenied
 from snapfs.units import check_name, parse_seconds, parse_size, split_snapshot_ref
-from snapfs.volume.engine import Engine, snapshot_info
+from snapfs.volume.catalog import SnapshotRow
+from snapfs.volume.engine import Engine
 
 MAX_LINE = 64 * 1024
 
@@ -152,9 +155,6 @@ class Controller:
         handler: Handler = getattr(self, "do_" + "_".join(spec.words))
         return await handler(uid=uid, **params)
 
-    def _visible(self, owner: int, uid: int) -> bool:
-        return uid == 0 or owner == uid
-
     async def do_volume_create(self, uid, name, size=None, block_size=None, **kw):
         source: tuple[str, str] | None = kw.get("from")
         if source is None and size is None:
@@ -167,14 +167,12 @@ class Controller:
 
     async def do_volume_list(self, uid):
         return [
-            self.engine.volume_info(v.name)
-            for v in self.engine.volumes()
-            if self._visible(v.owner, uid)
+            self.engine.volume_info(v.name) for v in self.engine.volumes() if visible(v.owner, uid)
         ]
 
     async def do_volume_show(self, uid, name):
         vol = self.engine.volume(_volume(name))
-        self.engine.check_access(vol.owner, uid, f"volume {name!r}")
+        check_owner(vol.owner, uid, f"volume {name!r}")
         return self.engine.volume_info(name)
 
     async def do_volume_resize(self, uid, name, size=None):
@@ -200,12 +198,12 @@ class Controller:
         return [
             snapshot_info(s)
             for s in self.engine.snapshots(volume)
-            if s.state != "deleting" and self._visible(s.owner, uid)
+            if s.state != "deleting" and visible(s.owner, uid)
         ]
 
     async def do_snapshot_show(self, uid, ref):
         snap = self.engine.snapshot_row(*split_snapshot_ref(ref))
-        self.engine.check_access(snap.owner, uid, f"snapshot {ref}")
+        check_owner(snap.owner, uid, f"snapshot {ref}")
         info = snapshot_info(snap)
         info["parent_of"] = [v.name for v in self.engine.volumes() if v.parent == ref]
         return info
@@ -226,7 +224,7 @@ class Controller:
         if va != vb:
             raise InvalidArgument("diff compares two snapshots of the same volume")
         snap = self.engine.snapshot_row(va, sa)
-        self.engine.check_access(snap.owner, uid, f"snapshot {a}")
+        check_owner(snap.owner, uid, f"snapshot {a}")
         blocks = await self.engine.diff(va, sa, sb)
         bs = snap.block_size
         extents: list[list[int]] = []
@@ -250,18 +248,15 @@ class Controller:
         return asdict(self.engine.statistics())
 
     async def do_fsck(self, uid, repair=False):
-        if uid != 0:
-            raise InvalidArgument("fsck is for root")
+        check_root(uid, "fsck")
         return (await self.engine.check(repair=repair)).as_dict()
 
     async def do_gc(self, uid, threshold=None):
-        if uid != 0:
-            raise InvalidArgument("gc is for root")
+        check_root(uid, "gc")
         return await self.engine.gc(threshold)
 
     async def do_evict(self, uid):
-        if uid != 0:  # it drops every user's cached blocks
-            raise PermissionDenied("evict is for root: it drops the cached blocks of every user")
+        check_root(uid, "evict", "it drops the cached blocks of every user")
         self.engine.evict_all()
         return {"cached_bytes": self.engine.statistics().cached_bytes}
 
@@ -269,7 +264,7 @@ class Controller:
         """Before an unmount: sync for at most `within` seconds; if that cannot be done the
         daemon will keep its cache at the unmount instead of flushing. Root's or the
         mounting user's."""
-        if uid not in (0, os.getuid()):
+        if not visible(os.getuid(), uid):  # the mount is the mounting user's
             raise PermissionDenied("umount is for root and the user who mounted")
         prepare = self.status.get("prepare_umount")
         if prepare is None:
@@ -278,6 +273,22 @@ class Controller:
 
     async def do_status(self, uid):
         return {k: v for k, v in self.status.items() if not callable(v)}
+
+
+def snapshot_info(snap: SnapshotRow) -> dict:
+    """A snapshot as the commands show it."""
+    return {
+        "volume": snap.volume,
+        "name": snap.name,
+        "state": snap.state,
+        "size": snap.size,
+        "block_size": snap.block_size,
+        "created": snap.created,
+        "created_at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(snap.created)),
+        "temporary": bool(snap.temporary),
+        "owner": snap.owner,
+        "root": snap.root.hex() if snap.root else None,
+    }
 
 
 async def _noop(*_args) -> None:

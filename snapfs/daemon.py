@@ -310,11 +310,7 @@ class Daemon:
     @staticmethod
     def _invalidator(ops: Operations):
         async def invalidate(volume: str) -> None:
-            try:
-                vid = ops.engine.volume(volume).id
-            except SnapfsError:
-                return
-            ino = ops._inode.get(("vol", vid))
+            ino = ops.inode_of(volume)
             if ino is not None:
                 with contextlib.suppress(Exception):
                     pyfuse3.invalidate_inode(ino, attr_only=False)

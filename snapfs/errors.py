@@ -20,6 +20,12 @@ class InvalidArgument(SnapfsError):
     errno = errno.EINVAL
 
 
+class BeyondEnd(InvalidArgument):
+    """A write outside a volume's size: the kernel is told ENOSPC, as for a full device."""
+
+    errno = errno.ENOSPC
+
+
 class NotFound(SnapfsError):
     errno = errno.ENOENT
 

@@ -31,6 +31,7 @@ from typing import Any
 import pyfuse3
 import trio
 
+from snapfs.access import check_owner, visible
 from snapfs.control import MAX_LINE, Controller
 from snapfs.errors import SnapfsError, StoreError
 from snapfs.volume.engine import Engine
@@ -143,13 +144,18 @@ class Operations(pyfuse3.Operations):
             self._next += 1
         return ino
 
-    def _visible(self, owner: int, uid: int) -> bool:
-        return uid == 0 or owner == uid
+    def inode_of(self, volume: str) -> int | None:
+        """The inode of volume `volume` if the kernel was ever told one, else None."""
+        try:
+            vid = self.engine.volume(volume).id
+        except SnapfsError:
+            return None
+        return self._inode.get(("vol", vid))
 
     def _volumes(self, uid: int) -> list:
         if self.read_only:
             return []
-        return [v for v in self.engine.volumes() if self._visible(v.owner, uid)]
+        return [v for v in self.engine.volumes() if visible(v.owner, uid)]
 
     def _snapshot_dirs(self, uid: int) -> list[str]:
         names = {s.volume for s in self._snapshots(None, uid)}
@@ -159,7 +165,7 @@ class Operations(pyfuse3.Operations):
         snaps = [
             s
             for s in self.engine.snapshots(volume)
-            if s.state in ("available", "creating") and self._visible(s.owner, uid)
+            if s.state in ("available", "creating") and visible(s.owner, uid)
         ]
         if self.only is not None:
             snaps = [s for s in snaps if (s.volume, s.name) == self.only]
@@ -317,14 +323,12 @@ class Operations(pyfuse3.Operations):
         if kind == "snap":
             if writing:
                 raise pyfuse3.FUSEError(errno.EROFS)
-            if not self._visible(obj.owner, ctx.uid):
-                raise pyfuse3.FUSEError(errno.EACCES)
+            check_owner(obj.owner, ctx.uid, f"snapshot {obj.volume}@{obj.name}")
             handle = Handle("snap", obj.id, ctx.uid)
             self.engine.open_snapshot(obj.id)
             info_direct = False
         elif kind == "vol":
-            if not self._visible(obj.owner, ctx.uid):
-                raise pyfuse3.FUSEError(errno.EACCES)
+            check_owner(obj.owner, ctx.uid, f"volume {obj.name!r}")
             handle = Handle("vol", obj.name, ctx.uid)
             self.engine.open_volume(obj.name)
             # Direct I/O: the kernel keeps no page cache of a volume (the file system on
@@ -369,13 +373,8 @@ class Operations(pyfuse3.Operations):
 
     async def write(self, fh, off, buf):
         handle = self._handle(fh)
-        if handle.kind == "vol":
-            try:
-                return await self.engine.write(handle.key, off, buf)
-            except SnapfsError as exc:
-                if "beyond the end" in str(exc):
-                    raise pyfuse3.FUSEError(errno.ENOSPC) from None
-                raise
+        if handle.kind == "vol":  # beyond the end: BeyondEnd, ENOSPC
+            return await self.engine.write(handle.key, off, buf)
         if handle.kind != "ctl":
             raise pyfuse3.FUSEError(errno.EBADF)
         handle.inbuf += buf

@@ -12,12 +12,12 @@ import trio.lowlevel
 from snapfs.chunks import ChunkStore
 from snapfs.errors import (
     NotFound,
-    PermissionDenied,
     ReadOnly,
 )
 from snapfs.store.base import Store
 from snapfs.tree import TreeReader
 from snapfs.volume.catalog import Catalog, SnapshotRow
+from snapfs.volume.chunkcache import ChunkCache
 from snapfs.volume.fence import Fence
 from snapfs.volume.files import Files
 from snapfs.volume.head import Head
@@ -125,9 +125,7 @@ class EngineBase:
         self._backlog = False  # the last flush cycle left work behind (a full batch)
         self._zero: dict[int, bytes] = {}
         self.readahead = ReadAhead(config.readahead_bytes, config.uploads)
-        self._snap_cache: OrderedDict[bytes, bytes] = OrderedDict()
-        self._snap_cache_bytes = 0
-        self._snap_cache_limit = 2 * config.readahead_bytes + (4 << 20)
+        self.snap_cache = ChunkCache(2 * config.readahead_bytes + (4 << 20))
         self._snap_fetching = InFlight()
 
     # ------------------------------------------------------------------ helpers
@@ -227,7 +225,9 @@ class EngineBase:
         - the byte counters equal the maps they count;
         - a copy-on-write save exists only for a pending snapshot, in a slot of its own;
         - the dirty rows on disk are the dirty blocks, less those not yet fsynced;
-        - the discard and allocation bookkeeping covers dirty blocks only."""
+        - the discard and allocation bookkeeping covers dirty blocks only;
+        - the snapshot chunk cache counts its bytes and keeps within its limit."""
+        self.snap_cache.assert_invariants()
         by_id = {h.row.id: h for h in self.heads.values()}
         assert self.lru_bytes == sum(self.lru.values()), "lru_bytes != the LRU"
         for vid, blk in self.lru:
@@ -271,8 +271,3 @@ class EngineBase:
 
     def kick(self) -> None:
         self._kick.set()
-
-    @staticmethod
-    def _check_access(owner: int, uid: int, what: str) -> None:
-        if uid not in (0, owner):
-            raise PermissionDenied(f"{what} belongs to another user")

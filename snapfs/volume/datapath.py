@@ -8,6 +8,7 @@ import trio.lowlevel
 
 from snapfs.chunks import CHUNK
 from snapfs.errors import (
+    BeyondEnd,
     InvalidArgument,
     NotFound,
     SnapfsError,
@@ -130,7 +131,7 @@ class DataPath(Flusher):
         head = self.head(name)
         self.writable()  # read-only, or this writer lost the store: EROFS
         if offset < 0 or offset + len(data) > head.row.size:
-            raise SnapfsError(f"write beyond the end of volume {name!r}")
+            raise BeyondEnd(f"write beyond the end of volume {name!r}")
         lock = head.write_lock
         try:  # uncontended (the usual case): no round trip through the scheduler
             lock.acquire_nowait()
@@ -417,36 +418,28 @@ class DataPath(Flusher):
         return out[0] if len(out) == 1 else b"".join(out)
 
     async def _prefetch_snap(self, snap: SnapshotRow, blocks: list[int]) -> None:
-        """Read-ahead of a snapshot: its chunks into the chunk LRU, in ranged GETs."""
+        """Read-ahead of a snapshot: its chunks into the chunk cache, in ranged GETs."""
         oids = set()
         for blk in blocks:
             oid = await self.tree.lookup(snap.root, snap.root_level, blk)
-            if oid is not None and oid not in self._snap_cache and oid not in self._snap_fetching:
+            if oid is not None and oid not in self.snap_cache and oid not in self._snap_fetching:
                 oids.add(oid)
         with self._snap_fetching.claim(oids):
             for oid, data in (await self.chunks.get_many(CHUNK, list(oids))).items():
                 self.fetched += 1
-                self._snap_cache_put(oid, data)
-
-    def _snap_cache_put(self, oid: bytes, data: bytes) -> None:
-        if oid not in self._snap_cache:
-            self._snap_cache_bytes += len(data)
-        self._snap_cache[oid] = data
-        while self._snap_cache_bytes > self._snap_cache_limit and len(self._snap_cache) > 1:
-            self._snap_cache_bytes -= len(self._snap_cache.popitem(last=False)[1])
+                self.snap_cache.put(oid, data)
 
     async def _snap_chunk(self, oid: bytes) -> bytes:
-        """A chunk read through a snapshot, from a small LRU of chunks (snapshot reads do
+        """A chunk read through a snapshot, from the chunk cache (snapshot reads do
         not go through a volume's cache file); concurrent readers share one fetch."""
         while True:
-            data = self._snap_cache.get(oid)
+            data = self.snap_cache.get(oid)
             if data is not None:
-                self._snap_cache.move_to_end(oid)
                 return data
             if not await self._snap_fetching.wait(oid):
                 break
         with self._snap_fetching.claim([oid]):
             data = await self.chunks.get(CHUNK, oid)
             self.fetched += 1
-            self._snap_cache_put(oid, data)
+            self.snap_cache.put(oid, data)
             return data

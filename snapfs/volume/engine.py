@@ -16,11 +16,11 @@ Sentinels: a block is *present* when it is dirty (`Head.dirty`) or in the clean 
 
 import logging
 import os
-import time
 
 import trio
 import trio.lowlevel
 
+from snapfs.access import check_owner
 from snapfs.errors import (
     AlreadyExists,
     Busy,
@@ -419,7 +419,7 @@ class Engine(DataPath, Maintenance):
         root, root_level, parent = None, 0, None
         if source is not None:
             snap = await self.wait_available(*source)
-            self._check_access(snap.owner, uid, f"snapshot {source[0]}@{source[1]}")
+            check_owner(snap.owner, uid, f"snapshot {source[0]}@{source[1]}")
             if block_size not in (None, snap.block_size):
                 raise InvalidArgument("a clone keeps the block size of its snapshot")
             block_size = snap.block_size
@@ -451,7 +451,7 @@ class Engine(DataPath, Maintenance):
     async def resize_volume(self, name: str, size: int, uid: int = 0) -> VolumeRow:
         self.writable()
         head = self.head(name)
-        self._check_access(head.row.owner, uid, f"volume {name!r}")
+        check_owner(head.row.owner, uid, f"volume {name!r}")
         check_volume_size(size)
         if size < head.row.size:
             raise InvalidArgument(
@@ -469,7 +469,7 @@ class Engine(DataPath, Maintenance):
     async def delete_volume(self, name: str, recursive: bool = False, uid: int = 0) -> None:
         self.writable()
         head = self.head(name)
-        self._check_access(head.row.owner, uid, f"volume {name!r}")
+        check_owner(head.row.owner, uid, f"volume {name!r}")
         if head.opens:
             raise Busy(f"volume {name!r} is open")
         snaps = [s for s in self.catalog.snapshots(name) if s.state != "deleting"]
@@ -544,7 +544,7 @@ class Engine(DataPath, Maintenance):
         neither copied nor hashed; the flusher uploads it and marks the snapshot available."""
         self.writable()
         head = self.head(volume)
-        self._check_access(head.row.owner, uid, f"volume {volume!r}")
+        check_owner(head.row.owner, uid, f"volume {volume!r}")
         check_name(name, "snapshot name")
         if self.catalog.snapshot(volume, name) is not None:
             raise AlreadyExists(f"snapshot {volume}@{name} already exists")
@@ -587,7 +587,7 @@ class Engine(DataPath, Maintenance):
     async def delete_snapshot(self, volume: str, name: str, uid: int = 0) -> None:
         self.writable()
         snap = self.snapshot_row(volume, name)
-        self._check_access(snap.owner, uid, f"snapshot {volume}@{name}")
+        check_owner(snap.owner, uid, f"snapshot {volume}@{name}")
         if self.snap_opens.get(snap.id):
             raise Busy(f"snapshot {volume}@{name} is open")
         async with self.commit_lock:
@@ -616,7 +616,7 @@ class Engine(DataPath, Maintenance):
     async def rollback(self, volume: str, name: str, uid: int = 0) -> None:
         self.writable()
         head = self.head(volume)
-        self._check_access(head.row.owner, uid, f"volume {volume!r}")
+        check_owner(head.row.owner, uid, f"volume {volume!r}")
         if head.opens:
             raise Busy(f"volume {volume!r} is open: close it (detach its loop device) first")
         snap = await self.wait_available(volume, name)
@@ -726,10 +726,6 @@ class Engine(DataPath, Maintenance):
         else:
             self.snap_opens.pop(sid, None)
 
-    def check_access(self, owner: int, uid: int, what: str) -> None:
-        """PermissionDenied unless `uid` is root or `owner`."""
-        self._check_access(owner, uid, what)
-
 
 def _add_volume_record(cat: Catalog, v: dict) -> int:
     return cat.add_volume(
@@ -777,18 +773,3 @@ def check_volume_size(size: int) -> None:
         raise InvalidArgument(f"invalid volume size {size}: a positive multiple of 512 bytes")
     if size > MAX_VOLUME_SIZE:
         raise InvalidArgument(f"invalid volume size {format_size(size)}: at most 1P")
-
-
-def snapshot_info(snap: SnapshotRow) -> dict:
-    return {
-        "volume": snap.volume,
-        "name": snap.name,
-        "state": snap.state,
-        "size": snap.size,
-        "block_size": snap.block_size,
-        "created": snap.created,
-        "created_at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(snap.created)),
-        "temporary": bool(snap.temporary),
-        "owner": snap.owner,
-        "root": snap.root.hex() if snap.root else None,
-    }

@@ -182,3 +182,21 @@ def test_every_request_handler_is_guarded():
     assert {"lookup", "read", "write", "fsync", "fallocate", "readdir", "setxattr"} <= set(defined)
     for name in defined:
         assert getattr(getattr(Operations, name), "answers_errno", False), name
+
+
+async def test_owner_rule_and_writes_beyond_the_end_answer_their_errno(mounted, caplog):
+    engine, ops, ino, fh = mounted
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        await ops.write(fh, 16 * BS - 1, b"xy")  # BeyondEnd: a full device
+    assert info.value.errno == errno.ENOSPC
+    other = SimpleNamespace(uid=1000, gid=1000, pid=os.getpid(), umask=0o022)
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        await ops.open(ino, os.O_RDWR, other)  # root's volume
+    assert info.value.errno == errno.EACCES
+    with pytest.raises(pyfuse3.FUSEError):
+        await ops.lookup(VOLUMES, b"v", other)  # and invisible to other users
+    assert not [r for r in caplog.records if r.exc_info]
+    assert ops.inode_of("v") == ino
+    assert ops.inode_of("nope") is None
+    await engine.create_volume("w", 16 * BS, BS)
+    assert ops.inode_of("w") is None  # the kernel was never told an inode for it

@@ -54,8 +54,7 @@ def crash(engine: Engine) -> None:
 
 
 def drop_snapshot_cache(engine: Engine) -> None:
-    engine._snap_cache.clear()
-    engine._snap_cache_bytes = 0
+    engine.snap_cache.clear()
 
 
 async def read_snap(engine: Engine, name: str) -> bytes:

@@ -1,0 +1,51 @@
+"""The chunk cache of snapshot reads: a small LRU of chunks by id, within a byte limit.
+
+owns: the chunks that snapshot reads and their read-ahead fetched (verified, by chunk
+id), their byte count and their LRU order. does not own: fetching them (DataPath's
+`_snap_chunk` and `_prefetch_snap`, with `InFlight` sharing concurrent fetches), the cached
+blocks of volumes (their cache files and `EngineBase.lru`), nor what a snapshot maps.
+"""
+
+from collections import OrderedDict
+
+
+class ChunkCache:
+    """Chunks by id, least recently used first; `bytes` stays within `limit` except when a
+    single chunk is larger."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.bytes = 0
+        self._chunks: OrderedDict[bytes, bytes] = OrderedDict()
+
+    def __contains__(self, oid: bytes) -> bool:
+        return oid in self._chunks
+
+    def __len__(self) -> int:
+        return len(self._chunks)
+
+    def get(self, oid: bytes) -> bytes | None:
+        """The chunk, now the most recently used, or None."""
+        data = self._chunks.get(oid)
+        if data is not None:
+            self._chunks.move_to_end(oid)
+        return data
+
+    def put(self, oid: bytes, data: bytes) -> None:
+        """Keep `data` as the most recently used; evict the least recently used beyond the
+        limit (never the last chunk)."""
+        old = self._chunks.pop(oid, None)
+        if old is not None:
+            self.bytes -= len(old)
+        self._chunks[oid] = data
+        self.bytes += len(data)
+        while self.bytes > self.limit and len(self._chunks) > 1:
+            self.bytes -= len(self._chunks.popitem(last=False)[1])
+
+    def clear(self) -> None:
+        self._chunks.clear()
+        self.bytes = 0
+
+    def assert_invariants(self) -> None:
+        assert self.bytes == sum(map(len, self._chunks.values())), "chunk cache bytes != chunks"
+        assert self.bytes <= self.limit or len(self._chunks) == 1, "chunk cache over its limit"
