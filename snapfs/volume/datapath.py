@@ -419,11 +419,9 @@ class DataPath(Flusher):
 
     async def _prefetch_snap(self, snap: SnapshotRow, blocks: list[int]) -> None:
         """Read-ahead of a snapshot: its chunks into the chunk cache, in ranged GETs."""
-        oids = set()
-        for blk in blocks:
-            oid = await self.tree.lookup(snap.root, snap.root_level, blk)
-            if oid is not None and oid not in self.snap_cache and oid not in self._snap_fetching:
-                oids.add(oid)
+        found = {await self.tree.lookup(snap.root, snap.root_level, blk) for blk in blocks}
+        # Filtered after the last await: a reader may have claimed one meanwhile.
+        oids = {o for o in found if o and o not in self.snap_cache and o not in self._snap_fetching}
         with self._snap_fetching.claim(oids):
             for oid, data in (await self.chunks.get_many(CHUNK, list(oids))).items():
                 self.fetched += 1

@@ -28,6 +28,7 @@ class InFlight:
         """Mark `keys` as being fetched for the duration of the block; waiters wake at its
         end, whether the fetch succeeded or not. The keys must not be claimed already."""
         events = {key: trio.Event() for key in keys}
+        assert not any(key in self._events for key in events), "a key claimed twice"
         self._events.update(events)
         try:
             yield
