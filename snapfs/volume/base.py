@@ -225,7 +225,8 @@ class EngineBase:
         - the byte counters equal the maps they count;
         - a copy-on-write save exists only for a pending snapshot, in a slot of its own;
         - the dirty rows on disk are the dirty blocks, less those not yet fsynced;
-        - the discard and allocation bookkeeping covers dirty blocks only;
+        - a dirty block's record is of this volume's past (epoch, generation), never
+          discarded and newly mapped at once;
         - the snapshot chunk cache counts its bytes and keeps within its limit."""
         self.snap_cache.assert_invariants()
         by_id = {h.row.id: h for h in self.heads.values()}
@@ -241,15 +242,11 @@ class EngineBase:
         assert self.frozen_bytes == frozen, f"frozen_bytes {self.frozen_bytes} != {frozen}"
         for head in self.heads.values():
             name = head.row.name
-            assert set(head.gen) == set(head.dirty), f"{name}: generations != dirty blocks"
-            assert set(head.touched) <= set(head.dirty), f"{name}: touched beyond dirty"
-            assert set(head.since) <= set(head.dirty), f"{name}: since beyond dirty"
-            assert head.unsynced <= set(head.dirty), f"{name}: unsynced beyond dirty"
-            assert set(head.holes) <= set(head.dirty), f"{name}: holes beyond dirty"
-            assert head.dirty_new <= set(head.dirty), f"{name}: dirty_new beyond dirty"
-            assert not head.dirty_new & set(head.holes), f"{name}: discarded yet new"
-            assert all(0 <= b < head.nblocks for b in head.dirty), f"{name}: dirty outside"
-            assert all(e <= head.row.epoch for e in head.dirty.values()), f"{name}: epoch"
+            for blk, dirty in head.dirty.items():
+                assert 0 <= blk < head.nblocks, f"{name}: dirty block {blk} outside"
+                assert dirty.epoch <= head.row.epoch, f"{name}: block {blk} in a later epoch"
+                assert dirty.gen <= self.gen, f"{name}: block {blk} from a later write"
+                assert not (dirty.new and dirty.hole is not None), f"{name}: discarded yet new"
             epochs = [s.epoch for s in head.pending]
             assert epochs == sorted(epochs), f"{name}: pending snapshots out of order"
             assert all(e < head.row.epoch for e in epochs), f"{name}: pending in the future"
@@ -266,7 +263,7 @@ class EngineBase:
             assert on_disk == in_mem, f"{name}: frozen rows != saves in memory"
             stored = self.catalog.dirty(head.row.id)
             assert set(stored) <= set(head.dirty), f"{name}: dirty rows of clean blocks"
-            missing = set(head.dirty) - head.unsynced - set(stored)
+            missing = {b for b, d in head.dirty.items() if d.synced} - set(stored)
             assert not missing, f"{name}: fsynced dirty blocks without a row: {sorted(missing)}"
 
     def kick(self) -> None:

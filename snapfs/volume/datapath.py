@@ -15,7 +15,7 @@ from snapfs.errors import (
 )
 from snapfs.volume.catalog import SnapshotRow
 from snapfs.volume.flusher import Flusher
-from snapfs.volume.head import Head
+from snapfs.volume.head import Dirty, Head
 
 log = logging.getLogger("snapfs.engine")
 
@@ -149,8 +149,11 @@ class DataPath(Flusher):
     async def _write_locked(self, head: Head, offset: int, view: memoryview) -> None:
         bs = head.bs
         first, last = offset // bs, (offset + len(view) - 1) // bs
-        epoch, dirty, holes = head.row.epoch, head.dirty, head.holes
-        if all(dirty.get(b, -1) >= epoch and b not in holes for b in range(first, last + 1)):
+        epoch, dirty = head.row.epoch, head.dirty
+        if all(
+            (d := dirty.get(b)) is not None and d.epoch >= epoch and d.hole is None
+            for b in range(first, last + 1)
+        ):
             # Hot data (every block already dirty in this epoch): nothing to fetch, freeze
             # or account, so one pwrite for the whole range.
             head.cache.pwrite(view, offset)
@@ -169,14 +172,15 @@ class DataPath(Flusher):
                 self.pinned.discard(key)
             # No await from here until the block is marked dirty.
             head.cache.pwrite(view[pos : pos + n], offset + pos)
-            if blk not in head.dirty:
-                self._lru_drop(head, blk)
-                self.dirty_bytes += bs
-                if unmapped:
-                    head.dirty_new.add(blk)
-            elif blk in head.holes and not head.holes.pop(blk):
-                head.dirty_new.add(blk)  # a discarded block that the tree does not map
-            self._mark_dirty(head, blk)
+            was = head.dirty.get(blk)
+            if was is None:
+                new = unmapped
+            elif was.hole is not None:
+                new = not was.hole  # a discarded block that the tree does not map
+            else:
+                new = was.new
+            dirty = self._mark_dirty(head, blk)
+            dirty.hole, dirty.new = None, new
             pos += n
 
     async def _settle_for_write(self, head: Head, blk: int, partial: bool) -> bool:
@@ -190,7 +194,7 @@ class DataPath(Flusher):
         while True:
             written = head.dirty.get(blk)
             if written is not None:
-                if written >= head.row.epoch:
+                if written.epoch >= head.row.epoch:
                     return False
                 await self._freeze(head, blk)
                 continue
@@ -201,13 +205,20 @@ class DataPath(Flusher):
                 continue
             return unmapped
 
-    def _mark_dirty(self, head: Head, blk: int) -> None:
-        head.dirty[blk] = head.row.epoch
+    def _mark_dirty(self, head: Head, blk: int) -> Dirty:
+        """The block was written (or discarded) in the current epoch: its record, made
+        when it was clean (then it leaves the clean LRU and counts as dirty)."""
         self.gen += 1
-        head.gen[blk] = self.gen
-        head.touched[blk] = now = trio.current_time()
-        head.since.setdefault(blk, now)
-        head.unsynced.add(blk)
+        now = trio.current_time()
+        dirty = head.dirty.get(blk)
+        if dirty is None:
+            self._lru_drop(head, blk)
+            self.dirty_bytes += head.bs
+            dirty = head.dirty[blk] = Dirty(head.row.epoch, self.gen, now)
+        else:
+            dirty.epoch, dirty.gen, dirty.touched = head.row.epoch, self.gen, now
+            dirty.synced = False
+        return dirty
 
     async def discard(self, name: str, offset: int, length: int) -> None:
         """Discard (TRIM, fallocate PUNCH_HOLE): the range reads as zeros at once. Whole
@@ -255,17 +266,14 @@ class DataPath(Flusher):
                 # then their cache ranges are punched in runs.
                 run: list[int] = []
                 for blk in chunk:
-                    if blk in head.holes and head.dirty.get(blk) == head.row.epoch:
+                    was = head.dirty.get(blk)
+                    if was is not None and was.hole is not None and was.epoch == head.row.epoch:
                         continue  # already discarded since the last snapshot
                     if run and blk != run[-1] + 1:
                         self._punch_run(head, run)
                     run.append(blk)
-                    if blk not in head.dirty:
-                        self._lru_drop(head, blk)
-                        self.dirty_bytes += bs
-                    head.dirty_new.discard(blk)
-                    head.holes[blk] = blk in mapped
-                    self._mark_dirty(head, blk)
+                    dirty = self._mark_dirty(head, blk)
+                    dirty.hole, dirty.new = blk in mapped, False
                 self._punch_run(head, run)
         self.discarded_bytes += end - offset
 
@@ -281,7 +289,7 @@ class DataPath(Flusher):
             if head is not self.heads.get(name):
                 raise NotFound(f"volume {name!r} not found")
             for blk in chunk:
-                if blk in head.dirty and head.dirty[blk] < head.row.epoch:
+                if blk in head.dirty and head.dirty[blk].epoch < head.row.epoch:
                     await self._freeze(head, blk)
             root, epoch = head.row.root, head.row.epoch
             if root == known[0]:
@@ -293,7 +301,7 @@ class DataPath(Flusher):
                         root, head.row.root_level, chunk[0], chunk[-1] + 1
                     )
                 }
-            stale = any(b in head.dirty and head.dirty[b] < epoch for b in chunk)
+            stale = any(b in head.dirty and head.dirty[b].epoch < epoch for b in chunk)
             if head.row.root == root and head.row.epoch == epoch and not stale:
                 return mapped
 
@@ -310,7 +318,8 @@ class DataPath(Flusher):
         if start >= end:
             return
         blk = start // head.bs
-        if blk in head.holes:  # discarded and not written since: all zeros, in any epoch
+        was = head.dirty.get(blk)
+        if was is not None and was.hole is not None:  # discarded, not written since: zeros
             return
         clean = blk not in head.dirty  # then the tree says what it holds
         if clean and await self.tree.lookup(head.row.root, head.row.root_level, blk) is None:
@@ -322,10 +331,11 @@ class DataPath(Flusher):
         the frozen file, make the copy durable, then record it (copy-on-write). The commit of
         that snapshot may land during the sync: then the block went to the snapshot and the
         clean cache, and the save is dropped instead (the caller looks at the block again)."""
-        written = head.dirty[blk]
+        dirty = head.dirty[blk]
+        written = dirty.epoch
         target = next((s.epoch for s in head.pending if s.epoch >= written), None)
         if target is None or blk in head.frozen.get(target, {}):
-            head.dirty[blk] = head.row.epoch
+            dirty.epoch = head.row.epoch
             return
         data = head.cache.pread(head.blen(blk), blk * head.bs)
         slot = head.free_slots.pop() if head.free_slots else head.next_slot
@@ -337,15 +347,18 @@ class DataPath(Flusher):
         except BaseException:
             self._free_slot(head, slot)
             raise
-        if head.dirty.get(blk) != written or all(s.epoch != target for s in head.pending):
+        if (
+            head.dirty.get(blk) is not dirty
+            or dirty.epoch != written
+            or all(s.epoch != target for s in head.pending)
+        ):
             self._free_slot(head, slot)  # overtaken by the commit: nothing to save
             return
         with self.catalog.transaction():
             self.catalog.add_frozen(head.row.id, target, blk, slot)
             self.catalog.set_dirty(head.row.id, [(blk, head.row.epoch)])
         head.frozen.setdefault(target, {})[blk] = slot
-        head.dirty[blk] = head.row.epoch
-        head.unsynced.discard(blk)
+        dirty.epoch, dirty.synced = head.row.epoch, True
         self.frozen_bytes += head.bs
 
     @staticmethod
@@ -379,16 +392,16 @@ class DataPath(Flusher):
 
     async def _persist_dirty(self, head: Head) -> None:
         """Sync the cache file, then commit the rows of the dirty blocks that have none yet.
-        A block stays in `unsynced` until its row is in: at every await, each dirty block
-        has a row or is in `unsynced`. A block written again during the sync keeps the row
-        (it is dirty, in the same epoch); its new bytes wait for the next sync."""
-        todo = list(head.unsynced)
+        A block is `synced` only once its row is in: at every await, each dirty block has
+        a row or is not synced. A block written again during the sync keeps the row (it is
+        dirty, in the same epoch); its new bytes wait for the next sync."""
+        todo = [blk for blk, dirty in head.dirty.items() if not dirty.synced]
         await head.datasync()
+        now = [(blk, head.dirty[blk]) for blk in todo if blk in head.dirty]
         with self.catalog.transaction():
-            self.catalog.set_dirty(
-                head.row.id, [(b, head.dirty[b]) for b in todo if b in head.dirty]
-            )
-        head.unsynced.difference_update(todo)
+            self.catalog.set_dirty(head.row.id, [(blk, dirty.epoch) for blk, dirty in now])
+        for _blk, dirty in now:
+            dirty.synced = True
 
     async def read_snapshot(self, snap: SnapshotRow, offset: int, size: int) -> bytes:
         end = min(offset + size, snap.size)

@@ -42,7 +42,7 @@ from snapfs.volume.check import (
 from snapfs.volume.datapath import DataPath
 from snapfs.volume.fence import FenceConflict
 from snapfs.volume.files import Files
-from snapfs.volume.head import Head
+from snapfs.volume.head import Dirty, Head
 from snapfs.volume.maintenance import Maintenance
 
 __all__ = ["DEFAULT_BLOCK_SIZE", "Engine", "EngineConfig", "EngineStatistics", "Head"]
@@ -348,10 +348,9 @@ class Engine(DataPath, Maintenance):
 
     def _add_head(self, row: VolumeRow) -> Head:
         head = Head(row, self.cache_dir, self.files)
-        head.dirty = self.catalog.dirty(row.id)
-        for blk in head.dirty:
+        for blk, epoch in self.catalog.dirty(row.id).items():
             self.gen += 1
-            head.gen[blk] = self.gen
+            head.dirty[blk] = Dirty(epoch, self.gen, synced=True)
         self.dirty_bytes += len(head.dirty) * head.bs
         used = set()
         for snap_epoch, blk, slot in self.catalog.frozen(row.id):
@@ -503,16 +502,17 @@ class Engine(DataPath, Maintenance):
         head.mapped = 0
         async for _ in self.tree.items(head.row.root, head.row.root_level):
             head.mapped += 1
-        head.dirty_new = set()
-        for blk in list(head.dirty):  # after a crash: dirty rows the tree never saw
-            if await self.tree.lookup(head.row.root, head.row.root_level, blk) is None:
-                head.dirty_new.add(blk)
+        for blk, dirty in list(head.dirty.items()):  # after a crash: rows the tree never saw
+            unmapped = await self.tree.lookup(head.row.root, head.row.root_level, blk) is None
+            dirty.new = dirty.hole is None and unmapped
 
     def allocated_bytes(self, name: str) -> int:
         """Bytes of the volume that are not holes (dirty all-zero blocks count until the
         flusher turns them into holes)."""
         head = self.head(name)
-        return (head.mapped - sum(head.holes.values()) + len(head.dirty_new)) * head.bs
+        dirty = head.dirty.values()
+        unmapped = sum(d.hole is True for d in dirty)  # discarded, mapped until the flush
+        return (head.mapped - unmapped + sum(d.new for d in dirty)) * head.bs
 
     def volume_info(self, name: str) -> dict:
         head = self.head(name)
@@ -631,15 +631,9 @@ class Engine(DataPath, Maintenance):
                 self._bump_seq()
             self.dirty_bytes -= len(head.dirty) * head.bs
             head.dirty.clear()
-            head.gen.clear()
-            head.touched.clear()
-            head.since.clear()
-            head.unsynced.clear()
             for key in [k for k in self.lru if k[0] == head.row.id]:
                 self.lru_bytes -= self.lru.pop(key)
             head.row.root, head.row.root_level = snap.root, snap.root_level
-            head.dirty_new.clear()
-            head.holes.clear()
             await self._count_mapped(head)
             head.row.size = snap.size
             head.cache.truncate(0)

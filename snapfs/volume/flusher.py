@@ -75,16 +75,16 @@ class Flusher(EngineBase):
                     self._backlog = True
                     return True
                 blocks = []
-                for blk in head.dirty:
+                for blk, dirty in head.dirty.items():
                     if budget <= 0:
                         break
                     if (
                         min_age
-                        and head.touched.get(blk, 0.0) > settled
-                        and not (max_age and head.since.get(blk, 0.0) <= expired)
+                        and dirty.touched > settled
+                        and not (max_age and dirty.since <= expired)
                     ):
                         continue
-                    if upto_gen is None or head.gen[blk] <= upto_gen:
+                    if upto_gen is None or dirty.gen <= upto_gen:
                         blocks.append(blk)
                         budget -= head.bs
                 if blocks:
@@ -118,7 +118,9 @@ class Flusher(EngineBase):
         if snap is not None:
             target = snap.epoch
             frozen = head.frozen.get(target, {})
-            cache_blocks = [b for b, e in head.dirty.items() if e <= target and b not in frozen]
+            cache_blocks = [
+                b for b, d in head.dirty.items() if d.epoch <= target and b not in frozen
+            ]
         else:
             target = head.row.epoch
             frozen = {}
@@ -126,7 +128,7 @@ class Flusher(EngineBase):
         # (blk, fd, offset, gen): read, hashed, staged and uploaded a slice at a time, so that
         # a commit holds about slice_bytes of blocks in memory however big it is.
         reads: list[tuple[int, BlockFile, int, int | None]]
-        reads = [(blk, head.cache, blk * bs, head.gen[blk]) for blk in cache_blocks]
+        reads = [(blk, head.cache, blk * bs, head.dirty[blk].gen) for blk in cache_blocks]
         reads += [(blk, head.saves, slot * bs, None) for blk, slot in frozen.items()]
         zero = self._zeros(bs)
 
@@ -227,8 +229,9 @@ class Flusher(EngineBase):
             blk
             for blk, _fd, _offset, gen in reads
             if gen is not None
-            and head.gen.get(blk) == gen
-            and head.dirty.get(blk, 1 << 62) <= target
+            and (dirty := head.dirty.get(blk)) is not None
+            and dirty.gen == gen
+            and dirty.epoch <= target
         ]
         with self.catalog.transaction():
             self.chunks.record()
@@ -247,29 +250,23 @@ class Flusher(EngineBase):
                 self._bump_seq()
         head.row.root, head.row.root_level = update.root, update.level
         head.mapped += mapped_delta
-        for blk, oid in changes.items():
-            if blk in head.dirty:  # written again meanwhile, or a snapshot's older version
-                if blk in head.touched:  # what is dirty now dates from its last write
-                    head.since[blk] = head.touched[blk]
-                if blk in head.holes:
-                    head.holes[blk] = oid is not None
-                elif oid is None:
-                    head.dirty_new.add(blk)
-                else:
-                    head.dirty_new.discard(blk)
         for blk in cleaned:
             del head.dirty[blk]
-            del head.gen[blk]
-            head.touched.pop(blk, None)
-            head.since.pop(blk, None)
-            head.dirty_new.discard(blk)
-            head.holes.pop(blk, None)
-            head.unsynced.discard(blk)
             self.dirty_bytes -= bs
             if changes.get(blk) is None:
                 head.cache.punch(blk * bs, head.blen(blk))
             else:
                 self._lru_add(head, blk)
+        for blk, oid in changes.items():
+            dirty = head.dirty.get(blk)
+            if dirty is not None:
+                # Written again meanwhile, or a snapshot's older version went: what is dirty
+                # now dates from its last write, against the new tree.
+                dirty.since = dirty.touched
+                if dirty.hole is not None:
+                    dirty.hole = oid is not None
+                else:
+                    dirty.new = oid is None
         if snap is not None:
             slots = head.frozen.pop(target, {})
             head.free_slots.extend(slots.values())

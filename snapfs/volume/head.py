@@ -15,6 +15,28 @@ from snapfs.volume.inflight import InFlight
 log = logging.getLogger("snapfs.engine")
 
 
+class Dirty:
+    """One dirty block of a head: the cache file holds a newer version than the committed
+    tree. Its facts live in one record, so they cannot disagree (a block is dirty exactly
+    while it has one)."""
+
+    __slots__ = ("epoch", "gen", "hole", "new", "since", "synced", "touched")
+
+    def __init__(self, epoch: int, gen: int, now: float = 0.0, synced: bool = False) -> None:
+        self.epoch = epoch  # the volume's epoch at its last write
+        self.gen = gen  # the engine's write generation then (a write during an upload)
+        self.touched = now  # trio time of its last write (0: dirty since before this mount)
+        self.since = now  # trio time it became dirty, as far as the store is concerned
+        self.synced = synced  # its dirty row is committed (the rows are what a crash keeps)
+        # Discarded (its cache range punched, it reads as zeros): whether the committed tree
+        # maps it (the next flush unmaps it); None for written data.
+        self.hole: bool | None = None
+        self.new = False  # written data the committed tree does not map (allocated space)
+
+    def __repr__(self) -> str:
+        return f"Dirty(epoch={self.epoch}, gen={self.gen}, synced={self.synced}, hole={self.hole})"
+
+
 class Head:
     """Runtime state of one volume's head: its cache file, dirty map and frozen saves."""
 
@@ -24,11 +46,7 @@ class Head:
         self.cache_path, self.frozen_path = base + ".cache", base + ".frozen"
         self.cache = files.open(self.cache_path, row.size)
         self.saves = files.open(self.frozen_path)  # copy-on-write saves, one slot a block
-        self.dirty: dict[int, int] = {}  # blk → epoch of its last write
-        self.gen: dict[int, int] = {}  # blk → write generation (detects writes during upload)
-        self.touched: dict[int, float] = {}  # blk → trio time of its last write
-        self.since: dict[int, float] = {}  # blk → trio time it became dirty
-        self.unsynced: set[int] = set()  # dirty blocks whose dirty row is not yet committed
+        self.dirty: dict[int, Dirty] = {}  # blk → its record, while the cache is newer
         self.frozen: dict[int, dict[int, int]] = {}  # snapshot epoch → {blk → slot}
         self.free_slots: list[int] = []
         self.next_slot = 0
@@ -37,8 +55,6 @@ class Head:
         self.write_lock = trio.Lock()
         self.fetching = InFlight()
         self.mapped = 0  # blocks the committed tree maps to data
-        self.dirty_new: set[int] = set()  # dirty blocks the committed tree does not map
-        self.holes: dict[int, bool] = {}  # discarded dirty blocks → the committed tree maps it
         # Why an fdatasync of the cache file failed, once one did: from then on every sync
         # of the volume fails (the kernel may have dropped pages it could not write back;
         # a later fdatasync that succeeds says nothing about them) until it is remounted.

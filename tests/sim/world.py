@@ -184,9 +184,10 @@ class World:
         data = head.cache.pread(BS, blk * BS)
         image = self.files.images.get(head.cache_path, b"")
         print(
-            f"TRACE {where} c={self.clock}: dirty={head.dirty.get(blk)} row={row} "
-            f"unsynced={blk in head.unsynced} lru={(head.row.id, blk) in self.engine.lru} "
-            f"hole={head.holes.get(blk)} tree={_show(b'') if mapped is None else mapped.hex()[:8]}"
+            f"TRACE {where} c={self.clock}: epoch={head.row.epoch} "
+            f"pending={[(s.name, s.epoch, s.state) for s in head.pending]} "
+            f"dirty={head.dirty.get(blk)} row={row} lru={(head.row.id, blk) in self.engine.lru} "
+            f"tree={_show(b'') if mapped is None else mapped.hex()[:8]}"
             f" cache={_show(data)} image={_show(image[blk * BS : (blk + 1) * BS])}"
         )
 

@@ -192,5 +192,5 @@ async def check_allocated(engine: Engine, name: str) -> None:
     """allocated = dirty blocks that are not discarded + clean blocks the tree maps."""
     head = engine.head(name)
     mapped = {b async for b, _ in engine.tree.items(head.row.root, head.row.root_level)}
-    live = {b for b in head.dirty if b not in head.holes} | (mapped - set(head.dirty))
+    live = {b for b, d in head.dirty.items() if d.hole is None} | (mapped - set(head.dirty))
     assert engine.allocated_bytes(name) == len(live) * BS, name
