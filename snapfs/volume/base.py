@@ -2,7 +2,6 @@
 
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,6 +15,7 @@ from snapfs.errors import (
 )
 from snapfs.store.base import Store
 from snapfs.tree import TreeReader
+from snapfs.volume.cache import CacheSpace
 from snapfs.volume.catalog import Catalog, SnapshotRow
 from snapfs.volume.chunkcache import ChunkCache
 from snapfs.volume.fence import Fence
@@ -106,11 +106,7 @@ class EngineBase:
         self.cache_dir = cache_dir
         self.config = config
         self.heads: dict[str, Head] = {}
-        self.lru: OrderedDict[tuple[int, int], int] = OrderedDict()  # (vid, blk) → bytes
-        self.lru_bytes = 0
-        self.pinned: set[tuple[int, int]] = set()  # (vid, blk) a write waits for: kept
-        self.dirty_bytes = 0
-        self.frozen_bytes = 0
+        self.space = CacheSpace(config.cache_size, config.dirty_fraction)  # the block cache
         self.commit_lock = trio.Lock()
         self.gen = 0
         self.snap_opens: dict[int, int] = {}
@@ -150,51 +146,9 @@ class EngineBase:
             z = self._zero[n] = bytes(n)
         return z
 
-    def _lru_add(self, head: Head, blk: int) -> None:
-        key = (head.row.id, blk)
-        if key not in self.lru:
-            self.lru_bytes += head.bs
-        self.lru[key] = head.bs
-        self.lru.move_to_end(key)
-
-    def _lru_drop(self, head: Head, blk: int) -> bool:
-        size = self.lru.pop((head.row.id, blk), None)
-        if size is not None:
-            self.lru_bytes -= size
-            return True
-        return False
-
-    def _evict(self) -> None:
-        """Drop the least recently used clean blocks until the cache fits its size, except
-        the pinned ones: a block a write waits for (read-modify-write) stays cached until
-        that write is done, or a full cache would throw it out as soon as it is fetched
-        and the write would fetch it for ever."""
-        over = self.lru_bytes + self.dirty_bytes + self.frozen_bytes - self.config.cache_size
-        if over <= 0 or not self.lru:
-            return
-        by_id = {h.row.id: h for h in self.heads.values()}
-        kept = []
-        while self.lru and over > 0:
-            key, size = self.lru.popitem(last=False)
-            if key in self.pinned:
-                kept.append((key, size))
-                continue
-            self.lru_bytes -= size
-            over -= size
-            head = by_id.get(key[0])
-            if head is not None:
-                head.cache.punch(key[1] * head.bs, head.blen(key[1]))
-        for key, size in reversed(kept):  # back in front, in their order
-            self.lru[key] = size
-            self.lru.move_to_end(key, last=False)
-
     def evict_all(self) -> None:
         """Drop every clean cached block (tests use it to force reads from the store)."""
-        limit, self.config.cache_size = self.config.cache_size, 0
-        try:
-            self._evict()
-        finally:
-            self.config.cache_size = limit
+        self.space.evict(limit=0)
 
     def _bump_seq(self) -> None:
         self.catalog.set_meta("seq", int(self.catalog.get_meta("seq", 0)) + 1)
@@ -229,24 +183,17 @@ class EngineBase:
           discarded and newly mapped at once;
         - the snapshot chunk cache counts its bytes and keeps within its limit."""
         self.snap_cache.assert_invariants()
-        by_id = {h.row.id: h for h in self.heads.values()}
-        assert self.lru_bytes == sum(self.lru.values()), "lru_bytes != the LRU"
-        for vid, blk in self.lru:
-            head = by_id.get(vid)
-            assert head is not None, f"LRU holds a block of unknown volume {vid}"
-            assert blk not in head.dirty, f"{head.row.name} block {blk}: dirty and clean"
-            assert 0 <= blk < head.nblocks, f"{head.row.name} block {blk}: outside"
-        dirty = sum(len(h.dirty) * h.bs for h in self.heads.values())
-        assert self.dirty_bytes == dirty, f"dirty_bytes {self.dirty_bytes} != {dirty}"
+        self.space.assert_invariants()
+        heads = {h.row.id for h in self.heads.values()}
+        assert self.space.volume_ids() == heads, "the cache knows other volumes than the heads"
         frozen = sum(len(f) * h.bs for h in self.heads.values() for f in h.frozen.values())
-        assert self.frozen_bytes == frozen, f"frozen_bytes {self.frozen_bytes} != {frozen}"
+        saved = self.space.saved_bytes
+        assert saved == frozen, f"saved bytes {saved} != {frozen} in copy-on-write saves"
         for head in self.heads.values():
             name = head.row.name
             for blk, dirty in head.dirty.items():
-                assert 0 <= blk < head.nblocks, f"{name}: dirty block {blk} outside"
                 assert dirty.epoch <= head.row.epoch, f"{name}: block {blk} in a later epoch"
                 assert dirty.gen <= self.gen, f"{name}: block {blk} from a later write"
-                assert not (dirty.new and dirty.hole is not None), f"{name}: discarded yet new"
             epochs = [s.epoch for s in head.pending]
             assert epochs == sorted(epochs), f"{name}: pending snapshots out of order"
             assert all(e < head.row.epoch for e in epochs), f"{name}: pending in the future"

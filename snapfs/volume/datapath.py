@@ -15,7 +15,7 @@ from snapfs.errors import (
 )
 from snapfs.volume.catalog import SnapshotRow
 from snapfs.volume.flusher import Flusher
-from snapfs.volume.head import Dirty, Head
+from snapfs.volume.head import Head
 
 log = logging.getLogger("snapfs.engine")
 
@@ -40,32 +40,31 @@ class DataPath(Flusher):
         if offset >= end:
             return b""
         bs = head.bs
-        vid = head.row.id
         self.readahead.note(
-            ("vol", vid),
+            ("vol", head.row.id),
             offset // bs,
             (end - 1) // bs,
             bs,
             head.nblocks,
             lambda blocks: self._prefetch_blocks(head, blocks),
-            lambda b: not (b in head.dirty or (vid, b) in self.lru or b in head.fetching),
+            lambda b: not (head.blocks.present(b) or b in head.fetching),
         )
         out: list[bytes] = []  # joined once at the end
+        blocks = head.blocks
         pos = offset
         while pos < end:
             blk, boff = divmod(pos, bs)
             n = min(bs - boff, end - pos)
-            if blk in head.dirty or (head.row.id, blk) in self.lru:
+            if blocks.present(blk):
                 # Extend over the following present blocks: one pread for the run.
                 run_end = pos + n
                 while run_end < end:
                     nb = run_end // bs
-                    if not (nb in head.dirty or (head.row.id, nb) in self.lru):
+                    if not blocks.present(nb):
                         break
                     run_end = min((nb + 1) * bs, end)
                 for b in range(blk, (run_end - 1) // bs + 1):
-                    if (head.row.id, b) in self.lru:
-                        self.lru.move_to_end((head.row.id, b))
+                    blocks.touch(b)
                 if pos == offset and run_end == end:  # the common case: no copies
                     return (head.cache.fd, pos, end - pos)
                 out.append(head.cache.pread(run_end - pos, pos))
@@ -79,16 +78,12 @@ class DataPath(Flusher):
     async def _prefetch_blocks(self, head: Head, blocks: list[int]) -> None:
         """Read-ahead: fetch blocks that are not present, with as few GETs as possible, into
         the cache (the rules of `_fetch_block`; its readers wait for these fetches)."""
-        vid = head.row.id
         if head is not self.heads.get(head.row.name):
             return
         todo = [
             b
             for b in blocks
-            if b < head.nblocks
-            and b not in head.dirty
-            and (vid, b) not in self.lru
-            and b not in head.fetching
+            if b < head.nblocks and not head.blocks.present(b) and b not in head.fetching
         ]
         with head.fetching.claim(todo):
             root, level = head.row.root, head.row.root_level
@@ -97,15 +92,14 @@ class DataPath(Flusher):
             if head.row.root != root or head is not self.heads.get(head.row.name):
                 return
             for b, oid in oids.items():
-                if b not in head.dirty and (vid, b) not in self.lru:
+                if not head.blocks.present(b):
                     self._cache_clean(head, b, None if oid is None else datas[oid])
-            self._evict()
+            self.space.evict()
 
     async def _fetch_block(self, head: Head, blk: int) -> bytes | None:
         """Content of a block that was not present (None for a hole), cached on the way."""
-        key = (head.row.id, blk)
         while True:
-            if blk in head.dirty or key in self.lru:
+            if head.blocks.present(blk):
                 return head.cache.pread(head.blen(blk), blk * head.bs)
             if not await head.fetching.wait(blk):
                 break
@@ -113,19 +107,16 @@ class DataPath(Flusher):
             root, level = head.row.root, head.row.root_level
             oid = await self.tree.lookup(root, level, blk)
             data = None if oid is None else await self.chunks.get(CHUNK, oid)
-            if blk not in head.dirty and key not in self.lru and head.row.root == root:
+            if not head.blocks.present(blk) and head.row.root == root:
                 self._cache_clean(head, blk, data)
-                self._evict()
+                self.space.evict()
             return data
 
     def _cache_clean(self, head: Head, blk: int, data: bytes | None) -> None:
         """Put a fetched block (None: a hole) into the cache file as a clean block."""
-        if data is None:
-            head.cache.punch(blk * head.bs, head.blen(blk))
-        else:
+        if data is not None:
             self.fetched += 1
-            head.cache.pwrite(memoryview(data)[: head.blen(blk)], blk * head.bs)
-        self._lru_add(head, blk)
+        head.blocks.fill(blk, data)
 
     async def write(self, name: str, offset: int, data: bytes) -> int:
         head = self.head(name)
@@ -157,19 +148,17 @@ class DataPath(Flusher):
             # Hot data (every block already dirty in this epoch): nothing to fetch, freeze
             # or account, so one pwrite for the whole range.
             head.cache.pwrite(view, offset)
+            now = trio.current_time()
             for blk in range(first, last + 1):
-                self._mark_dirty(head, blk)
+                self.gen += 1
+                head.blocks.mark_dirty(blk, epoch, self.gen, now)
             return
         pos = 0
         while pos < len(view):
             blk, boff = divmod(offset + pos, bs)
             n = min(bs - boff, len(view) - pos)
-            key = (head.row.id, blk)
-            self.pinned.add(key)  # fetched for this write: not evicted before it is done
-            try:
+            with self.space.pinned(head.row.id, blk):  # fetched for this write: kept
                 unmapped = await self._settle_for_write(head, blk, n < head.blen(blk))
-            finally:
-                self.pinned.discard(key)
             # No await from here until the block is marked dirty.
             head.cache.pwrite(view[pos : pos + n], offset + pos)
             was = head.dirty.get(blk)
@@ -179,8 +168,8 @@ class DataPath(Flusher):
                 new = not was.hole  # a discarded block that the tree does not map
             else:
                 new = was.new
-            dirty = self._mark_dirty(head, blk)
-            dirty.hole, dirty.new = None, new
+            self.gen += 1
+            head.blocks.mark_written(blk, head.row.epoch, self.gen, trio.current_time(), new)
             pos += n
 
     async def _settle_for_write(self, head: Head, blk: int, partial: bool) -> bool:
@@ -199,26 +188,11 @@ class DataPath(Flusher):
                 await self._freeze(head, blk)
                 continue
             unmapped = await self.tree.lookup(head.row.root, head.row.root_level, blk) is None
-            if partial and (head.row.id, blk) not in self.lru:
+            if partial and not head.blocks.cached_clean(blk):
                 await self._fetch_block(head, blk)  # a fetch that a commit overtook: again
                 await trio.lowlevel.checkpoint()  # a loop reaches a checkpoint, always
                 continue
             return unmapped
-
-    def _mark_dirty(self, head: Head, blk: int) -> Dirty:
-        """The block was written (or discarded) in the current epoch: its record, made
-        when it was clean (then it leaves the clean LRU and counts as dirty)."""
-        self.gen += 1
-        now = trio.current_time()
-        dirty = head.dirty.get(blk)
-        if dirty is None:
-            self._lru_drop(head, blk)
-            self.dirty_bytes += head.bs
-            dirty = head.dirty[blk] = Dirty(head.row.epoch, self.gen, now)
-        else:
-            dirty.epoch, dirty.gen, dirty.touched = head.row.epoch, self.gen, now
-            dirty.synced = False
-        return dirty
 
     async def discard(self, name: str, offset: int, length: int) -> None:
         """Discard (TRIM, fallocate PUNCH_HOLE): the range reads as zeros at once. Whole
@@ -272,8 +246,10 @@ class DataPath(Flusher):
                     if run and blk != run[-1] + 1:
                         self._punch_run(head, run)
                     run.append(blk)
-                    dirty = self._mark_dirty(head, blk)
-                    dirty.hole, dirty.new = blk in mapped, False
+                    self.gen += 1
+                    head.blocks.mark_discarded(
+                        blk, head.row.epoch, self.gen, trio.current_time(), blk in mapped
+                    )
                 self._punch_run(head, run)
         self.discarded_bytes += end - offset
 
@@ -335,7 +311,7 @@ class DataPath(Flusher):
         written = dirty.epoch
         target = next((s.epoch for s in head.pending if s.epoch >= written), None)
         if target is None or blk in head.frozen.get(target, {}):
-            dirty.epoch = head.row.epoch
+            head.blocks.move_to_epoch(blk, head.row.epoch)
             return
         data = head.cache.pread(head.blen(blk), blk * head.bs)
         slot = head.free_slots.pop() if head.free_slots else head.next_slot
@@ -358,8 +334,8 @@ class DataPath(Flusher):
             self.catalog.add_frozen(head.row.id, target, blk, slot)
             self.catalog.set_dirty(head.row.id, [(blk, head.row.epoch)])
         head.frozen.setdefault(target, {})[blk] = slot
-        dirty.epoch, dirty.synced = head.row.epoch, True
-        self.frozen_bytes += head.bs
+        head.blocks.move_to_epoch(blk, head.row.epoch, synced=True)
+        self.space.saves_changed(head.bs)
 
     @staticmethod
     def _free_slot(head: Head, slot: int) -> None:
@@ -371,8 +347,7 @@ class DataPath(Flusher):
         instead of failing. A store that fails makes it wait and try again, as the
         background flusher does; a writer that lost the store fails at once (EROFS): its
         dirty blocks can never leave."""
-        limit = self.config.cache_size * self.config.dirty_fraction
-        while self.dirty_bytes + self.frozen_bytes >= limit:
+        while not self.space.dirty_room():
             self.writable()
             self.kick()
             try:
@@ -395,13 +370,12 @@ class DataPath(Flusher):
         A block is `synced` only once its row is in: at every await, each dirty block has
         a row or is not synced. A block written again during the sync keeps the row (it is
         dirty, in the same epoch); its new bytes wait for the next sync."""
-        todo = [blk for blk, dirty in head.dirty.items() if not dirty.synced]
+        todo = head.blocks.unsynced()
         await head.datasync()
-        now = [(blk, head.dirty[blk]) for blk in todo if blk in head.dirty]
+        rows = [(blk, head.dirty[blk].epoch) for blk in todo if blk in head.dirty]
         with self.catalog.transaction():
-            self.catalog.set_dirty(head.row.id, [(blk, dirty.epoch) for blk, dirty in now])
-        for _blk, dirty in now:
-            dirty.synced = True
+            self.catalog.set_dirty(head.row.id, rows)
+        head.blocks.mark_synced(todo)
 
     async def read_snapshot(self, snap: SnapshotRow, offset: int, size: int) -> bytes:
         end = min(offset + size, snap.size)

@@ -10,8 +10,8 @@ Concurrency (trio: code between two awaits is atomic):
 - Reads take no lock. A block fetch re-checks after its await that nobody wrote the block in
   the meantime before it fills the cache.
 
-Sentinels: a block is *present* when it is dirty (`Head.dirty`) or in the clean LRU
-(`Engine.lru`); otherwise its content is whatever the committed tree maps it to.
+Sentinels: a block is *present* when it is dirty or clean-cached (`Head.blocks`, a
+`VolumeCache`); otherwise its content is whatever the committed tree maps it to.
 """
 
 import logging
@@ -42,7 +42,7 @@ from snapfs.volume.check import (
 from snapfs.volume.datapath import DataPath
 from snapfs.volume.fence import FenceConflict
 from snapfs.volume.files import Files
-from snapfs.volume.head import Dirty, Head
+from snapfs.volume.head import Head
 from snapfs.volume.maintenance import Maintenance
 
 __all__ = ["DEFAULT_BLOCK_SIZE", "Engine", "EngineConfig", "EngineStatistics", "Head"]
@@ -160,7 +160,7 @@ class Engine(DataPath, Maintenance):
             for vid, blk in present:
                 head = by_id.get(vid)
                 if head and blk not in head.dirty and blk < head.nblocks:
-                    self._lru_add(head, blk)
+                    head.blocks.add_clean(blk)
         temporary = []
         for snap in cat.snapshots():
             if snap.state == "creating" and snap.temporary and not self.read_only:
@@ -316,11 +316,9 @@ class Engine(DataPath, Maintenance):
             if v is None or v["block_size"] != row.block_size:
                 cat.delete_volume(row.id)
                 if head is None:
-                    head = Head(row, self.cache_dir, self.files)
+                    head = Head(row, self.cache_dir, self.files, self.space)
                 else:
                     del self.heads[row.name]
-                    self.dirty_bytes -= len(head.dirty) * head.bs
-                    self._forget_cached(row.id)
                 head.close()
                 head.remove_files()
                 if v is not None:
@@ -334,7 +332,7 @@ class Engine(DataPath, Maintenance):
                     if v["size"] != head.row.size:
                         head.cache.truncate(v["size"])
                         head.row.size = v["size"]
-                    self._forget_cached(row.id)  # cached from the old root
+                    head.blocks.forget_clean()  # cached from the old root
         for v in volumes.values():
             vid = _add_volume_record(cat, v)
             row = cat.volume(v["name"])
@@ -342,21 +340,16 @@ class Engine(DataPath, Maintenance):
             if self.heads:  # else _load adds the heads
                 self._add_head(row)
 
-    def _forget_cached(self, vid: int) -> None:
-        for key in [k for k in self.lru if k[0] == vid]:
-            self.lru_bytes -= self.lru.pop(key)
-
     def _add_head(self, row: VolumeRow) -> Head:
-        head = Head(row, self.cache_dir, self.files)
+        head = Head(row, self.cache_dir, self.files, self.space)
         for blk, epoch in self.catalog.dirty(row.id).items():
             self.gen += 1
-            head.dirty[blk] = Dirty(epoch, self.gen, synced=True)
-        self.dirty_bytes += len(head.dirty) * head.bs
+            head.blocks.load_dirty(blk, epoch, self.gen)
         used = set()
         for snap_epoch, blk, slot in self.catalog.frozen(row.id):
             head.frozen.setdefault(snap_epoch, {})[blk] = slot
             used.add(slot)
-            self.frozen_bytes += head.bs
+            self.space.saves_changed(head.bs)
         head.next_slot = max(used, default=-1) + 1
         head.free_slots = [s for s in range(head.next_slot) if s not in used]
         self.heads[row.name] = head
@@ -375,7 +368,7 @@ class Engine(DataPath, Maintenance):
         for epoch in stale:
             slots = head.frozen.pop(epoch)
             head.free_slots.extend(slots.values())
-            self.frozen_bytes -= len(slots) * head.bs
+            self.space.saves_changed(-len(slots) * head.bs)
         log.warning("%s: dropped %d stale copy-on-write saves", head.row.name, len(stale))
 
     async def close(self, flush: bool = True) -> None:
@@ -394,11 +387,12 @@ class Engine(DataPath, Maintenance):
                         await self._persist_dirty(head)
                     except CacheSyncFailed:
                         clean = False  # the next open recovers as after a crash
-                    head.close()
                 if clean:
                     with self.catalog.transaction():
-                        self.catalog.save_present(self.lru.keys())
+                        self.catalog.save_present(self.space.present_keys())
                         self.catalog.set_meta("clean", 1)
+                for head in self.heads.values():
+                    head.close()
                 self.catalog.close()
 
     # ------------------------------------------------------------------ volumes
@@ -488,11 +482,7 @@ class Engine(DataPath, Maintenance):
                 self.catalog.delete_volume(head.row.id)
                 self._bump_seq()
             del self.heads[name]
-            self.dirty_bytes -= len(head.dirty) * head.bs
-            self.frozen_bytes -= sum(len(f) for f in head.frozen.values()) * head.bs
-            for key in [k for k in self.lru if k[0] == head.row.id]:
-                self.lru_bytes -= self.lru.pop(key)
-            head.close()
+            head.close()  # its dirty, clean and saved blocks take no room any more
             head.remove_files()
             await self._publish()
             await self._collect()
@@ -502,9 +492,9 @@ class Engine(DataPath, Maintenance):
         head.mapped = 0
         async for _ in self.tree.items(head.row.root, head.row.root_level):
             head.mapped += 1
-        for blk, dirty in list(head.dirty.items()):  # after a crash: rows the tree never saw
-            unmapped = await self.tree.lookup(head.row.root, head.row.root_level, blk) is None
-            dirty.new = dirty.hole is None and unmapped
+        for blk in list(head.dirty):  # after a crash: dirty rows the tree never saw
+            oid = await self.tree.lookup(head.row.root, head.row.root_level, blk)
+            head.blocks.rebase(blk, mapped=oid is not None)
 
     def allocated_bytes(self, name: str) -> int:
         """Bytes of the volume that are not holes (dirty all-zero blocks count until the
@@ -518,7 +508,7 @@ class Engine(DataPath, Maintenance):
         head = self.head(name)
         row = head.row
         snaps = self.catalog.snapshots(name)
-        cached = sum(1 for (vid, _b) in self.lru if vid == row.id) * row.block_size
+        cached = self.space.clean_count(row.id) * row.block_size
         return {
             "name": row.name,
             "size": row.size,
@@ -629,10 +619,7 @@ class Engine(DataPath, Maintenance):
                     head.row.id, root=snap.root, root_level=snap.root_level, size=snap.size
                 )
                 self._bump_seq()
-            self.dirty_bytes -= len(head.dirty) * head.bs
-            head.dirty.clear()
-            for key in [k for k in self.lru if k[0] == head.row.id]:
-                self.lru_bytes -= self.lru.pop(key)
+            head.blocks.forget()
             head.row.root, head.row.root_level = snap.root, snap.root_level
             await self._count_mapped(head)
             head.row.size = snap.size
@@ -650,9 +637,9 @@ class Engine(DataPath, Maintenance):
         return EngineStatistics(
             volumes=len(self.heads),
             snapshots=len(self.catalog.snapshots()),
-            dirty_bytes=self.dirty_bytes,
-            cached_bytes=self.lru_bytes + self.dirty_bytes,
-            frozen_bytes=self.frozen_bytes,
+            dirty_bytes=self.space.dirty_bytes,
+            cached_bytes=self.space.clean_bytes + self.space.dirty_bytes,
+            frozen_bytes=self.space.saved_bytes,
             stored_bytes=self.catalog.referenced_bytes(),
             stored_data_bytes=self.catalog.referenced_bytes(K_CHUNK),
             stored_objects=self.catalog.ref_count_rows(),

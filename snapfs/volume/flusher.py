@@ -251,31 +251,18 @@ class Flusher(EngineBase):
         head.row.root, head.row.root_level = update.root, update.level
         head.mapped += mapped_delta
         for blk in cleaned:
-            del head.dirty[blk]
-            self.dirty_bytes -= bs
-            if changes.get(blk) is None:
-                head.cache.punch(blk * bs, head.blen(blk))
-            else:
-                self._lru_add(head, blk)
+            head.blocks.mark_clean(blk, mapped=changes.get(blk) is not None)
         for blk, oid in changes.items():
-            dirty = head.dirty.get(blk)
-            if dirty is not None:
-                # Written again meanwhile, or a snapshot's older version went: what is dirty
-                # now dates from its last write, against the new tree.
-                dirty.since = dirty.touched
-                if dirty.hole is not None:
-                    dirty.hole = oid is not None
-                else:
-                    dirty.new = oid is None
+            head.blocks.rebase(blk, mapped=oid is not None)  # those still dirty
         if snap is not None:
             slots = head.frozen.pop(target, {})
             head.free_slots.extend(slots.values())
-            self.frozen_bytes -= len(slots) * bs
+            self.space.saves_changed(-len(slots) * bs)
             head.pending.pop(0)
             if not head.pending and not head.frozen:
                 head.saves.truncate(0)
                 head.free_slots, head.next_slot = [], 0
-        self._evict()
+        self.space.evict()
         await self._publish()
         await self._collect()
 

@@ -8,6 +8,7 @@ import trio
 import trio.lowlevel
 
 from snapfs.errors import CacheSyncFailed
+from snapfs.volume.cache import CacheSpace, Dirty, VolumeCache
 from snapfs.volume.catalog import SnapshotRow, VolumeRow
 from snapfs.volume.files import Files
 from snapfs.volume.inflight import InFlight
@@ -15,38 +16,16 @@ from snapfs.volume.inflight import InFlight
 log = logging.getLogger("snapfs.engine")
 
 
-class Dirty:
-    """One dirty block of a head: the cache file holds a newer version than the committed
-    tree. Its facts live in one record, so they cannot disagree (a block is dirty exactly
-    while it has one)."""
-
-    __slots__ = ("epoch", "gen", "hole", "new", "since", "synced", "touched")
-
-    def __init__(self, epoch: int, gen: int, now: float = 0.0, synced: bool = False) -> None:
-        self.epoch = epoch  # the volume's epoch at its last write
-        self.gen = gen  # the engine's write generation then (a write during an upload)
-        self.touched = now  # trio time of its last write (0: dirty since before this mount)
-        self.since = now  # trio time it became dirty, as far as the store is concerned
-        self.synced = synced  # its dirty row is committed (the rows are what a crash keeps)
-        # Discarded (its cache range punched, it reads as zeros): whether the committed tree
-        # maps it (the next flush unmaps it); None for written data.
-        self.hole: bool | None = None
-        self.new = False  # written data the committed tree does not map (allocated space)
-
-    def __repr__(self) -> str:
-        return f"Dirty(epoch={self.epoch}, gen={self.gen}, synced={self.synced}, hole={self.hole})"
-
-
 class Head:
     """Runtime state of one volume's head: its cache file, dirty map and frozen saves."""
 
-    def __init__(self, row: VolumeRow, cache_dir: str, files: Files) -> None:
+    def __init__(self, row: VolumeRow, cache_dir: str, files: Files, space: CacheSpace) -> None:
         self.row = row
         base = os.path.join(cache_dir, f"vol-{row.id}")
         self.cache_path, self.frozen_path = base + ".cache", base + ".frozen"
         self.cache = files.open(self.cache_path, row.size)
         self.saves = files.open(self.frozen_path)  # copy-on-write saves, one slot a block
-        self.dirty: dict[int, Dirty] = {}  # blk → its record, while the cache is newer
+        self.blocks = VolumeCache(space, row, self.cache)  # which blocks the file holds
         self.frozen: dict[int, dict[int, int]] = {}  # snapshot epoch → {blk → slot}
         self.free_slots: list[int] = []
         self.next_slot = 0
@@ -59,6 +38,11 @@ class Head:
         # of the volume fails (the kernel may have dropped pages it could not write back;
         # a later fdatasync that succeeds says nothing about them) until it is remounted.
         self.sync_error: str | None = None
+
+    @property
+    def dirty(self) -> dict[int, Dirty]:
+        """The dirty records, to read (`blocks` changes them)."""
+        return self.blocks.dirty
 
     @property
     def bs(self) -> int:
@@ -87,6 +71,10 @@ class Head:
         )
 
     def close(self) -> None:
+        """The volume is gone from this engine (deleted, or the engine closes): its blocks
+        and saves take no room in the cache any more."""
+        self.blocks.space.saves_changed(-sum(map(len, self.frozen.values())) * self.bs)
+        self.blocks.close()
         self.cache.close()
         self.saves.close()
 

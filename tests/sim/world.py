@@ -186,7 +186,7 @@ class World:
         print(
             f"TRACE {where} c={self.clock}: epoch={head.row.epoch} "
             f"pending={[(s.name, s.epoch, s.state) for s in head.pending]} "
-            f"dirty={head.dirty.get(blk)} row={row} lru={(head.row.id, blk) in self.engine.lru} "
+            f"dirty={head.dirty.get(blk)} row={row} clean={head.blocks.cached_clean(blk)} "
             f"tree={_show(b'') if mapped is None else mapped.hex()[:8]}"
             f" cache={_show(data)} image={_show(image[blk * BS : (blk + 1) * BS])}"
         )
