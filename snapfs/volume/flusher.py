@@ -109,27 +109,87 @@ class Flusher(EngineBase):
     ):
         """Upload blocks, derive the new tree, make it durable, then commit the catalog in one
         transaction and publish it. Called with commit_lock held."""
-        bs = head.bs
-        vid = head.row.id
         # The cut of a pending snapshot: the committed tree never holds a block version
         # newer than the epoch of a snapshot still pending on the volume (the snapshot's
         # commit builds on that tree), so the head is committed only once none is pending.
         assert snap is not None or not head.pending, f"{head.row.name}: commit under a cut"
+        target = head.row.epoch if snap is None else snap.epoch
+        reads = self._commit_reads(head, snap, target, blocks or [])
+        changes, uploads = await self._stage_blocks(head, snap, target, reads)
+        old_root, old_level = head.row.root, head.row.root_level
+        update = await self.tree.update(
+            old_root, old_level, max(levels_for(head.nblocks), old_level), changes
+        )
+        new_nodes = await self._stage_nodes(update.new_nodes)
+        keep_snapshot = snap is not None and snap.state != "deleting"
+        deltas, sizes = await self._commit_deltas(head.bs, uploads, new_nodes)
+        if update.root is not None:
+            deltas[K_NODE + update.root] = deltas.get(K_NODE + update.root, 0) + 1 + keep_snapshot
+        if old_root is not None:
+            await self._decref(deltas, K_NODE + old_root)
+        mapped_delta = 0
+        for blk, oid in changes.items():
+            was = await self.tree.lookup(old_root, old_level, blk)
+            mapped_delta += (oid is not None) - (was is not None)
+        # From here to the end: no await until the publish.
+        cleaned = [
+            blk
+            for blk, _fd, _offset, gen in reads
+            if gen is not None
+            and (dirty := head.dirty.get(blk)) is not None
+            and dirty.gen == gen
+            and dirty.epoch <= target
+        ]
+        with self.catalog.transaction():
+            self.chunks.record()
+            self.catalog.apply_refs(deltas, sizes)
+            self.catalog.update_volume(head.row.id, root=update.root, root_level=update.level)
+            if snap is not None:
+                if keep_snapshot:
+                    self.catalog.update_snapshot(
+                        snap.id, root=update.root, root_level=update.level, state="available"
+                    )
+                else:
+                    self.catalog.delete_snapshot(snap.id)
+                self.catalog.clear_frozen(head.row.id, target)
+            self.catalog.clear_dirty(head.row.id, cleaned)
+            if update.root != old_root or (snap is not None and not snap.temporary):
+                self._bump_seq()
+        head.row.root, head.row.root_level = update.root, update.level
+        head.mapped += mapped_delta
+        for blk in cleaned:
+            head.blocks.mark_clean(blk, mapped=changes.get(blk) is not None)
+        for blk, oid in changes.items():
+            head.blocks.rebase(blk, mapped=oid is not None)  # those still dirty
         if snap is not None:
-            target = snap.epoch
-            frozen = head.frozen.get(target, {})
-            cache_blocks = [
-                b for b, d in head.dirty.items() if d.epoch <= target and b not in frozen
-            ]
-        else:
-            target = head.row.epoch
-            frozen = {}
-            cache_blocks = blocks or []
-        # (blk, fd, offset, gen): read, hashed, staged and uploaded a slice at a time, so that
-        # a commit holds about slice_bytes of blocks in memory however big it is.
+            self._release_saves(head, target)
+        self.space.evict()
+        await self._publish()
+        await self._collect()
+
+    @staticmethod
+    def _commit_reads(
+        head: Head, snap: SnapshotRow | None, target: int, blocks: list[int]
+    ) -> list[tuple[int, BlockFile, int, int | None]]:
+        """What a commit reads: (blk, file, offset, write generation or None for a save).
+        A snapshot commit takes every block dirty up to its epoch, from its save when the
+        block was overwritten since; a head commit takes `blocks`."""
+        bs = head.bs
+        frozen = {} if snap is None else head.frozen.get(target, {})
+        if snap is not None:
+            blocks = [b for b, d in head.dirty.items() if d.epoch <= target and b not in frozen]
         reads: list[tuple[int, BlockFile, int, int | None]]
-        reads = [(blk, head.cache, blk * bs, head.dirty[blk].gen) for blk in cache_blocks]
+        reads = [(blk, head.cache, blk * bs, head.dirty[blk].gen) for blk in blocks]
         reads += [(blk, head.saves, slot * bs, None) for blk, slot in frozen.items()]
+        return reads
+
+    async def _stage_blocks(
+        self, head: Head, snap: SnapshotRow | None, target: int, reads: list
+    ) -> tuple[dict[int, bytes | None], dict[bytes, None]]:
+        """Read, hash and stage the blocks a slice at a time, so that a commit holds about
+        slice_bytes of blocks in memory however big it is. Returns the tree changes (blk →
+        chunk id, None for zeros) and the chunk ids this commit stores (an ordered set)."""
+        bs = head.bs
         zero = self._zeros(bs)
 
         def load(todo, saved: dict[int, int]) -> list[tuple[int, bytes]]:
@@ -148,7 +208,7 @@ class Flusher(EngineBase):
             return hash_all(load(todo, {}))
 
         changes: dict[int, bytes | None] = {}
-        uploads: dict[bytes, None] = {}  # chunk ids this commit stores (an ordered set)
+        uploads: dict[bytes, None] = {}
         per_slice = max(1, self.config.slice_bytes // bs)
         # Full packs go up in the background, up to `uploads / 2` at a time (more gained
         # nothing on either store and cost memory), while the next slice is read and
@@ -180,18 +240,13 @@ class Flusher(EngineBase):
                     self.chunks.stage(CHUNK, oid, data)
                 del hashed
                 await self.chunks.start_sealed(uploading, window)
+        return changes, uploads
 
-        old_root, old_level = head.row.root, head.row.root_level
-        update = await self.tree.update(
-            old_root,
-            head.row.root_level,
-            max(levels_for(head.nblocks), head.row.root_level),
-            changes,
-        )
+    async def _stage_nodes(self, nodes: dict[bytes, bytes]) -> dict[bytes, bytes]:
+        """Stage the tree nodes the store does not hold yet, then make everything this
+        commit staged durable (packs, their index fragment, the barrier). Returns them."""
         new_nodes = {
-            oid: data
-            for oid, data in update.new_nodes.items()
-            if not self.catalog.has_ref(K_NODE + oid)
+            oid: data for oid, data in nodes.items() if not self.catalog.has_ref(K_NODE + oid)
         }
         for oid, data in new_nodes.items():
             self.chunks.stage(NODE, oid, data)
@@ -201,7 +256,13 @@ class Flusher(EngineBase):
         except BaseException:
             self.chunks.discard_staged()
             raise
+        return new_nodes
 
+    async def _commit_deltas(
+        self, bs: int, uploads: dict[bytes, None], new_nodes: dict[bytes, bytes]
+    ) -> tuple[dict[bytes, int], dict[bytes, int]]:
+        """Refcount increments of what a commit stored (new nodes count their children) and
+        the sizes of the new objects; the roots' own counts are the caller's."""
         deltas: dict[bytes, int] = {}
         sizes: dict[bytes, int] = {}
         for oid in uploads:
@@ -214,57 +275,17 @@ class Flusher(EngineBase):
             kind = K_NODE if level else K_CHUNK
             for child in entries.values():
                 deltas[kind + child] = deltas.get(kind + child, 0) + 1
-        keep_snapshot = snap is not None and snap.state != "deleting"
-        if update.root is not None:
-            deltas[K_NODE + update.root] = deltas.get(K_NODE + update.root, 0) + 1 + keep_snapshot
-        if old_root is not None:
-            await self._decref(deltas, K_NODE + old_root)
+        return deltas, sizes
 
-        mapped_delta = 0
-        for blk, oid in changes.items():
-            was = await self.tree.lookup(old_root, old_level, blk)
-            mapped_delta += (oid is not None) - (was is not None)
-        # From here to the end of the transaction: no await.
-        cleaned = [
-            blk
-            for blk, _fd, _offset, gen in reads
-            if gen is not None
-            and (dirty := head.dirty.get(blk)) is not None
-            and dirty.gen == gen
-            and dirty.epoch <= target
-        ]
-        with self.catalog.transaction():
-            self.chunks.record()
-            self.catalog.apply_refs(deltas, sizes)
-            self.catalog.update_volume(vid, root=update.root, root_level=update.level)
-            if snap is not None:
-                if keep_snapshot:
-                    self.catalog.update_snapshot(
-                        snap.id, root=update.root, root_level=update.level, state="available"
-                    )
-                else:
-                    self.catalog.delete_snapshot(snap.id)
-                self.catalog.clear_frozen(vid, target)
-            self.catalog.clear_dirty(vid, cleaned)
-            if update.root != old_root or (snap is not None and not snap.temporary):
-                self._bump_seq()
-        head.row.root, head.row.root_level = update.root, update.level
-        head.mapped += mapped_delta
-        for blk in cleaned:
-            head.blocks.mark_clean(blk, mapped=changes.get(blk) is not None)
-        for blk, oid in changes.items():
-            head.blocks.rebase(blk, mapped=oid is not None)  # those still dirty
-        if snap is not None:
-            slots = head.frozen.pop(target, {})
-            head.free_slots.extend(slots.values())
-            self.space.saves_changed(-len(slots) * bs)
-            head.pending.pop(0)
-            if not head.pending and not head.frozen:
-                head.saves.truncate(0)
-                head.free_slots, head.next_slot = [], 0
-        self.space.evict()
-        await self._publish()
-        await self._collect()
+    def _release_saves(self, head: Head, epoch: int) -> None:
+        """The snapshot of `epoch` is committed: its saves go, and it is no longer pending."""
+        slots = head.frozen.pop(epoch, {})
+        head.free_slots.extend(slots.values())
+        self.space.saves_changed(-len(slots) * head.bs)
+        head.pending.pop(0)
+        if not head.pending and not head.frozen:
+            head.saves.truncate(0)
+            head.free_slots, head.next_slot = [], 0
 
     async def _replace_tree(self, head: Head, root: bytes | None) -> dict[bytes, int]:
         """The refcount deltas that make `root` the head's tree instead of its own (rollback,
