@@ -186,7 +186,7 @@ class EngineBase:
         self.space.assert_invariants()
         heads = {h.row.id for h in self.heads.values()}
         assert self.space.volume_ids() == heads, "the cache knows other volumes than the heads"
-        frozen = sum(len(f) * h.bs for h in self.heads.values() for f in h.frozen.values())
+        frozen = sum(h.saves.count() * h.bs for h in self.heads.values())
         saved = self.space.saved_bytes
         assert saved == frozen, f"saved bytes {saved} != {frozen} in copy-on-write saves"
         for head in self.heads.values():
@@ -197,17 +197,7 @@ class EngineBase:
             epochs = [s.epoch for s in head.pending]
             assert epochs == sorted(epochs), f"{name}: pending snapshots out of order"
             assert all(e < head.row.epoch for e in epochs), f"{name}: pending in the future"
-            slots = [s for f in head.frozen.values() for s in f.values()]
-            assert len(slots) == len(set(slots)), f"{name}: two saves share a slot"
-            assert not set(slots) & set(head.free_slots), f"{name}: a used slot is free"
-            assert all(0 <= s < head.next_slot for s in slots), f"{name}: slot beyond the end"
-            for epoch, saves in head.frozen.items():
-                assert epoch in epochs, f"{name}: saves for epoch {epoch}, no snapshot needs"
-                assert all(0 <= b < head.nblocks for b in saves), f"{name}: save outside"
-            rows = self.catalog.frozen(head.row.id)
-            on_disk = {(e, b): s for e, b, s in rows}
-            in_mem = {(e, b): s for e, f in head.frozen.items() for b, s in f.items()}
-            assert on_disk == in_mem, f"{name}: frozen rows != saves in memory"
+            head.saves.assert_invariants(epochs, head.nblocks, name)
             stored = self.catalog.dirty(head.row.id)
             assert set(stored) <= set(head.dirty), f"{name}: dirty rows of clean blocks"
             missing = {b for b, d in head.dirty.items() if d.synced} - set(stored)

@@ -5,7 +5,7 @@ they take (docs/design.md, "Cache").
     owns: the clean LRU of every volume, the pinned blocks, and the byte totals (clean,
           dirty, copy-on-write saves) against the cache size.
     does not own: the records of dirty blocks (each `VolumeCache`), the saves themselves
-          (`Head.frozen`), the bytes in the files.
+          (`CowSaves`), the bytes in the files.
 `VolumeCache` (one per volume head)
     owns: its dirty records (`Dirty`), the clean-or-dirty state of each of its blocks, and
           the cache file's ranges for them (filled when fetched, punched when evicted).

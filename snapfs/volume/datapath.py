@@ -310,37 +310,23 @@ class DataPath(Flusher):
         dirty = head.dirty[blk]
         written = dirty.epoch
         target = next((s.epoch for s in head.pending if s.epoch >= written), None)
-        if target is None or blk in head.frozen.get(target, {}):
+        if target is None or head.saves.has(target, blk):
             head.blocks.move_to_epoch(blk, head.row.epoch)
             return
         data = head.cache.pread(head.blen(blk), blk * head.bs)
-        slot = head.free_slots.pop() if head.free_slots else head.next_slot
-        if slot == head.next_slot:
-            head.next_slot += 1
-        head.saves.pwrite(data, slot * head.bs)
-        try:
-            await head.saves.datasync()
-        except BaseException:
-            self._free_slot(head, slot)
-            raise
+        slot = await head.saves.write(data)
         if (
             head.dirty.get(blk) is not dirty
             or dirty.epoch != written
             or all(s.epoch != target for s in head.pending)
         ):
-            self._free_slot(head, slot)  # overtaken by the commit: nothing to save
+            head.saves.give_back(slot)  # overtaken by the commit: nothing to save
             return
         with self.catalog.transaction():
-            self.catalog.add_frozen(head.row.id, target, blk, slot)
+            head.saves.record(target, blk, slot)
             self.catalog.set_dirty(head.row.id, [(blk, head.row.epoch)])
-        head.frozen.setdefault(target, {})[blk] = slot
+        head.saves.recorded(target, blk, slot)
         head.blocks.move_to_epoch(blk, head.row.epoch, synced=True)
-        self.space.saves_changed(head.bs)
-
-    @staticmethod
-    def _free_slot(head: Head, slot: int) -> None:
-        if slot < head.next_slot:  # else the frozen file was emptied meanwhile
-            head.free_slots.append(slot)
 
     async def _wait_dirty_room(self) -> None:
         """Backpressure: past the dirty limit a writer flushes (or waits for the flush)

@@ -316,7 +316,7 @@ class Engine(DataPath, Maintenance):
             if v is None or v["block_size"] != row.block_size:
                 cat.delete_volume(row.id)
                 if head is None:
-                    head = Head(row, self.cache_dir, self.files, self.space)
+                    head = Head(row, self.cache_dir, self.files, self.space, cat)
                 else:
                     del self.heads[row.name]
                 head.close()
@@ -341,35 +341,20 @@ class Engine(DataPath, Maintenance):
                 self._add_head(row)
 
     def _add_head(self, row: VolumeRow) -> Head:
-        head = Head(row, self.cache_dir, self.files, self.space)
+        head = Head(row, self.cache_dir, self.files, self.space, self.catalog)
         for blk, epoch in self.catalog.dirty(row.id).items():
             self.gen += 1
             head.blocks.load_dirty(blk, epoch, self.gen)
-        used = set()
-        for snap_epoch, blk, slot in self.catalog.frozen(row.id):
-            head.frozen.setdefault(snap_epoch, {})[blk] = slot
-            used.add(slot)
-            self.space.saves_changed(head.bs)
-        head.next_slot = max(used, default=-1) + 1
-        head.free_slots = [s for s in range(head.next_slot) if s not in used]
+        head.saves.load()
         self.heads[row.name] = head
         return head
 
     def _drop_stale_saves(self, head: Head) -> None:
         """Copy-on-write saves of snapshots that are no longer pending (left by an older
         version that could leak them): nothing reads them, they only took dirty room."""
-        pending = {s.epoch for s in head.pending}
-        stale = [e for e in head.frozen if e not in pending]
-        if not stale:
-            return
-        with self.catalog.transaction():
-            for epoch in stale:
-                self.catalog.clear_frozen(head.row.id, epoch)
-        for epoch in stale:
-            slots = head.frozen.pop(epoch)
-            head.free_slots.extend(slots.values())
-            self.space.saves_changed(-len(slots) * head.bs)
-        log.warning("%s: dropped %d stale copy-on-write saves", head.row.name, len(stale))
+        stale = head.saves.drop_stale({s.epoch for s in head.pending})
+        if stale:
+            log.warning("%s: dropped the saves of %d stale epochs", head.row.name, stale)
 
     async def close(self, flush: bool = True) -> None:
         """Flush everything (unless told not to), drop temporary snapshots, remember the
@@ -520,7 +505,7 @@ class Engine(DataPath, Maintenance):
             "allocated": self.allocated_bytes(name),
             "bytes_dirty": len(head.dirty) * row.block_size,
             "bytes_cached": cached + len(head.dirty) * row.block_size,
-            "bytes_frozen": sum(len(f) for f in head.frozen.values()) * row.block_size,
+            "bytes_frozen": head.saves.count() * row.block_size,
             "snapshots": len([s for s in snaps if s.state != "deleting"]),
             "latest_snapshot": snaps[-1].name if snaps else None,
         }

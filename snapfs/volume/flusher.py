@@ -151,7 +151,7 @@ class Flusher(EngineBase):
                     )
                 else:
                     self.catalog.delete_snapshot(snap.id)
-                self.catalog.clear_frozen(head.row.id, target)
+                head.saves.clear_rows(target)
             self.catalog.clear_dirty(head.row.id, cleaned)
             if update.root != old_root or (snap is not None and not snap.temporary):
                 self._bump_seq()
@@ -175,12 +175,12 @@ class Flusher(EngineBase):
         A snapshot commit takes every block dirty up to its epoch, from its save when the
         block was overwritten since; a head commit takes `blocks`."""
         bs = head.bs
-        frozen = {} if snap is None else head.frozen.get(target, {})
+        frozen = {} if snap is None else head.saves.slots(target)
         if snap is not None:
             blocks = [b for b, d in head.dirty.items() if d.epoch <= target and b not in frozen]
         reads: list[tuple[int, BlockFile, int, int | None]]
         reads = [(blk, head.cache, blk * bs, head.dirty[blk].gen) for blk in blocks]
-        reads += [(blk, head.saves, slot * bs, None) for blk, slot in frozen.items()]
+        reads += [(blk, head.saves.file, slot * bs, None) for blk, slot in frozen.items()]
         return reads
 
     async def _stage_blocks(
@@ -196,7 +196,7 @@ class Flusher(EngineBase):
             out = []
             for blk, file, offset, gen in todo:
                 if gen is not None and blk in saved:  # overwritten since, saved before that
-                    file, offset = head.saves, saved[blk] * bs
+                    file, offset = head.saves.file, saved[blk] * bs
                 data = file.pread(head.blen(blk), offset)
                 out.append((blk, data + bytes(bs - len(data)) if len(data) < bs else data))
             return out
@@ -226,7 +226,7 @@ class Flusher(EngineBase):
                     # A snapshot needs exactly the content it froze: read here, with no await
                     # since the check. A block overwritten since the commit began was copied
                     # to the frozen file before that.
-                    loaded = load(todo, head.frozen.get(target, {}))
+                    loaded = load(todo, head.saves.slots(target))
                     hashed = await trio.to_thread.run_sync(hash_all, loaded)
                     del loaded
                 for blk, oid, data in hashed:
@@ -279,13 +279,8 @@ class Flusher(EngineBase):
 
     def _release_saves(self, head: Head, epoch: int) -> None:
         """The snapshot of `epoch` is committed: its saves go, and it is no longer pending."""
-        slots = head.frozen.pop(epoch, {})
-        head.free_slots.extend(slots.values())
-        self.space.saves_changed(-len(slots) * head.bs)
         head.pending.pop(0)
-        if not head.pending and not head.frozen:
-            head.saves.truncate(0)
-            head.free_slots, head.next_slot = [], 0
+        head.saves.release(epoch, pending=bool(head.pending))
 
     async def _replace_tree(self, head: Head, root: bytes | None) -> dict[bytes, int]:
         """The refcount deltas that make `root` the head's tree instead of its own (rollback,

@@ -9,9 +9,10 @@ import trio.lowlevel
 
 from snapfs.errors import CacheSyncFailed
 from snapfs.volume.cache import CacheSpace, Dirty, VolumeCache
-from snapfs.volume.catalog import SnapshotRow, VolumeRow
+from snapfs.volume.catalog import Catalog, SnapshotRow, VolumeRow
 from snapfs.volume.files import Files
 from snapfs.volume.inflight import InFlight
+from snapfs.volume.saves import CowSaves
 
 log = logging.getLogger("snapfs.engine")
 
@@ -19,16 +20,16 @@ log = logging.getLogger("snapfs.engine")
 class Head:
     """Runtime state of one volume's head: its cache file, dirty map and frozen saves."""
 
-    def __init__(self, row: VolumeRow, cache_dir: str, files: Files, space: CacheSpace) -> None:
+    def __init__(
+        self, row: VolumeRow, cache_dir: str, files: Files, space: CacheSpace, catalog: Catalog
+    ) -> None:
         self.row = row
         base = os.path.join(cache_dir, f"vol-{row.id}")
         self.cache_path, self.frozen_path = base + ".cache", base + ".frozen"
         self.cache = files.open(self.cache_path, row.size)
-        self.saves = files.open(self.frozen_path)  # copy-on-write saves, one slot a block
         self.blocks = VolumeCache(space, row, self.cache)  # which blocks the file holds
-        self.frozen: dict[int, dict[int, int]] = {}  # snapshot epoch → {blk → slot}
-        self.free_slots: list[int] = []
-        self.next_slot = 0
+        # Copy-on-write saves for pending snapshots, one slot a block.
+        self.saves = CowSaves(files.open(self.frozen_path), catalog, row.id, row.block_size, space)
         self.pending: list[SnapshotRow] = []  # snapshots in creating/deleting, by epoch
         self.opens = 0
         self.write_lock = trio.Lock()
@@ -73,7 +74,6 @@ class Head:
     def close(self) -> None:
         """The volume is gone from this engine (deleted, or the engine closes): its blocks
         and saves take no room in the cache any more."""
-        self.blocks.space.saves_changed(-sum(map(len, self.frozen.values())) * self.bs)
         self.blocks.close()
         self.cache.close()
         self.saves.close()
