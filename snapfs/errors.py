@@ -64,6 +64,14 @@ class InvalidReference(SnapfsError):
     errno = errno.ENOENT
 
 
+class CatalogFailed(SnapfsError):
+    """A change to the local catalog (SQLite) could not be made durable: memory and disk
+    may disagree, so the engine changes nothing more until it is remounted (as ext4's
+    errors=remount-ro); the next mount recovers from what the catalog holds."""
+
+    errno = errno.EIO
+
+
 class CacheSyncFailed(SnapfsError):
     """An fdatasync of a volume's cache file failed: the kernel may have dropped the pages it
     could not write, so no later fsync of that volume may succeed until it is remounted."""

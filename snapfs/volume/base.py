@@ -10,6 +10,7 @@ import trio.lowlevel
 
 from snapfs.chunks import ChunkStore
 from snapfs.errors import (
+    CatalogFailed,
     NotFound,
     ReadOnly,
 )
@@ -159,6 +160,8 @@ class EngineBase:
             raise ReadOnly("this mount is read-only")
         if self.lease_lost:
             raise ReadOnly(f"this writer lost the store ({self.lease_lost}): remount")
+        if self.catalog.failed:
+            raise CatalogFailed(f"the local catalog failed ({self.catalog.failed}): remount")
 
     @property
     def lease_lost(self) -> str | None:

@@ -23,6 +23,8 @@ refs, the present list and garbage are derived or transient: a fresh machine reb
 from the published catalog by walking every root (see volume/check.py).
 """
 
+import contextlib
+import logging
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
@@ -30,6 +32,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from snapfs.chunks import INDEX_SCHEMA
+from snapfs.errors import CatalogFailed
+
+log = logging.getLogger("snapfs.catalog")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value) WITHOUT ROWID;
@@ -97,6 +102,7 @@ class Catalog:
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA + INDEX_SCHEMA)
         self._depth = 0
+        self.failed: str | None = None  # why a change could not be made durable
         self._migrate()
 
     def _migrate(self) -> None:
@@ -116,7 +122,13 @@ class Catalog:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One atomic, durable change. Nested uses join the outer transaction."""
+        """One atomic, durable change. Nested uses join the outer transaction. When SQLite
+        fails (EIO, ENOSPC, a commit that cannot be made durable) the change is rolled
+        back and this catalog fails for good: CatalogFailed now and at every later
+        transaction, until it is opened again (the callers change their memory only after
+        the transaction, but a writer whose catalog fails mid-flight must stop)."""
+        if self.failed is not None:
+            raise CatalogFailed(f"the local catalog failed earlier ({self.failed}): remount")
         if self._depth:
             self._depth += 1
             try:
@@ -124,16 +136,28 @@ class Catalog:
             finally:
                 self._depth -= 1
             return
-        self.db.execute("BEGIN IMMEDIATE")
-        self._depth = 1
         try:
-            yield self.db
-        except BaseException:
+            self.db.execute("BEGIN IMMEDIATE")
+            self._depth = 1
+            try:
+                yield self.db
+            except BaseException:
+                self._depth = 0
+                self._rollback()
+                raise
             self._depth = 0
-            self.db.execute("ROLLBACK")
-            raise
-        self._depth = 0
-        self.db.execute("COMMIT")
+            self.db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._depth = 0
+            self._rollback()
+            self.failed = str(exc)
+            log.error("the local catalog failed: %s; changing nothing more until remounted", exc)
+            raise CatalogFailed(f"the local catalog failed ({exc}): remount") from None
+
+    def _rollback(self) -> None:
+        if self.db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self.db.execute("ROLLBACK")
 
     # meta
     def get_meta(self, key: str, default=None):

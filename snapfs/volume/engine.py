@@ -14,6 +14,7 @@ Sentinels: a block is *present* when it is dirty or clean-cached (`Head.blocks`,
 `VolumeCache`); otherwise its content is whatever the committed tree maps it to.
 """
 
+import contextlib
 import logging
 import os
 
@@ -25,6 +26,7 @@ from snapfs.errors import (
     AlreadyExists,
     Busy,
     CacheSyncFailed,
+    CatalogFailed,
     IntegrityError,
     InvalidArgument,
     SnapfsError,
@@ -361,21 +363,22 @@ class Engine(DataPath, Maintenance):
         clean cache and mark the shutdown clean. Shielded: runs to the end when cancelled."""
         with trio.CancelScope(shield=True):
             try:
-                if flush and not self.lease_lost and not self.read_only:
+                if flush and not (self.lease_lost or self.read_only or self.catalog.failed):
                     await self.sync()
                     for snap in [s for s in self.catalog.snapshots() if s.temporary]:
                         await self.delete_snapshot(snap.volume, snap.name, uid=0)
             finally:
-                clean = True
+                clean = self.catalog.failed is None
                 for head in self.heads.values():
                     try:
                         await self._persist_dirty(head)
-                    except CacheSyncFailed:
+                    except (CacheSyncFailed, CatalogFailed):
                         clean = False  # the next open recovers as after a crash
-                if clean:
-                    with self.catalog.transaction():
-                        self.catalog.save_present(self.space.present_keys())
-                        self.catalog.set_meta("clean", 1)
+                with contextlib.suppress(CatalogFailed):
+                    if clean:
+                        with self.catalog.transaction():
+                            self.catalog.save_present(self.space.present_keys())
+                            self.catalog.set_meta("clean", 1)
                 for head in self.heads.values():
                     head.close()
                 self.catalog.close()

@@ -53,10 +53,10 @@ class Flusher(EngineBase):
         those left alone for `min_age` seconds or dirty for `max_age` seconds, when given
         (the background flusher lets hot blocks be rewritten in the cache instead of
         uploading every version, but not forever). Returns whether it found work."""
-        if self.read_only or self.lease_lost:
+        if self.read_only or self.lease_lost or self.catalog.failed:
             return False
         async with self.commit_lock:
-            if self.lease_lost:  # lost while this cycle waited for the lock
+            if self.lease_lost or self.catalog.failed:  # while this cycle waited for the lock
                 return False
             for head in list(self.heads.values()):
                 if head.pending:

@@ -5,12 +5,13 @@ volume delete spinning once the writer lost the store, a failed fdatasync forgot
 next fsync, and rollback racing a new snapshot."""
 
 import errno
+import sqlite3
 
 import pytest
 import trio
 import trio.testing
 
-from snapfs.errors import CacheSyncFailed, ReadOnly, SnapfsError
+from snapfs.errors import CacheSyncFailed, CatalogFailed, ReadOnly, SnapfsError
 from snapfs.store import MemoryStore
 from snapfs.volume import publish
 from tests.faultstore import FaultStore
@@ -201,5 +202,59 @@ async def test_rollback_rechecks_pending_snapshots_after_taking_its_locks():
         assert await engine.read("v", 0, BS) == b"a" * BS
         engine.assert_invariants()
         assert (await engine.check()).clean
+    finally:
+        await engine.close()
+
+
+class FailingCommits:
+    """The catalog's connection, failing its next COMMIT as a full or failing disk does."""
+
+    def __init__(self, db) -> None:
+        self.db, self.fail = db, 0
+
+    def __getattr__(self, name):
+        return getattr(self.db, name)
+
+    def execute(self, sql, *args):
+        if sql == "COMMIT" and self.fail:
+            self.fail -= 1
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.db.execute(sql, *args)
+
+
+async def test_a_catalog_commit_that_fails_stops_the_writer_until_remounted():
+    """A failed SQLite commit (ENOSPC, EIO) escaped as sqlite3.OperationalError, and the
+    engine went on with memory that the catalog on disk no longer matched. Now it is EIO
+    with one line, the change is rolled back, every later change fails the same way (as
+    ext4's errors=remount-ro), unmount works, and a remount recovers what was fsynced."""
+    store = await new_store()
+    engine = await make(store, cache_size=64 * BS)
+    cache_dir = engine.cache_dir
+    await engine.create_volume("v", 4 * BS, BS)
+    await engine.write("v", 0, b"a" * BS)
+    await engine.fsync("v")
+    engine.catalog.db = failing = FailingCommits(engine.catalog.db)
+    failing.fail = 1
+    await engine.write("v", BS, b"b" * BS)
+    with pytest.raises(CatalogFailed) as raised:
+        await engine.fsync("v")
+    assert raised.value.errno == errno.EIO
+    for call in (
+        engine.write("v", 0, b"c" * BS),
+        engine.fsync("v"),
+        engine.create_snapshot("v", "s"),
+        engine.sync(),
+    ):
+        with pytest.raises(CatalogFailed):
+            await call
+    assert not await engine.flush_once()
+    assert await engine.read("v", 0, BS) == b"a" * BS  # reads go on
+    await engine.close()
+    engine = await make(store, cache_dir=cache_dir, cache_size=64 * BS)
+    try:
+        assert await engine.read("v", 0, BS) == b"a" * BS
+        await engine.write("v", BS, b"d" * BS)
+        await engine.fsync("v")
+        engine.assert_invariants()
     finally:
         await engine.close()
