@@ -386,3 +386,67 @@ async def test_uploads_are_counted_when_their_put_succeeds():
     assert stats.uploaded_bytes - before.uploaded_bytes >= SIZE
     assert stats.uploaded_objects - before.uploaded_objects >= SIZE // BS
     await engine.close()
+
+
+class NewestFirstListing(FaultStore):
+    """Lists the index fragments newest first. Fragments are named by their digest, so an
+    older fragment comes after a newer one about half the time; here it always does."""
+
+    async def list(self, prefix: str = "") -> list[str]:
+        keys = await super().list(prefix)
+        if prefix == "i/":
+            written = {key: i for i, (op, key) in enumerate(self.calls) if op == "put"}
+            keys.sort(key=lambda k: written.get(k, -1), reverse=True)
+        return keys
+
+
+async def test_a_takeover_restore_maps_blobs_to_the_pack_gc_moved_them_to():
+    """Issue 20, finding 2: a blob that gc moved from P1 to P2 is in two fragments. The
+    restore kept the placement of the fragment that came last in listing order, P1, which
+    the old writer deletes when its grace ends: synced data gone for good."""
+    clock = Clock()
+    store = NewestFirstListing(MemoryStore())
+    await publish.init_store(store)
+    a = await open_engine(store, grace=60, clock=clock, gc_threshold=0.99)
+    await a.create_volume("v", SIZE, BS)
+    await a.write("v", 0, os.urandom(SIZE))
+    await a.create_snapshot("v", "a")
+    await a.sync()
+    for blk in range(0, SIZE // BS, 2):  # every pack of a: half of it is b's
+        await a.write("v", blk * BS, os.urandom(BS))
+    await a.create_snapshot("v", "b")
+    await a.sync()
+    await a.delete_snapshot("v", "a")
+    assert (await a.gc())["rewritten_packs"] > 0  # the old packs wait for the grace
+    b_data = await read_snap(a, "b")
+
+    # A's grace ends: its collect checks its fence, then its deletes of the old packs are
+    # on their way while B takes over and restores.
+    clock.now += 61
+    deleting, go = trio.Event(), trio.Event()
+
+    async def hold_pack_deletes(op: str, key: str, after: bool) -> None:
+        if op == "delete" and key.startswith("p/") and not after:
+            deleting.set()
+            await go.wait()
+
+    store.hook = hold_pack_deletes
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(a.sync)
+        with trio.fail_after(10):
+            await deleting.wait()
+        store.hook = None
+        b = await open_engine(store, grace=60, clock=clock)
+        go.set()
+    assert [k for k in store.deleted if k.startswith("p/")]
+    b.evict_all()
+    assert await read_snap(b, "b") == b_data
+    assert await b.read("v", 0, SIZE) == b_data
+    clock.now += 61
+    await b.gc(threshold=0.99)
+    await b.sync()
+    assert await missing_from_store(store, await publish.latest_catalog(store)) == []
+    await restore_exact(store, {"b": b_data})
+    b.fence.assert_invariants()
+    await a.close()
+    await b.close()
