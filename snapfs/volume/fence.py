@@ -20,6 +20,10 @@ The rules:
   that opens first publishes at the newest seq + 1 (found by probing, not by a listing that
   may lag): its *fence*. From then on a writer it displaced can never publish again, since
   its next seq is taken; its publish finds another writer's token there, and it has lost.
+- A seq is free again once its catalog was deleted as old (3 behind, after the grace): a
+  writer paused for longer than that succeeds with its `put_new`. So after every publish,
+  and before every delete, the fence looks for a newer catalog (a LIST, then HEADs past
+  it); the 3 newest are never deleted, so a writer that displaced this one is found.
 - Nothing is deleted from the store before this writer has published its fence, nor after
   it lost the store, nor within `grace` seconds (this host's clock) after the last catalog or
   index that needed the object was replaced: read-only mounts and reads in flight finish
@@ -31,6 +35,7 @@ import functools
 import logging
 import uuid
 from collections.abc import Callable, Iterable
+from typing import NoReturn
 
 from snapfs import codec
 from snapfs.chunks import fragment_key, pack_key
@@ -180,13 +185,13 @@ class Fence:
                 if other is None:
                     raise StoreError(f"catalog {seq} exists but cannot be read") from None
                 if other.get("writer") != writer:
-                    if not self.fenced:
-                        raise FenceConflict(seq, other) from None
-                    self.mark_lost(f"catalog {seq} was published by another writer")
-                    raise ReadOnly(f"not publishing: {self.lost}") from None
+                    self._displaced(seq, other, "publishing")
                 covered = min(int(other.get("changes", 0)), changes)
                 log.info("catalog %d is our own earlier publish (its reply was lost)", seq)
             await self.store.barrier()
+            newer = await self._newer_than(seq)
+            if newer is not None:  # our seq was free again: deleted by a newer writer
+                self._displaced(*newer, "publishing")
             first = not self.fenced
             with self.catalog.transaction():
                 self.catalog.set_meta("store_seq", seq)
@@ -199,6 +204,25 @@ class Fence:
             if covered == changes:
                 return
             seq += 1
+
+    async def _newer_than(self, seq: int) -> tuple[int, dict | None] | None:
+        """The newest catalog (seq, document) when it is newer than `seq`, else None: one
+        LIST, then HEADs past it. A catalog deleted as old leaves its seq free for a
+        `put_new`: a writer paused for longer than the grace can publish there. The
+        catalogs of the writer that displaced it are newer, and the 3 newest are never
+        deleted, so this finds them."""
+        newest = await publish.newest_seq(self.store, seq)
+        if newest == seq:
+            return None
+        return newest, await publish.read_catalog(self.store, newest)
+
+    def _displaced(self, seq: int, doc: dict | None, doing: str) -> NoReturn:
+        """Catalog `seq` is another writer's: before our fence, FenceConflict; after it,
+        this writer lost the store (ReadOnly)."""
+        if not self.fenced:
+            raise FenceConflict(seq, doc)
+        self.mark_lost(f"catalog {seq} was published by another writer")
+        raise ReadOnly(f"not {doing}: {self.lost}")
 
     async def _retire_old_catalogs(self, seq: int) -> None:
         """After the fence: queue every catalog more than KEEP_CATALOGS behind (those of
@@ -233,23 +257,19 @@ class Fence:
         self.catalog.add_garbage(keys, since=self.clock())
 
     async def delete(self, keys: list[str]) -> None:
-        """Delete store objects now, if this writer may. Before that, one HEAD checks that
+        """Delete store objects now, if this writer may. Before that, it checks that
         nobody published after our newest catalog (a displaced writer that has not noticed
-        yet learns it here, before it deletes anything)."""
+        yet learns it here, before it deletes anything), with a LIST: a HEAD of the next
+        seq would miss a newer writer whose catalogs from there on were deleted as old."""
         self.check_may_delete()
         if not keys:
             return
-        nxt = publish.catalog_key(self.store_seq + 1)
-        after = None
-        if await self.store.head(nxt) is not None:
-            after = await publish.read_catalog(self.store, self.store_seq + 1)
-        if after is not None:
-            if after.get("writer") != self.writer:
-                self.mark_lost(f"catalog {self.store_seq + 1} was published by another writer")
-                raise ReadOnly(f"not deleting: {self.lost}")
-            raise StoreError(
-                f"catalog {self.store_seq + 1} is ours but not recorded: publish first"
-            )
+        newer = await self._newer_than(self.store_seq)
+        if newer is not None:
+            seq, doc = newer
+            if doc is not None and doc.get("writer") == self.writer and seq == self.store_seq + 1:
+                raise StoreError(f"catalog {seq} is ours but not recorded: publish first")
+            self._displaced(seq, doc, "deleting")
         await run_all(
             [functools.partial(self.store.delete, k) for k in keys], max(1, self.concurrency)
         )

@@ -12,7 +12,9 @@ roots. Sequences are contiguous: each publish is a conditional put of the newest
 found by probing upwards from the listing (`newest_seq`), not by trusting the listing. `writer`
 is the publishing cache dir's token (it recognises its own catalog after a lost reply or a
 crash) and `changes` the local change counter the document covers. The three newest are kept;
-older ones are deleted a grace period after they fell out of those three.
+older ones are deleted a grace period after they fell out of those three (which frees their
+seq for a `put_new`: the fence checks for a newer catalog after it published and before it
+deletes).
 """
 
 import time

@@ -95,6 +95,15 @@ async def restore_exact(store, contents: dict[str, bytes]) -> None:
         await fresh.close(flush=False)
 
 
+async def note_outcome(outcome: dict, name: str, call) -> None:
+    """Run `call()` and note under `name` None, or the ReadOnly or StoreError it raised."""
+    try:
+        await call()
+        outcome[name] = None
+    except (ReadOnly, StoreError) as exc:
+        outcome[name] = exc
+
+
 async def test_a_takeover_never_deletes_what_a_paused_writer_is_about_to_publish():
     store = await new_store()
     a = await open_engine(store)
@@ -111,16 +120,8 @@ async def test_a_takeover_never_deletes_what_a_paused_writer_is_about_to_publish
     packs_before = set(await store.list("p/"))
     gate = store.pause("put_new", "catalog/")
     outcome: dict[str, BaseException | None] = {}
-
-    async def a_sync() -> None:
-        try:
-            await a.sync()
-            outcome["a"] = None
-        except (ReadOnly, StoreError) as exc:
-            outcome["a"] = exc
-
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(a_sync)
+        nursery.start_soon(note_outcome, outcome, "a", a.sync)
         with trio.fail_after(10):
             await gate.wait_reached()
         a_packs = set(await store.list("p/")) - packs_before
@@ -448,5 +449,53 @@ async def test_a_takeover_restore_maps_blobs_to_the_pack_gc_moved_them_to():
     assert await missing_from_store(store, await publish.latest_catalog(store)) == []
     await restore_exact(store, {"b": b_data})
     b.fence.assert_invariants()
+    await a.close()
+    await b.close()
+
+
+async def test_a_writer_paused_longer_than_the_grace_learns_it_lost_and_deletes_nothing():
+    """Issue 20, finding 3: B's fence is catalog N+1, deleted once three newer ones are out
+    and the grace has passed. A, paused before its publish of N+1 (SIGSTOP, a frozen VM)
+    for longer than that, wakes up: its conditional put of N+1 succeeded, and its sweep
+    deleted B's packs as orphans."""
+    clock = Clock()
+    store = await new_store()
+    a = await open_engine(store, grace=60, clock=clock)
+    await a.create_volume("v", SIZE, BS)
+    await a.write("v", 0, os.urandom(SIZE))
+    await a.sync()
+    await a.write("v", 0, os.urandom(SIZE))
+    gate = store.pause("put_new", "catalog/")
+    outcome: dict[str, BaseException | None] = {}
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(note_outcome, outcome, "a", a.sync)
+        with trio.fail_after(10):
+            await gate.wait_reached()  # A stops before it publishes N+1
+        b = await open_engine(store, grace=60, clock=clock)  # its fence: N+1
+        fence = b.fence.store_seq
+        for i in range(4):
+            await b.write("v", i * BS, os.urandom(BS))
+            await b.create_snapshot("v", f"s{i}")
+            await b.sync()
+        clock.now += 61
+        await b.sync()  # B deletes its old catalogs, its fence among them
+        assert await store.head(publish.catalog_key(fence)) is None
+        b_contents = {f"s{i}": await read_snap(b, f"s{i}") for i in range(4)}
+        deleted = len(store.deleted)
+        gate.release()  # A wakes up
+    for _ in range(2):  # A's sweep, a grace period apart
+        with contextlib.suppress(ReadOnly, StoreError):
+            await a.sweep_orphans()
+        clock.now += 61
+    with contextlib.suppress(ReadOnly, StoreError):
+        await a.sync()
+    assert store.deleted[deleted:] == []  # A deleted nothing
+    await restore_exact(store, b_contents)
+    assert isinstance(outcome["a"], ReadOnly), outcome
+    assert a.lease_lost and "another writer" in a.lease_lost
+    a.fence.assert_invariants()
+    await b.sync()
+    assert not b.lease_lost
+    await restore_exact(store, b_contents)
     await a.close()
     await b.close()
