@@ -459,9 +459,10 @@ class ChunkStore:
         """Read the index from the store (awaits only, nothing written): the packs listed,
         and the fragments (those not in `skip`), keeping entries whose pack is listed (the
         fragment with the highest seq wins, whatever the listing order: gc moved the blob
-        to a newer pack, and the older one goes after the grace period). Without `skip`, also the trailers of packs that no fragment
-        lists (a fragment lost, or a cycle that failed between its packs and its
-        fragment): their own trailers say what they hold."""
+        to a newer pack, and the older one goes after the grace period). Without `skip`,
+        also the trailers of packs that no fragment lists (a fragment lost, or a cycle
+        that failed between its packs and its fragment): their own trailers say what they
+        hold."""
         present = {key.rsplit("/", 1)[1] for key in await self.store.list("p/")}
         fkeys = await self.store.list("i/")
         scan = IndexScan(fkeys)
@@ -505,8 +506,8 @@ class ChunkStore:
 
     def apply_scan(self, scan: "IndexScan", replace: bool) -> None:
         """Inside the caller's transaction, with no await: take what `scan_index` read,
-        instead of the index (replace) or on top of it (the scanned fragments win). The next fragment seq continues after
-        the highest scanned."""
+        instead of the index (replace) or on top of it (the scanned fragments win). The
+        next fragment seq continues after the highest scanned."""
         if replace:
             for table in ("blobs", "packs", "fragments"):
                 self.db.execute(f"DELETE FROM {table}")
