@@ -20,6 +20,9 @@ The rules:
   that opens first publishes at the newest seq + 1 (found by probing, not by a listing that
   may lag): its *fence*. From then on a writer it displaced can never publish again, since
   its next seq is taken; its publish finds another writer's token there, and it has lost.
+  A fresh cache dir fences before it restores (`claim`: the newest catalog again, as
+  newest + 1), then restores the catalog just before its fence: a writer that keeps
+  publishing cannot outrun it.
 - A seq is free again once its catalog was deleted as old (3 behind, after the grace): a
   writer paused for longer than that succeeds with its `put_new`. So after every publish,
   and before every delete, the fence looks for a newer catalog (a LIST, then HEADs past
@@ -47,6 +50,7 @@ from snapfs.volume.catalog import BLOB_KINDS, Catalog
 from snapfs.volume.check import K_CATALOG, K_FRAG, K_PACK
 
 log = logging.getLogger("snapfs.fence")
+CLAIM_TRIES = 10  # a fresh cache dir's fence against a writer that keeps publishing
 
 
 class FenceConflict(Busy):
@@ -129,8 +133,9 @@ class Fence:
             self.lost = reason
 
     def record_loaded(self, seq: int) -> None:
-        """Inside the caller's transaction: the cache now holds catalog `seq` of the store
-        (restored, or refreshed by a read-only engine). Nothing local is unpublished."""
+        """Inside the caller's transaction: a read-only engine's cache now holds catalog
+        `seq` of the store (restored or refreshed). Nothing local is unpublished. (A
+        writer's restore keeps the seq of the fence it claimed first.)"""
         self.catalog.set_meta("store_seq", seq)
         self.catalog.set_meta("published", self.changes())
 
@@ -192,18 +197,53 @@ class Fence:
             newer = await self._newer_than(seq)
             if newer is not None:  # our seq was free again: deleted by a newer writer
                 self._displaced(*newer, "publishing")
-            first = not self.fenced
-            with self.catalog.transaction():
-                self.catalog.set_meta("store_seq", seq)
-                self.catalog.set_meta("published", covered)
-                if seq > publish.KEEP_CATALOGS:
-                    self.queue([catalog_garbage(seq - publish.KEEP_CATALOGS)])
-            self.fenced = True
-            if first:
-                await self._retire_old_catalogs(seq)
+            await self._published(seq, covered)
             if covered == changes:
                 return
             seq += 1
+
+    async def claim(self, tries: int = CLAIM_TRIES) -> dict | None:
+        """The fence of a fresh cache dir, before it restores anything: the newest catalog
+        published again as newest + 1 with our token. Returns the catalog it copied (None
+        in a store without one): the one to restore, since no writer this fence displaced
+        can publish after it. When another writer takes that seq first, try again from
+        its catalog: a GET and a PUT, not a whole restore. Busy after `tries`."""
+        if self.read_only:
+            raise ReadOnly("a read-only engine never fences")
+        writer = self.writer
+        for _attempt in range(tries):
+            newest = await publish.newest_seq(self.store)
+            doc = await publish.read_catalog(self.store, newest) if newest else None
+            if newest and doc is None:
+                continue  # deleted since the probe: a newer one is out
+            seq = newest + 1
+            with self.catalog.transaction():
+                self.catalog.set_meta("publishing", seq)
+            try:
+                await self.store.put_new(
+                    publish.catalog_key(seq), codec.pack(publish.fence_doc(doc, seq, writer))
+                )
+            except AlreadyExists:
+                log.info("catalog %d was published while this writer fenced: again", seq)
+                continue
+            await self.store.barrier()
+            await self._published(seq, self.changes())
+            return doc
+        raise Busy(f"{self.store.url}: another writer keeps publishing; is it still running?")
+
+    async def _published(self, seq: int, covered: int) -> None:
+        """Catalog `seq`, covering local change `covered`, is ours and durable: record it,
+        queue the catalog that falls out of the newest 3; after the fence, retire older
+        ones."""
+        first = not self.fenced
+        with self.catalog.transaction():
+            self.catalog.set_meta("store_seq", seq)
+            self.catalog.set_meta("published", covered)
+            if seq > publish.KEEP_CATALOGS:
+                self.queue([catalog_garbage(seq - publish.KEEP_CATALOGS)])
+        self.fenced = True
+        if first:
+            await self._retire_old_catalogs(seq)
 
     async def _newer_than(self, seq: int) -> tuple[int, dict | None] | None:
         """The newest catalog (seq, document) when it is newer than `seq`, else None: one

@@ -132,6 +132,18 @@ def catalog_doc(catalog: Catalog, seq: int, writer: str = "", changes: int = 0) 
         for s in catalog.snapshots()
         if s.state == "available" and not s.temporary
     ]
+    return _doc(seq, writer, changes, volumes, snapshots)
+
+
+def fence_doc(doc: dict | None, seq: int, writer: str) -> dict:
+    """The fence of a fresh cache dir: the records of `doc` (the newest catalog, or None)
+    again as `seq`, with the token of the writer that restores them; no local change."""
+    if doc is None:
+        return _doc(seq, writer, 0, [], [])
+    return _doc(seq, writer, 0, doc["volumes"], doc["snapshots"])
+
+
+def _doc(seq: int, writer: str, changes: int, volumes: list, snapshots: list) -> dict:
     return {
         "format": FORMAT,
         "seq": seq,

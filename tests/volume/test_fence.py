@@ -499,3 +499,58 @@ async def test_a_writer_paused_longer_than_the_grace_learns_it_lost_and_deletes_
     await restore_exact(store, b_contents)
     await a.close()
     await b.close()
+
+
+async def test_a_takeover_wins_against_a_writer_that_keeps_publishing():
+    """Issue 20, finding 6: the open restored the whole store before it fenced; a writer
+    that kept publishing meanwhile always won, and the open gave up (Busy) after four
+    tries: exactly the case --takeover is for. The open fences first now."""
+    store = await new_store()
+
+    async def slow(op: str, key: str, after: bool) -> None:
+        if not after:  # a restore lists the packs slowly (a large store)
+            await trio.sleep(0.5 if op == "list" and key == "p/" else 0.002)
+
+    a = await open_engine(store, grace=60)
+    await a.create_volume("v", SIZE, BS)
+    for i in range(4):
+        await a.write("v", i * BS, os.urandom(4 * BS))
+        await a.sync()
+    store.hook = slow
+    outcome: dict[str, BaseException | None] = {}
+    stopped = trio.Event()
+
+    async def keep_publishing() -> None:
+        blk = 0
+        try:
+            while True:
+                await a.write("v", blk * BS, os.urandom(BS))
+                await a.sync()
+                blk = (blk + 1) % (SIZE // BS)
+        finally:
+            stopped.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(note_outcome, outcome, "a", keep_publishing)
+        await trio.sleep(0.1)  # A is in full swing
+        b = await open_engine(store, grace=60)
+        fence = b.fence.store_seq
+        with trio.fail_after(60):
+            await stopped.wait()  # A's next publish finds B's fence
+    store.hook = None
+    assert isinstance(outcome["a"], ReadOnly), outcome
+    assert a.lease_lost and "another writer" in a.lease_lost
+    with pytest.raises(ReadOnly):  # EROFS
+        await a.write("v", 0, b"x" * BS)
+    for seq in await publish.listed_seqs(store):  # A published nothing after B's fence
+        if seq >= fence:
+            assert (await publish.read_catalog(store, seq))["writer"] == b.fence.writer, seq
+    b.evict_all()
+    data = await b.read("v", 0, SIZE)
+    assert (await b.check()).clean
+    await b.create_snapshot("v", "after")
+    await b.sync()
+    await restore_exact(store, {"after": data})
+    b.fence.assert_invariants()
+    await a.close()
+    await b.close()
