@@ -166,8 +166,9 @@ class Fence:
         the document; the caller made everything it references durable. Idempotent: a seq
         that holds our own token is our earlier publish (its reply was lost) and counts as
         published; if it covered fewer changes, the next seq carries the rest. Another
-        writer's token there: before the fence, FenceConflict; after it, this writer lost
-        the store (ReadOnly)."""
+        writer's token there, or a newer catalog in the store after the PUT (our seq was
+        free again: see `_newer_than`): before the fence, FenceConflict; after it, this
+        writer lost the store (ReadOnly)."""
         if self.read_only:
             return
         changes = self.changes()
@@ -227,6 +228,8 @@ class Fence:
                 log.info("catalog %d was published while this writer fenced: again", seq)
                 continue
             await self.store.barrier()
+            if await self._newer_than(seq) is not None:
+                continue  # a seq freed by deletion, under a listing that lagged: again
             await self._published(seq, self.changes())
             return doc
         raise Busy(f"{self.store.url}: another writer keeps publishing; is it still running?")
