@@ -11,12 +11,17 @@ A Swift PUT costs ~12 ms whatever its size, so blobs travel in packs of a few Mi
     p/<hh>/<pack id>   body* trailer         (pack id = blake3 of the whole object)
         trailer = msgpack {nonce: 16 random bytes, blobs: [[key, offset, length], ...]}
                   u32le(len(msgpack))  b"SPK1"
-    i/<hh>/<frag id>   msgpack {format: 1, packs: {pack id: size},
+    i/<hh>/<frag id>   msgpack {format: 1, seq, packs: {pack id: size},
                                 blobs: [[key, pack id, offset, length], ...]}
 
 The index (blob → pack, offset, length) lives in the local catalog (tables `blobs`, `packs`)
 and is published as write-once fragments, one per flush; `checkpoint()` folds them into one.
 Both are derived: a fresh machine reads the fragments, and a pack's trailer lists its blobs.
+A blob can be in several fragments (gc moved it to another pack, or it was stored again
+after it died): the fragment with the highest `seq` wins. The index owns that counter
+(table `index_seq`): it is durable before a fragment is written, and a restore continues
+from the highest seq in the store, so it grows across crashes and across writers.
+Fragments written before `seq` existed count as the oldest (among them, listing order).
 `packs.live` counts the bytes of blobs still referenced, so GC knows which packs to drop
 (nothing live) or rewrite (live share under a threshold) without walking trees or listing
 the store.
@@ -50,7 +55,10 @@ CREATE INDEX IF NOT EXISTS blobs_by_pack ON blobs(pack);
 CREATE TABLE IF NOT EXISTS packs(id BLOB PRIMARY KEY, size INTEGER NOT NULL,
     live INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS fragments(key TEXT PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS index_seq(id INTEGER PRIMARY KEY CHECK (id = 1),
+    next INTEGER NOT NULL);
 """
+NO_SEQ = -1  # the seq of a fragment written before fragments had one: the oldest
 
 
 def digest(data: bytes) -> bytes:
@@ -76,6 +84,7 @@ class IndexScan:
     """What `ChunkStore.scan_index` read from the store."""
 
     fkeys: list[str]
+    newest: int = NO_SEQ  # the highest fragment seq read
     sizes: dict[bytes, int] = field(default_factory=dict)
     found: dict[bytes, tuple[bytes, int, int]] = field(default_factory=dict)
 
@@ -222,13 +231,32 @@ class ChunkStore:
         if not self._unindexed_packs:
             return
         rows, packs = self._unindexed_rows, self._unindexed_packs
-        fragment = codec.pack({"format": FORMAT, "packs": packs, "blobs": [list(r) for r in rows]})
-        fkey = fragment_key(digest(fragment))
-        await self.store.put(fkey, fragment)
+        fkey = await self._put_fragment(packs, [list(r) for r in rows])
         self._unindexed_rows, self._unindexed_packs = [], {}
         self._pending_rows.extend(rows)
         self._pending_packs.update(packs)
         self._pending_fragments.append(fkey)
+
+    async def _put_fragment(self, packs: dict[bytes, int], rows: list[list]) -> str:
+        """Write an index fragment with the next seq (taken durably first: a fragment
+        left by a failed cycle never shares its seq with a later one)."""
+        seq = self._take_seq()
+        fragment = codec.pack({"format": FORMAT, "seq": seq, "packs": packs, "blobs": rows})
+        fkey = fragment_key(digest(fragment))
+        await self.store.put(fkey, fragment)
+        return fkey
+
+    def _next_seq(self) -> int:
+        row = self.db.execute("SELECT next FROM index_seq").fetchone()
+        return 0 if row is None else int(row[0])
+
+    def _set_next_seq(self, seq: int) -> None:
+        self.db.execute("INSERT OR REPLACE INTO index_seq VALUES(1, ?)", (seq,))
+
+    def _take_seq(self) -> int:
+        seq = self._next_seq()
+        self._set_next_seq(seq + 1)  # autocommit: durable before the fragment's PUT
+        return seq
 
     def record(self) -> None:
         """Inside the caller's transaction: index what flush() uploaded. A blob that was
@@ -387,16 +415,15 @@ class ChunkStore:
         )
 
     async def read_live(self, pid: bytes) -> list[tuple[bytes, bytes]]:
-        """The live blobs of a pack, (key, body), read with one GET and verified."""
+        """The live blobs of a pack, (key, body), read with one GET and verified. A pack
+        with none is not read (after a restore: one that gc retired, maybe gone already)."""
+        rows = list(self.db.execute("SELECT key, offset, length FROM blobs WHERE pack=?", (pid,)))
+        if not rows:
+            return []
         body = await self.store.get(pack_key(pid))
         if digest(body) != pid:
             raise IntegrityError(f"{pack_key(pid)}: content does not match its digest")
-        out = []
-        for key, off, length in self.db.execute(
-            "SELECT key, offset, length FROM blobs WHERE pack=?", (pid,)
-        ):
-            out.append((key, body[off : off + length]))
-        return out
+        return [(key, body[off : off + length]) for key, off, length in rows]
 
     async def read_trailer(self, pid: bytes) -> tuple[list[tuple[bytes, int, int]], int]:
         """What a pack holds, from its own trailer: ([(key, offset, length)], pack size).
@@ -420,9 +447,7 @@ class ChunkStore:
         caller deletes once the checkpoint is durable and recorded."""
         packs = dict(self.db.execute("SELECT id, size FROM packs"))
         rows = [list(r) for r in self.db.execute("SELECT key, pack, offset, length FROM blobs")]
-        fragment = codec.pack({"format": FORMAT, "packs": packs, "blobs": rows})
-        fkey = fragment_key(digest(fragment))
-        await self.store.put(fkey, fragment)
+        fkey = await self._put_fragment(packs, rows)
         old = [k for (k,) in self.db.execute("SELECT key FROM fragments") if k != fkey]
         self._pending_fragments.append(fkey)
         return old
@@ -432,28 +457,31 @@ class ChunkStore:
 
     async def scan_index(self, skip: set[str] | None = None) -> "IndexScan":
         """Read the index from the store (awaits only, nothing written): the packs listed,
-        and the fragments (those not in `skip`), keeping entries whose pack is listed (a
-        later fragment wins). Without `skip`, also the trailers of packs that no fragment
-        lists (a fragment lost, or a cycle that failed between its packs and its
-        fragment): their own trailers say what they hold."""
+        and the fragments (those not in `skip`), keeping entries whose pack is listed (the
+        fragment with the highest seq wins, whatever the listing order: gc moved the blob
+        to a newer pack, and the older one goes after the grace period). Without `skip`,
+        also the trailers of packs that no fragment lists (a fragment lost, or a cycle
+        that failed between its packs and its fragment): their own trailers say what they
+        hold."""
         present = {key.rsplit("/", 1)[1] for key in await self.store.list("p/")}
         fkeys = await self.store.list("i/")
         scan = IndexScan(fkeys)
-        for fkey in fkeys:
+        placed: dict[bytes, tuple[int, int]] = {}  # blob → (seq, listing position) it has
+        for position, fkey in enumerate(fkeys):
             if skip is not None and fkey in skip:
                 continue
-            try:
-                doc = codec.unpack(await self.store.get(fkey), f"{self.store.url}/{fkey}")
-            except ObjectNotFound:
+            doc = await self._read_fragment(fkey)
+            if doc is None:
                 continue
-            if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-                raise IntegrityError(f"{self.store.url}/{fkey}: unsupported index fragment")
+            order = (int(doc.get("seq", NO_SEQ)), position)
+            scan.newest = max(scan.newest, order[0])
             for pid, size in doc["packs"].items():
                 if pid.hex() in present:
                     scan.sizes[pid] = size
             for key, pid, off, length in doc["blobs"]:
-                if pid.hex() in present:
+                if pid.hex() in present and order > placed.get(key, (NO_SEQ - 1, 0)):
                     scan.found[key] = (pid, off, length)
+                    placed[key] = order
         if skip is None:
             for name in sorted(present - {pid.hex() for pid in scan.sizes}):
                 pid = bytes.fromhex(name)
@@ -466,9 +494,20 @@ class ChunkStore:
                     scan.found.setdefault(key, (pid, off, length))
         return scan
 
+    async def _read_fragment(self, fkey: str) -> dict | None:
+        """An index fragment, or None when it was deleted since the listing."""
+        try:
+            doc = codec.unpack(await self.store.get(fkey), f"{self.store.url}/{fkey}")
+        except ObjectNotFound:
+            return None
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise IntegrityError(f"{self.store.url}/{fkey}: unsupported index fragment")
+        return doc
+
     def apply_scan(self, scan: "IndexScan", replace: bool) -> None:
         """Inside the caller's transaction, with no await: take what `scan_index` read,
-        instead of the index (replace) or on top of it (newer fragments win)."""
+        instead of the index (replace) or on top of it (the scanned fragments win). The
+        next fragment seq continues after the highest scanned."""
         if replace:
             for table in ("blobs", "packs", "fragments"):
                 self.db.execute(f"DELETE FROM {table}")
@@ -480,6 +519,7 @@ class ChunkStore:
             "INSERT OR REPLACE INTO packs VALUES(?,?,0)", ((p, n) for p, n in scan.sizes.items())
         )
         self.db.executemany("INSERT OR IGNORE INTO fragments VALUES(?)", ((k,) for k in scan.fkeys))
+        self._set_next_seq(max(self._next_seq(), scan.newest + 1))  # after every writer's
         self.recount_live()
 
     async def load_index(self) -> None:

@@ -59,7 +59,6 @@ class Engine(DataPath, Maintenance):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.restored = False  # this open restored the cache dir from the store
         self._refresh_lock = trio.Lock()
         self._index_loads = 0  # full index reloads of a read-only engine
         if self.read_only:
@@ -74,36 +73,26 @@ class Engine(DataPath, Maintenance):
         read_only: bool = False,
         files: Files | None = None,
     ):
-        """Open the cache dir for `store`: restore from the store when it is empty, recover
-        after a crash when the last shutdown was not clean. A read-write engine then
-        publishes its fence catalog before anything else; a read-only one catches up with
-        the store's newest catalog."""
+        """Open the cache dir for `store`: restore from the store when it is empty (a
+        read-write engine fences first, then restores the catalog just before its fence),
+        recover after a crash when the last shutdown was not clean. A read-write engine
+        publishes its fence catalog before any delete; a read-only one catches up with
+        the store's newest catalog. Busy when another writer published since this cache
+        dir did, or keeps publishing while a fresh one fences."""
         manifest = await publish.read_manifest(store)
         os.makedirs(cache_dir, mode=0o700, exist_ok=True)
-        for attempt in range(4):
-            catalog = Catalog(os.path.join(cache_dir, "catalog.sqlite3"))
-            engine = cls(store, catalog, cache_dir, config or EngineConfig(), read_only, files)
-            try:
-                await engine._load(manifest)
-                return engine
-            except FenceConflict as exc:
-                why = None if engine.restored else engine._older_than_store(exc)
-                engine._abandon()
-                if why is not None:
-                    raise Busy(why) from None
-                if attempt == 3:
-                    raise Busy(
-                        f"{store.url}: another writer keeps publishing ({exc}); is it still "
-                        "running?"
-                    ) from None
-                # Another writer published while we restored (a displaced writer's last
-                # publish): restore again from its catalog.
-                log.warning("%s while restoring: restoring again", exc)
-                _remove_cache_files(cache_dir)
-            except BaseException:
-                engine._abandon()
-                raise
-        raise AssertionError("unreachable")
+        catalog = Catalog(os.path.join(cache_dir, "catalog.sqlite3"))
+        engine = cls(store, catalog, cache_dir, config or EngineConfig(), read_only, files)
+        try:
+            await engine._load(manifest)
+        except FenceConflict as exc:
+            why = engine._older_than_store(exc)
+            engine._abandon()
+            raise Busy(why) from None
+        except BaseException:
+            engine._abandon()
+            raise
+        return engine
 
     def _abandon(self) -> None:
         """A failed open: release the files, publish nothing."""
@@ -141,8 +130,11 @@ class Engine(DataPath, Maintenance):
         cat = self.catalog
         known = cat.get_meta("store_uuid")
         if known is None:
-            await self._restore_from_store(manifest["uuid"])
-            self.restored = True
+            if self.read_only:
+                doc = await publish.latest_catalog(self.store)
+            else:  # fence first: no writer it displaces publishes after the catalog copied
+                doc = await self.fence.claim()
+            await self._restore_from_store(manifest["uuid"], doc)
         elif known != manifest["uuid"]:
             raise InvalidArgument(
                 f"cache dir {self.cache_dir} belongs to another store; use another --cache-dir"
@@ -192,8 +184,9 @@ class Engine(DataPath, Maintenance):
                 sum(len(h.dirty) for h in self.heads.values()),
             )
 
-    async def _restore_from_store(self, store_uuid: str) -> None:
-        doc = await publish.latest_catalog(self.store)
+    async def _restore_from_store(self, store_uuid: str, doc: dict | None) -> None:
+        """Fill the empty cache dir with catalog `doc` (None: an empty store) and the index.
+        A writer's fence is out already and stays its store seq."""
         refs: dict[bytes, tuple[int, int]] = {}
         cat = self.catalog
         with cat.transaction():  # the index first: walking the roots reads nodes through it
@@ -221,7 +214,8 @@ class Engine(DataPath, Maintenance):
                 cat.replace_refs(refs)
             seq = doc["seq"] if doc else 0
             cat.set_meta("seq", 0)
-            self.fence.record_loaded(seq)
+            if self.read_only:
+                self.fence.record_loaded(seq)
             cat.set_meta("store_uuid", store_uuid)
             cat.set_meta("clean", 1)
         if doc is not None:
@@ -723,13 +717,6 @@ def _add_snapshot_record(cat: Catalog, s: dict) -> int:
         s["owner"],
         s["created"],
     )
-
-
-def _remove_cache_files(cache_dir: str) -> None:
-    """What a failed restore left in a cache dir that was empty before it."""
-    for name in os.listdir(cache_dir):
-        if name.startswith(("catalog.sqlite3", "vol-")):
-            os.unlink(os.path.join(cache_dir, name))
 
 
 def check_block_size(block_size: int) -> None:

@@ -20,6 +20,13 @@ The rules:
   that opens first publishes at the newest seq + 1 (found by probing, not by a listing that
   may lag): its *fence*. From then on a writer it displaced can never publish again, since
   its next seq is taken; its publish finds another writer's token there, and it has lost.
+  A fresh cache dir fences before it restores (`claim`: the newest catalog again, as
+  newest + 1), then restores the catalog just before its fence: a writer that keeps
+  publishing cannot outrun it.
+- A seq is free again once its catalog was deleted as old (3 behind, after the grace): a
+  writer paused for longer than that succeeds with its `put_new`. So after every publish,
+  and before every delete, the fence looks for a newer catalog (a LIST, then HEADs past
+  it); the 3 newest are never deleted, so a writer that displaced this one is found.
 - Nothing is deleted from the store before this writer has published its fence, nor after
   it lost the store, nor within `grace` seconds (this host's clock) after the last catalog or
   index that needed the object was replaced: read-only mounts and reads in flight finish
@@ -31,6 +38,7 @@ import functools
 import logging
 import uuid
 from collections.abc import Callable, Iterable
+from typing import NoReturn
 
 from snapfs import codec
 from snapfs.chunks import fragment_key, pack_key
@@ -42,6 +50,7 @@ from snapfs.volume.catalog import BLOB_KINDS, Catalog
 from snapfs.volume.check import K_CATALOG, K_FRAG, K_PACK
 
 log = logging.getLogger("snapfs.fence")
+CLAIM_TRIES = 10  # a fresh cache dir's fence against a writer that keeps publishing
 
 
 class FenceConflict(Busy):
@@ -124,8 +133,9 @@ class Fence:
             self.lost = reason
 
     def record_loaded(self, seq: int) -> None:
-        """Inside the caller's transaction: the cache now holds catalog `seq` of the store
-        (restored, or refreshed by a read-only engine). Nothing local is unpublished."""
+        """Inside the caller's transaction: a read-only engine's cache now holds catalog
+        `seq` of the store (restored or refreshed). Nothing local is unpublished. (A
+        writer's restore keeps the seq of the fence it claimed first.)"""
         self.catalog.set_meta("store_seq", seq)
         self.catalog.set_meta("published", self.changes())
 
@@ -156,8 +166,9 @@ class Fence:
         the document; the caller made everything it references durable. Idempotent: a seq
         that holds our own token is our earlier publish (its reply was lost) and counts as
         published; if it covered fewer changes, the next seq carries the rest. Another
-        writer's token there: before the fence, FenceConflict; after it, this writer lost
-        the store (ReadOnly)."""
+        writer's token there, or a newer catalog in the store after the PUT (our seq was
+        free again: see `_newer_than`): before the fence, FenceConflict; after it, this
+        writer lost the store (ReadOnly)."""
         if self.read_only:
             return
         changes = self.changes()
@@ -180,25 +191,81 @@ class Fence:
                 if other is None:
                     raise StoreError(f"catalog {seq} exists but cannot be read") from None
                 if other.get("writer") != writer:
-                    if not self.fenced:
-                        raise FenceConflict(seq, other) from None
-                    self.mark_lost(f"catalog {seq} was published by another writer")
-                    raise ReadOnly(f"not publishing: {self.lost}") from None
+                    self._displaced(seq, other, "publishing")
                 covered = min(int(other.get("changes", 0)), changes)
                 log.info("catalog %d is our own earlier publish (its reply was lost)", seq)
             await self.store.barrier()
-            first = not self.fenced
-            with self.catalog.transaction():
-                self.catalog.set_meta("store_seq", seq)
-                self.catalog.set_meta("published", covered)
-                if seq > publish.KEEP_CATALOGS:
-                    self.queue([catalog_garbage(seq - publish.KEEP_CATALOGS)])
-            self.fenced = True
-            if first:
-                await self._retire_old_catalogs(seq)
+            newer = await self._newer_than(seq)
+            if newer is not None:  # our seq was free again: deleted by a newer writer
+                self._displaced(*newer, "publishing")
+            await self._published(seq, covered)
             if covered == changes:
                 return
             seq += 1
+
+    async def claim(self, tries: int = CLAIM_TRIES) -> dict | None:
+        """The fence of a fresh cache dir, before it restores anything: the newest catalog
+        published again as newest + 1 with our token. Returns the catalog it copied (None
+        in a store without one): the one to restore, since no writer this fence displaced
+        can publish after it. When another writer takes that seq first, try again from
+        its catalog: a GET and a PUT, not a whole restore. Busy after `tries`."""
+        if self.read_only:
+            raise ReadOnly("a read-only engine never fences")
+        writer = self.writer
+        for _attempt in range(tries):
+            newest = await publish.newest_seq(self.store)
+            doc = await publish.read_catalog(self.store, newest) if newest else None
+            if newest and doc is None:
+                continue  # deleted since the probe: a newer one is out
+            seq = newest + 1
+            with self.catalog.transaction():
+                self.catalog.set_meta("publishing", seq)
+            try:
+                await self.store.put_new(
+                    publish.catalog_key(seq), codec.pack(publish.fence_doc(doc, seq, writer))
+                )
+            except AlreadyExists:
+                log.info("catalog %d was published while this writer fenced: again", seq)
+                continue
+            await self.store.barrier()
+            if await self._newer_than(seq) is not None:
+                continue  # a seq freed by deletion, under a listing that lagged: again
+            await self._published(seq, self.changes())
+            return doc
+        raise Busy(f"{self.store.url}: another writer keeps publishing; is it still running?")
+
+    async def _published(self, seq: int, covered: int) -> None:
+        """Catalog `seq`, covering local change `covered`, is ours and durable: record it,
+        queue the catalog that falls out of the newest 3; after the fence, retire older
+        ones."""
+        first = not self.fenced
+        with self.catalog.transaction():
+            self.catalog.set_meta("store_seq", seq)
+            self.catalog.set_meta("published", covered)
+            if seq > publish.KEEP_CATALOGS:
+                self.queue([catalog_garbage(seq - publish.KEEP_CATALOGS)])
+        self.fenced = True
+        if first:
+            await self._retire_old_catalogs(seq)
+
+    async def _newer_than(self, seq: int) -> tuple[int, dict | None] | None:
+        """The newest catalog (seq, document) when it is newer than `seq`, else None: one
+        LIST, then HEADs past it. A catalog deleted as old leaves its seq free for a
+        `put_new`: a writer paused for longer than the grace can publish there. The
+        catalogs of the writer that displaced it are newer, and the 3 newest are never
+        deleted, so this finds them."""
+        newest = await publish.newest_seq(self.store, seq)
+        if newest == seq:
+            return None
+        return newest, await publish.read_catalog(self.store, newest)
+
+    def _displaced(self, seq: int, doc: dict | None, doing: str) -> NoReturn:
+        """Catalog `seq` is another writer's: before our fence, FenceConflict; after it,
+        this writer lost the store (ReadOnly)."""
+        if not self.fenced:
+            raise FenceConflict(seq, doc)
+        self.mark_lost(f"catalog {seq} was published by another writer")
+        raise ReadOnly(f"not {doing}: {self.lost}")
 
     async def _retire_old_catalogs(self, seq: int) -> None:
         """After the fence: queue every catalog more than KEEP_CATALOGS behind (those of
@@ -233,23 +300,19 @@ class Fence:
         self.catalog.add_garbage(keys, since=self.clock())
 
     async def delete(self, keys: list[str]) -> None:
-        """Delete store objects now, if this writer may. Before that, one HEAD checks that
+        """Delete store objects now, if this writer may. Before that, it checks that
         nobody published after our newest catalog (a displaced writer that has not noticed
-        yet learns it here, before it deletes anything)."""
+        yet learns it here, before it deletes anything), with a LIST: a HEAD of the next
+        seq would miss a newer writer whose catalogs from there on were deleted as old."""
         self.check_may_delete()
         if not keys:
             return
-        nxt = publish.catalog_key(self.store_seq + 1)
-        after = None
-        if await self.store.head(nxt) is not None:
-            after = await publish.read_catalog(self.store, self.store_seq + 1)
-        if after is not None:
-            if after.get("writer") != self.writer:
-                self.mark_lost(f"catalog {self.store_seq + 1} was published by another writer")
-                raise ReadOnly(f"not deleting: {self.lost}")
-            raise StoreError(
-                f"catalog {self.store_seq + 1} is ours but not recorded: publish first"
-            )
+        newer = await self._newer_than(self.store_seq)
+        if newer is not None:
+            seq, doc = newer
+            if doc is not None and doc.get("writer") == self.writer and seq == self.store_seq + 1:
+                raise StoreError(f"catalog {seq} is ours but not recorded: publish first")
+            self._displaced(seq, doc, "deleting")
         await run_all(
             [functools.partial(self.store.delete, k) for k in keys], max(1, self.concurrency)
         )

@@ -12,7 +12,9 @@ roots. Sequences are contiguous: each publish is a conditional put of the newest
 found by probing upwards from the listing (`newest_seq`), not by trusting the listing. `writer`
 is the publishing cache dir's token (it recognises its own catalog after a lost reply or a
 crash) and `changes` the local change counter the document covers. The three newest are kept;
-older ones are deleted a grace period after they fell out of those three.
+older ones are deleted a grace period after they fell out of those three (which frees their
+seq for a `put_new`: the fence checks for a newer catalog after it published and before it
+deletes).
 """
 
 import time
@@ -130,6 +132,18 @@ def catalog_doc(catalog: Catalog, seq: int, writer: str = "", changes: int = 0) 
         for s in catalog.snapshots()
         if s.state == "available" and not s.temporary
     ]
+    return _doc(seq, writer, changes, volumes, snapshots)
+
+
+def fence_doc(doc: dict | None, seq: int, writer: str) -> dict:
+    """The fence of a fresh cache dir: the records of `doc` (the newest catalog, or None)
+    again as `seq`, with the token of the writer that restores them; no local change."""
+    if doc is None:
+        return _doc(seq, writer, 0, [], [])
+    return _doc(seq, writer, 0, doc["volumes"], doc["snapshots"])
+
+
+def _doc(seq: int, writer: str, changes: int, volumes: list, snapshots: list) -> dict:
     return {
         "format": FORMAT,
         "seq": seq,

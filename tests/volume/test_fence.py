@@ -9,6 +9,7 @@ import tempfile
 import pytest
 import trio
 
+from snapfs import codec
 from snapfs.errors import Busy, ReadOnly, StoreError
 from snapfs.store import MemoryStore
 from snapfs.volume import publish
@@ -94,6 +95,15 @@ async def restore_exact(store, contents: dict[str, bytes]) -> None:
         await fresh.close(flush=False)
 
 
+async def note_outcome(outcome: dict, name: str, call) -> None:
+    """Run `call()` and note under `name` None, or the ReadOnly or StoreError it raised."""
+    try:
+        await call()
+        outcome[name] = None
+    except (ReadOnly, StoreError) as exc:
+        outcome[name] = exc
+
+
 async def test_a_takeover_never_deletes_what_a_paused_writer_is_about_to_publish():
     store = await new_store()
     a = await open_engine(store)
@@ -110,16 +120,8 @@ async def test_a_takeover_never_deletes_what_a_paused_writer_is_about_to_publish
     packs_before = set(await store.list("p/"))
     gate = store.pause("put_new", "catalog/")
     outcome: dict[str, BaseException | None] = {}
-
-    async def a_sync() -> None:
-        try:
-            await a.sync()
-            outcome["a"] = None
-        except (ReadOnly, StoreError) as exc:
-            outcome["a"] = exc
-
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(a_sync)
+        nursery.start_soon(note_outcome, outcome, "a", a.sync)
         with trio.fail_after(10):
             await gate.wait_reached()
         a_packs = set(await store.list("p/")) - packs_before
@@ -385,3 +387,183 @@ async def test_uploads_are_counted_when_their_put_succeeds():
     assert stats.uploaded_bytes - before.uploaded_bytes >= SIZE
     assert stats.uploaded_objects - before.uploaded_objects >= SIZE // BS
     await engine.close()
+
+
+class NewestFirstListing(FaultStore):
+    """Lists the index fragments newest first. Fragments are named by their digest, so an
+    older fragment comes after a newer one about half the time; here it always does."""
+
+    async def list(self, prefix: str = "") -> list[str]:
+        keys = await super().list(prefix)
+        if prefix == "i/":
+            written = {key: i for i, (op, key) in enumerate(self.calls) if op == "put"}
+            keys.sort(key=lambda k: written.get(k, -1), reverse=True)
+        return keys
+
+
+def drop_fragment_seqs(store: FaultStore) -> None:
+    """Make the fragments in the store those of a version without `seq`."""
+    for key, body in store.inner.objects.items():
+        if key.startswith("i/"):
+            doc = codec.unpack(body, key)
+            doc.pop("seq", None)
+            store.inner.objects[key] = codec.pack(doc)
+
+
+@pytest.mark.parametrize("old_fragments", [False, True], ids=["seq", "old-fragments"])
+async def test_a_takeover_restore_maps_blobs_to_the_pack_gc_moved_them_to(old_fragments):
+    """Issue 20, finding 2: a blob that gc moved from P1 to P2 is in two fragments. The
+    restore kept the placement of the fragment that came last in listing order, P1, which
+    the old writer deletes when its grace ends: synced data gone for good. (Fragments
+    written before they had a seq count as the oldest.)"""
+    clock = Clock()
+    store = NewestFirstListing(MemoryStore())
+    await publish.init_store(store)
+    a = await open_engine(store, grace=60, clock=clock, gc_threshold=0.99)
+    await a.create_volume("v", SIZE, BS)
+    await a.write("v", 0, os.urandom(SIZE))
+    await a.create_snapshot("v", "a")
+    await a.sync()
+    for blk in range(0, SIZE // BS, 2):  # every pack of a: half of it is b's
+        await a.write("v", blk * BS, os.urandom(BS))
+    await a.create_snapshot("v", "b")
+    await a.sync()
+    await a.delete_snapshot("v", "a")
+    if old_fragments:
+        drop_fragment_seqs(store)
+    assert (await a.gc())["rewritten_packs"] > 0  # the old packs wait for the grace
+    b_data = await read_snap(a, "b")
+
+    # A's grace ends: its collect checks its fence, then its deletes of the old packs are
+    # on their way while B takes over and restores.
+    clock.now += 61
+    deleting, go = trio.Event(), trio.Event()
+
+    async def hold_pack_deletes(op: str, key: str, after: bool) -> None:
+        if op == "delete" and key.startswith("p/") and not after:
+            deleting.set()
+            await go.wait()
+
+    store.hook = hold_pack_deletes
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(a.sync)
+        with trio.fail_after(10):
+            await deleting.wait()
+        store.hook = None
+        b = await open_engine(store, grace=60, clock=clock)
+        go.set()
+    assert [k for k in store.deleted if k.startswith("p/")]
+    b.evict_all()
+    assert await read_snap(b, "b") == b_data
+    assert await b.read("v", 0, SIZE) == b_data
+    clock.now += 61
+    await b.gc(threshold=0.99)
+    await b.sync()
+    assert await missing_from_store(store, await publish.latest_catalog(store)) == []
+    await restore_exact(store, {"b": b_data})
+    b.fence.assert_invariants()
+    await a.close()
+    await b.close()
+
+
+async def test_a_writer_paused_longer_than_the_grace_learns_it_lost_and_deletes_nothing():
+    """Issue 20, finding 3: B's fence is catalog N+1, deleted once three newer ones are out
+    and the grace has passed. A, paused before its publish of N+1 (SIGSTOP, a frozen VM)
+    for longer than that, wakes up: its conditional put of N+1 succeeded, and its sweep
+    deleted B's packs as orphans."""
+    clock = Clock()
+    store = await new_store()
+    a = await open_engine(store, grace=60, clock=clock)
+    await a.create_volume("v", SIZE, BS)
+    await a.write("v", 0, os.urandom(SIZE))
+    await a.sync()
+    await a.write("v", 0, os.urandom(SIZE))
+    gate = store.pause("put_new", "catalog/")
+    outcome: dict[str, BaseException | None] = {}
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(note_outcome, outcome, "a", a.sync)
+        with trio.fail_after(10):
+            await gate.wait_reached()  # A stops before it publishes N+1
+        b = await open_engine(store, grace=60, clock=clock)  # its fence: N+1
+        fence = b.fence.store_seq
+        for i in range(4):
+            await b.write("v", i * BS, os.urandom(BS))
+            await b.create_snapshot("v", f"s{i}")
+            await b.sync()
+        clock.now += 61
+        await b.sync()  # B deletes its old catalogs, its fence among them
+        assert await store.head(publish.catalog_key(fence)) is None
+        b_contents = {f"s{i}": await read_snap(b, f"s{i}") for i in range(4)}
+        deleted = len(store.deleted)
+        gate.release()  # A wakes up
+    for _ in range(2):  # A's sweep, a grace period apart
+        with contextlib.suppress(ReadOnly, StoreError):
+            await a.sweep_orphans()
+        clock.now += 61
+    with contextlib.suppress(ReadOnly, StoreError):
+        await a.sync()
+    assert store.deleted[deleted:] == []  # A deleted nothing
+    await restore_exact(store, b_contents)
+    assert isinstance(outcome["a"], ReadOnly), outcome
+    assert a.lease_lost and "another writer" in a.lease_lost
+    a.fence.assert_invariants()
+    await b.sync()
+    assert not b.lease_lost
+    await restore_exact(store, b_contents)
+    await a.close()
+    await b.close()
+
+
+async def test_a_takeover_wins_against_a_writer_that_keeps_publishing():
+    """Issue 20, finding 6: the open restored the whole store before it fenced; a writer
+    that kept publishing meanwhile always won, and the open gave up (Busy) after four
+    tries: exactly the case --takeover is for. The open fences first now."""
+    store = await new_store()
+
+    async def slow(op: str, key: str, after: bool) -> None:
+        if not after:  # a restore lists the packs slowly (a large store)
+            await trio.sleep(0.5 if op == "list" and key == "p/" else 0.002)
+
+    a = await open_engine(store, grace=60)
+    await a.create_volume("v", SIZE, BS)
+    for i in range(4):
+        await a.write("v", i * BS, os.urandom(4 * BS))
+        await a.sync()
+    store.hook = slow
+    outcome: dict[str, BaseException | None] = {}
+    stopped = trio.Event()
+
+    async def keep_publishing() -> None:
+        blk = 0
+        try:
+            while True:
+                await a.write("v", blk * BS, os.urandom(BS))
+                await a.sync()
+                blk = (blk + 1) % (SIZE // BS)
+        finally:
+            stopped.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(note_outcome, outcome, "a", keep_publishing)
+        await trio.sleep(0.1)  # A is in full swing
+        b = await open_engine(store, grace=60)
+        fence = b.fence.store_seq
+        with trio.fail_after(60):
+            await stopped.wait()  # A's next publish finds B's fence
+    store.hook = None
+    assert isinstance(outcome["a"], ReadOnly), outcome
+    assert a.lease_lost and "another writer" in a.lease_lost
+    with pytest.raises(ReadOnly):  # EROFS
+        await a.write("v", 0, b"x" * BS)
+    for seq in await publish.listed_seqs(store):  # A published nothing after B's fence
+        if seq >= fence:
+            assert (await publish.read_catalog(store, seq))["writer"] == b.fence.writer, seq
+    b.evict_all()
+    data = await b.read("v", 0, SIZE)
+    assert (await b.check()).clean
+    await b.create_snapshot("v", "after")
+    await b.sync()
+    await restore_exact(store, {"after": data})
+    b.fence.assert_invariants()
+    await a.close()
+    await b.close()
