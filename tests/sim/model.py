@@ -9,7 +9,9 @@ world, so "acknowledged before the snapshot began" is a plain comparison. From t
 - a snapshot taken over steps [start, end] holds, per block, the version current when it
   began or any version whose call overlapped it (a write in flight may or may not be in);
 - after a crash a block holds the newest version made durable (acknowledged before an
-  fsync, a snapshot of the volume or a sync began) or any later one, acknowledged or not.
+  fsync, a snapshot of the volume or a sync began) or any later one, acknowledged or not,
+  or a mix of them sector by sector (a write not synced may be torn);
+  after a takeover, a published version or a later one, whole.
 
 The world resolves every uncertainty by reading (after a failed call, a crash, or the first
 read of a snapshot), so each version's content is always one definite block: the base of a
@@ -106,10 +108,12 @@ class VolumeModel:
         """After a crash the block holds a durable version or a later one; after another
         writer took the store over, a published version or a later one."""
         mark = self.published if takeover else self.durable
-        for v in self.crash_candidates(blk, mark):
-            if v.data == data:
-                self.blocks[blk] = [Version(data, -1, -1)]
-                return
+        candidates = self.crash_candidates(blk, mark)
+        if any(v.data == data for v in candidates) or (
+            not takeover and _torn_of(data, [v.data for v in candidates])
+        ):
+            self.blocks[blk] = [Version(data, -1, -1)]
+            return
         what = "published" if takeover else "durable"
         raise AssertionError(
             f"{self.name} block {blk} after a {'takeover' if takeover else 'crash'}: read "
@@ -177,6 +181,18 @@ class SnapModel:
             )
         self.content = data
         self.candidates = None
+
+
+SECTOR = 512
+
+
+def _torn_of(data: bytes, options: list[bytes]) -> bool:
+    """A write not yet synced when the node crashed may survive in part: each 512-byte
+    sector of the block holds that sector of one of the versions it may hold."""
+    return all(
+        any(o[i : i + SECTOR] == data[i : i + SECTOR] for o in options)
+        for i in range(0, len(data), SECTOR)
+    )
 
 
 def _show(block: bytes) -> str:

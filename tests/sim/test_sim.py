@@ -15,10 +15,12 @@ import pytest
 import trio
 import trio.testing
 
+from tests.sim.watchdog import wall_alarm
 from tests.sim.world import BugFound, World, inline_threads, seeded_randomness
 
 FIRST = int(os.environ.get("SNAPFS_SIM_FIRST", "0"))
 ONE = os.environ.get("SNAPFS_SIM_SEED")
+WALL = int(os.environ.get("SNAPFS_SIM_WALL", "120"))  # seconds of wall time a seed may take
 SEEDS = (
     [int(ONE)] if ONE else list(range(FIRST, FIRST + int(os.environ.get("SNAPFS_SIM_SEEDS", "60"))))
 )
@@ -31,7 +33,8 @@ def simulate(seed: int, monkeypatch) -> World:
         world = World(seed, root)
         clock = trio.testing.MockClock(autojump_threshold=0)
         try:
-            trio.run(world.run, clock=clock)
+            with wall_alarm(WALL):
+                trio.run(world.run, clock=clock)
         except BaseException as exc:
             while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
                 exc = exc.exceptions[0]
@@ -60,4 +63,8 @@ def test_simulation(seed, monkeypatch):
     started = time.perf_counter()
     world = simulate(seed, monkeypatch)
     took = time.perf_counter() - started
-    print(f"seed {seed}: {world.steps} steps in {took:.2f}s ({world.steps / took:.0f} steps/s)")
+    print(
+        f"seed {seed}: {world.steps} steps in {took:.2f}s ({world.steps / took:.0f} steps/s, "
+        f"at most {world.spin_most} task steps at one instant, "
+        f"{world.files.torn_sectors} torn sectors)"
+    )

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import sqlite3
 import tempfile
 from dataclasses import dataclass
 
@@ -43,6 +44,7 @@ from snapfs.volume.engine import Engine, EngineConfig
 from tests.faultstore import FaultStore
 from tests.sim.files import SimFiles
 from tests.sim.model import SnapModel, VolumeModel, _show
+from tests.sim.watchdog import Spin, Stuck, Watchdog
 
 BS = 4096
 
@@ -92,8 +94,11 @@ class _ErrorLog(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
         self.bugs: list[str] = []
+        self.muted = False  # between a crash instant and the restart: the node is dead
 
     def emit(self, record: logging.LogRecord) -> None:
+        if self.muted:
+            return
         exc = record.exc_info[1] if record.exc_info else None
         if exc is not None and (
             not isinstance(exc, SnapfsError) or isinstance(exc, ObjectNotFound | IntegrityError)
@@ -143,6 +148,8 @@ class World:
         self.usurper_dir: str | None = None
         self.active = 0  # clients still at work
         self.idle = trio.Event()
+        self.watchdog = Watchdog()
+        self.spin_most = 0
 
     # ------------------------------------------------------------------ faults
 
@@ -182,12 +189,12 @@ class World:
         mapped = await self.engine.tree.lookup(head.row.root, head.row.root_level, blk)
         row = self.engine.catalog.dirty(head.row.id).get(blk)
         data = head.cache.pread(BS, blk * BS)
-        image = self.files.images.get(head.cache_path, b"")
+        image = self.files.durable(head.cache_path, blk * BS, BS)
         print(
             f"TRACE {where} c={self.clock}: dirty={head.dirty.get(blk)} row={row} "
             f"unsynced={blk in head.unsynced} lru={(head.row.id, blk) in self.engine.lru} "
             f"hole={head.holes.get(blk)} tree={_show(b'') if mapped is None else mapped.hex()[:8]}"
-            f" cache={_show(data)} image={_show(image[blk * BS : (blk + 1) * BS])}"
+            f" cache={_show(data)} image={_show(image)}"
         )
 
     def check(self, where: str) -> None:
@@ -220,6 +227,28 @@ class World:
     # ------------------------------------------------------------------ the run
 
     async def run(self) -> None:
+        """The history, watched: a step that takes too long in virtual time, or an event
+        loop that spins while virtual time stands still, fails the seed with every task's
+        stack (tests/sim/watchdog.py)."""
+        spin = Spin(trio.lowlevel.current_clock(), self.watchdog.fail)
+        trio.lowlevel.add_instrument(spin)
+        try:
+            async with trio.open_nursery() as outer:
+                self.watchdog.scope = outer.cancel_scope
+                outer.start_soon(self.watchdog.run)
+                await self.history_()
+                outer.cancel_scope.cancel()
+        except BaseException as exc:
+            if self.watchdog.failure is not None:
+                raise Stuck(self.watchdog.failure) from exc
+            raise
+        finally:
+            trio.lowlevel.remove_instrument(spin)
+            self.spin_most = spin.most
+        if self.watchdog.failure is not None:
+            raise Stuck(self.watchdog.failure)
+
+    async def history_(self) -> None:
         logging.getLogger("snapfs").addHandler(self.errors)
         try:
             await publish.init_store(self.store)
@@ -235,23 +264,31 @@ class World:
                 self.locks[name] = trio.Lock()
             for life in range(self.knobs.incarnations):
                 self.faults = True
-                with trio.move_on_after(self.rng.uniform(0.1, 1.0) * self.knobs.life):
-                    await self.live()
+                last = life + 1 == self.knobs.incarnations
+                crash = not last and self.rng.random() < 0.75
+                await self.live(self.rng.uniform(0.1, 1.0) * self.knobs.life, crash)
                 self.faults = False
                 if self.usurper is not None:
-                    await self.switch_to_usurper()
-                elif life + 1 < self.knobs.incarnations:
-                    await self.restart(crash=self.rng.random() < 0.75)
-            await self.finish()
+                    with self.watchdog.step("the takeover"):
+                        await self.switch_to_usurper()
+                elif not last:
+                    with self.watchdog.step("a restart"):
+                        await self.restart(crash=self.crashed)
+            with self.watchdog.step("finish"):
+                await self.finish()
         finally:
             logging.getLogger("snapfs").removeHandler(self.errors)
             if self.engine is not None:
                 self.abandon()
 
-    async def live(self) -> None:
+    async def live(self, duration: float, crash: bool) -> None:
+        """One incarnation: every task works until `duration` passes or the clients are
+        done; then the node crashes (`crash`) or stops for a clean restart."""
         self.idle = trio.Event()
+        self.crashed = False
         async with trio.open_nursery() as nursery:
             self._node = nursery
+            nursery.start_soon(self.timer, duration, crash, nursery.cancel_scope)
             await nursery.start(self.engine.run_flusher)
             await nursery.start(self.engine.readahead.run)
             nursery.start_soon(self.checker)
@@ -263,7 +300,26 @@ class World:
                 nursery.start_soon(self.client, name)
             await self.admin()
             await self.idle.wait()
-            nursery.cancel_scope.cancel()  # the work is done: end the flusher too
+            self.stop(crash, nursery.cancel_scope)  # the work is done: end the flusher too
+
+    async def timer(self, duration: float, crash: bool, scope: trio.CancelScope) -> None:
+        await trio.sleep(duration)
+        self.stop(crash, scope)
+
+    def stop(self, crash: bool, scope: trio.CancelScope) -> None:
+        """End the incarnation. A crash happens at this instant, before the cancellation
+        runs any `finally` or `except` block of the engine: from now on the cache files,
+        the store and the catalog ignore or refuse whatever the dying tasks still do."""
+        if scope.cancel_called:
+            return
+        if crash and self.usurper is None and self.engine is not None:
+            self.crashed = True
+            self.note("CRASH (the instant)")
+            self.files.freeze(self.cache_dir)
+            self.store.down = True
+            self.errors.muted = True
+            self.engine.catalog.db.set_authorizer(_read_only_sql)
+        scope.cancel()
 
     async def reader(self) -> None:
         """A read-only mount on another machine: its own cache dir (kept across the
@@ -281,7 +337,8 @@ class World:
                 await nursery.start(ro.run_refresher)
                 while True:
                     await trio.sleep(self.rng.expovariate(4))
-                    await self.reader_op(ro)
+                    with self.watchdog.step("a reader op"):
+                        await self.reader_op(ro)
         finally:
             for head in ro.heads.values():
                 head.close()
@@ -343,7 +400,8 @@ class World:
             for _ in range(self.knobs.ops):
                 await trio.sleep(self.rng.expovariate(10))
                 async with self.locks[name]:
-                    await self.client_op(vol)
+                    with self.watchdog.step(f"client op on {name}: {self.history[-1:]}"):
+                        await self.client_op(vol)
                 await self.trace(self.history[-1])
                 self.check(f"a client op on {name}")
         finally:
@@ -441,7 +499,8 @@ class World:
             await trio.sleep(self.rng.expovariate(5))
             op = self.rng.choices(funcs, weights)[0]
             try:
-                await op()
+                with self.watchdog.step(f"admin {op.__name__}"):
+                    await op()
             except SnapfsError as exc:
                 self.expected(exc)
             await self.trace(f"admin {op.__name__}")
@@ -592,10 +651,11 @@ class World:
 
     async def restart(self, crash: bool) -> None:
         if crash:
-            await self.trace("before the crash")
-            self.note("CRASH")
+            self.note("CRASH: restart")
             self.abandon()
-            self.files.crash()
+            self.files.crash(torn=self.rng, prefix=self.cache_dir)
+            self.store.down = False
+            self.errors.muted = False
         else:
             self.note("restart")
             try:
@@ -723,6 +783,24 @@ class World:
             raise BugFound(f"fsck after a store-only restore: {report.as_dict()}")
         await self.engine.close()
         self.engine = None
+
+
+_SQL_READS = {
+    sqlite3.SQLITE_READ,
+    sqlite3.SQLITE_SELECT,
+    sqlite3.SQLITE_FUNCTION,
+    sqlite3.SQLITE_PRAGMA,
+    sqlite3.SQLITE_RECURSIVE,
+}
+
+
+def _read_only_sql(action: int, arg1, _arg2, _db, _trigger) -> int:
+    """The catalog of a crashed node: nothing commits any more (a rollback may run)."""
+    if action in _SQL_READS:
+        return sqlite3.SQLITE_OK
+    if action in (sqlite3.SQLITE_TRANSACTION, sqlite3.SQLITE_SAVEPOINT) and arg1 == "ROLLBACK":
+        return sqlite3.SQLITE_OK
+    return sqlite3.SQLITE_DENY
 
 
 def inline_threads(monkeypatch) -> None:
