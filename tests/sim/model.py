@@ -7,7 +7,9 @@ world, so "acknowledged before the snapshot began" is a plain comparison. From t
 
 - a read with no write of its own volume in flight must give the newest version;
 - a snapshot taken over steps [start, end] holds, per block, the version current when it
-  began or any version whose call overlapped it (a write in flight may or may not be in);
+  began or any version whose call overlapped it (a write in flight may or may not be in),
+  and as a whole the volume at one instant: the calls it holds are a prefix of the
+  volume's calls;
 - after a crash a block holds the newest version made durable (acknowledged before an
   fsync, a snapshot of the volume or a sync began) or any later one, acknowledged or not,
   or a mix of them sector by sector (a write not synced may be torn);
@@ -28,6 +30,7 @@ class Version:
     data: bytes
     start: int
     end: int | None = None  # acknowledged at this step; None: in flight, failed or cut off
+    whole: bool = True  # False: its call failed, so it may have happened in part
 
 
 @dataclass
@@ -124,17 +127,15 @@ class VolumeModel:
             f"an acknowledged, {'synced' if takeover else 'fsynced'} write was lost"
         )
 
-    def snapshot_candidates(self, blk: int, start: int, end: int | None) -> list[bytes]:
+    def snapshot_candidates(self, blk: int, start: int, end: int | None) -> list[Version]:
+        """The version current when the snapshot began, then every later one whose call
+        began before the snapshot call returned."""
         versions = self.blocks[blk]
         base = max(
             (i for i, v in enumerate(versions) if v.end is not None and v.end < start),
             default=0,
         )
-        return [
-            v.data
-            for i, v in enumerate(versions)
-            if i == base or (i > base and (end is None or v.start < end))
-        ]
+        return [v for v in versions[base:] if v is versions[base] or end is None or v.start < end]
 
     def prune(self, keep_from: int) -> None:
         """Forget versions that nothing can ask for again: superseded by a version
@@ -160,7 +161,8 @@ class SnapModel:
     deleting: bool = False  # a delete call is under way
     published: bool = False  # a sync began after it was taken and returned
     content: bytes | None = None  # once read
-    candidates: list[list[bytes]] | None = None  # per block, fixed when the call returned
+    # per block, fixed when the call returned: the versions it may hold, oldest first
+    candidates: list[list[Version]] | None = None
 
     def fix_candidates(self, vol: VolumeModel) -> None:
         self.candidates = [
@@ -175,12 +177,49 @@ class SnapModel:
         assert len(data) == len(self.candidates) * bs, f"{self.volume}@{self.name}: size"
         for blk, options in enumerate(self.candidates):
             got = data[blk * bs : (blk + 1) * bs]
-            assert got in options, (
+            assert any(got == o.data for o in options), (
                 f"snapshot {self.volume}@{self.name} block {blk}: read {_show(got)}, "
-                f"expected one of {[_show(o) for o in options]}"
+                f"expected one of {[_show(o.data) for o in options]}"
             )
+        self.check_cut(data, bs)
         self.content = data
         self.candidates = None
+
+    def check_cut(self, data: bytes, bs: int) -> None:
+        """The snapshot is the volume at one instant, not only block by block: if the call
+        that began at step n is in it (in part: the engine makes a call atomic against
+        other writes, not against a snapshot), every call acknowledged before n began is
+        in it whole. A volume's calls do not overlap (one client at a time), so the calls
+        in it are a prefix of its calls, the last maybe in part. Each prefix that ends at
+        a candidate version's call is tried."""
+        multi = [(b, vs) for b, vs in enumerate(self.candidates) if len(vs) > 1]
+        if not multi:
+            return
+        got = {b: data[b * bs : (b + 1) * bs] for b, _vs in multi}
+        ends = sorted({-1} | {v.start for _b, vs in multi for v in vs[1:]})
+
+        def at(versions: list[Version], tick: int) -> set[bytes]:
+            """What the block holds when the calls up to `tick` happened: the last one, and
+            a call that failed or never returned, may have happened in part."""
+            allowed: set[bytes] = set()
+            for v in reversed([versions[0]] + [v for v in versions[1:] if v.start <= tick]):
+                allowed.add(v.data)
+                if v.whole and v.end is not None and v.start < tick:
+                    break
+            return allowed
+
+        for tick in ends:
+            if all(got[b] in at(vs, tick) for b, vs in multi):
+                return
+        seen = {
+            b: sorted({v.start for v in vs if v.data == got[b] and v is not vs[0]} or {-1})
+            for b, vs in multi
+        }
+        raise AssertionError(
+            f"snapshot {self.volume}@{self.name} is no cut of the volume at one instant: "
+            f"per block, the calls (by start step, -1: before the snapshot) whose version "
+            f"it holds: {dict(list(seen.items())[:12])}"
+        )
 
 
 SECTOR = 512

@@ -425,6 +425,8 @@ class World:
                     await engine.write(vol.name, off, data)
             except SnapfsError as exc:
                 self.expected(exc)
+                for _blk, version in versions:
+                    version.whole = False
                 await self.settle(vol, {b for b, _v in versions}, f"a failed {kind}")
                 return
             end = self.tick()
@@ -602,6 +604,8 @@ class World:
                 await self.engine.rollback(vol.name, snap.name)
             except SnapfsError as exc:
                 self.expected(exc)
+                for _blk, version in versions:
+                    version.whole = False
                 await self.settle(vol, range(len(vol.blocks)), "a failed rollback")
                 return
             end = self.tick()
