@@ -107,15 +107,21 @@ class VolumeModel:
         )
         return versions[base:]
 
-    def after_crash(self, blk: int, data: bytes, takeover: bool = False) -> None:
+    def after_crash(self, blk: int, data: bytes, now: int, takeover: bool = False) -> None:
         """After a crash the block holds a durable version or a later one; after another
-        writer took the store over, a published version or a later one."""
+        writer took the store over, a published version or a later one. What it holds is
+        the block's only version from now on, beside the published one that a takeover
+        may still go back to (a crash publishes nothing)."""
         mark = self.published if takeover else self.durable
         candidates = self.crash_candidates(blk, mark)
         if any(v.data == data for v in candidates) or (
             not takeover and _torn_of(data, [v.data for v in candidates])
         ):
-            self.blocks[blk] = [Version(data, -1, -1)]
+            base = [] if takeover else self.crash_candidates(blk, self.published)[:1]
+            if base and base[0].data == data:
+                self.blocks[blk] = base
+            else:
+                self.blocks[blk] = [*base, Version(data, now, now)]
             return
         what = "published" if takeover else "durable"
         raise AssertionError(
