@@ -42,6 +42,9 @@ class VolumeModel:
     durable: int = -1  # versions acknowledged before this step survive a crash
     published: int = -1  # ... and are in the store's newest catalog (a takeover keeps them)
     acked: bool = True  # the call that created the volume returned
+    deleting: bool = False  # a delete call is under way (or was cut off)
+    resizing: int | None = None  # a resize to this size is under way (or was cut off)
+    touched: set[int] = field(default_factory=set)  # blocks ever written, discarded or grown
 
     @classmethod
     def new(cls, name: str, size: int, bs: int, content: bytes | None, step: int):
@@ -50,13 +53,35 @@ class VolumeModel:
         vol = cls(name, size, bs)
         vol.blocks = [[Version(content[i : i + bs], step, step)] for i in range(0, size, bs)]
         vol.durable = vol.published = step + 1
+        vol.touched = {b for b, vs in enumerate(vol.blocks) if any(vs[0].data)}
         return vol
 
     def current(self, blk: int) -> bytes:
         return self.blocks[blk][-1].data
 
-    def content(self) -> bytes:
-        return b"".join(self.current(b) for b in range(len(self.blocks)))
+    def content(self, offset: int = 0, length: int | None = None) -> bytes:
+        end = self.size if length is None else offset + length
+        first, last = offset // self.bs, -(-end // self.bs)
+        data = b"".join(self.current(b) for b in range(first, last))
+        return data[offset - first * self.bs : end - first * self.bs]
+
+    def blen(self, blk: int) -> int:
+        return min(self.bs, self.size - blk * self.bs)
+
+    def grow(self, size: int, step: int) -> None:
+        """A resize to `size` returned: the tail block and the new blocks read zeros."""
+        last = len(self.blocks) - 1
+        if self.blen(last) < self.bs:
+            tail = self.current(last)
+            version = Version(
+                tail + bytes(min(self.bs, size - last * self.bs) - len(tail)), step, step
+            )
+            self.blocks[last].append(version)
+            self.touched.add(last)
+        self.size = size
+        for blk in range(len(self.blocks), -(-size // self.bs)):
+            self.blocks.append([Version(bytes(self.blen(blk)), step, step)])
+            self.touched.add(blk)
 
     def begin(self, offset: int, data: bytes, step: int) -> list[tuple[int, Version]]:
         """A write of `data` at `offset` began: one new version per block it touches."""
@@ -68,6 +93,7 @@ class VolumeModel:
             base = self.current(blk)
             version = Version(base[:boff] + data[pos : pos + n] + base[boff + n :], step)
             self.blocks[blk].append(version)
+            self.touched.add(blk)
             out.append((blk, version))
             pos += n
         return out
@@ -77,6 +103,7 @@ class VolumeModel:
         for blk, versions in enumerate(self.blocks):
             version = Version(content[blk * self.bs : (blk + 1) * self.bs], step)
             versions.append(version)
+            self.touched.add(blk)
             out.append((blk, version))
         return out
 
@@ -110,18 +137,18 @@ class VolumeModel:
     def after_crash(self, blk: int, data: bytes, now: int, takeover: bool = False) -> None:
         """After a crash the block holds a durable version or a later one; after another
         writer took the store over, a published version or a later one. What it holds is
-        the block's only version from now on, beside the published one that a takeover
-        may still go back to (a crash publishes nothing)."""
+        the block's newest version from now on; the versions since the published mark
+        stay, since a later takeover may go back to any of them (a crash publishes
+        nothing, the flusher may have published any of them before it)."""
         mark = self.published if takeover else self.durable
         candidates = self.crash_candidates(blk, mark)
         if any(v.data == data for v in candidates) or (
             not takeover and _torn_of(data, [v.data for v in candidates])
         ):
-            base = [] if takeover else self.crash_candidates(blk, self.published)[:1]
-            if base and base[0].data == data:
-                self.blocks[blk] = base
-            else:
-                self.blocks[blk] = [*base, Version(data, now, now)]
+            # The flusher may have published any version since the published mark: a
+            # later takeover may go back to any of them.
+            base = [] if takeover else self.crash_candidates(blk, self.published)
+            self.blocks[blk] = [*base, Version(data, now, now)]
             return
         what = "published" if takeover else "durable"
         raise AssertionError(
@@ -180,7 +207,7 @@ class SnapModel:
             assert data == self.content, f"snapshot {self.volume}@{self.name} changed"
             return
         assert self.candidates is not None
-        assert len(data) == len(self.candidates) * bs, f"{self.volume}@{self.name}: size"
+        assert -(-len(data) // bs) == len(self.candidates), f"{self.volume}@{self.name}: size"
         for blk, options in enumerate(self.candidates):
             got = data[blk * bs : (blk + 1) * bs]
             assert any(got == o.data for o in options), (

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
             if isinstance(exc, KeyboardInterrupt):
                 break
             failed.append(seed)
-            head = str(exc).split("\nlast steps:")[0]
+            head = str(exc).split("\nreplay:")[0]
             known = f" (open: {OPEN[seed]})" if seed in OPEN else ""
             print(f"FAIL seed {seed}{known}: {head[:2000]}", flush=True)
             print(f"  replay: SNAPFS_SIM_SEED={seed} scripts/test tests/sim", flush=True)
