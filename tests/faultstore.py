@@ -9,12 +9,11 @@
     store.fail("put", "p/", after=True)            # the put lands, then the reply is lost
 
 Rules match on the operation name (put, put_new, get, get_ranges, head, delete, list,
-barrier) and a key prefix; each rule fires `times` times (None: for ever); `down` fails
-every call at once; `lag` makes `list` show the store as it was that many seconds ago (a
-put not listed yet, a deleted key still listed). `hook` is called before every call with
-(op, key, False) and after it with (op, key, True), and may be a coroutine function: the
-simulation uses it to delay and to fail at random (an error after the call is a lost
-reply: the call happened).
+barrier) and a key prefix; each rule fires `times` times (None: for ever). `lag` makes
+`list` show the store as it was that many seconds ago (a put not listed yet, a deleted key
+still listed). `hook` is called before every call with (op, key, False) and after it with
+(op, key, True), and may be a coroutine function: the simulation uses it to delay and to
+fail at random (an error after the call is a lost reply: the call happened).
 """
 
 from __future__ import annotations
@@ -69,7 +68,6 @@ class FaultStore(Store):
         self.hook = None  # (op, key) -> None | awaitable: delays and random faults
         self.calls: list[tuple[str, str]] = []
         self.deleted: list[str] = []
-        self.down = False  # every call fails at once (the simulation's crash instant)
         self.lag = 0.0  # `list` shows the store as it was this many seconds (trio time) ago
         self._changes: list[tuple[float, str, bool]] = []  # (when, key, put or deleted)
 
@@ -98,8 +96,6 @@ class FaultStore(Store):
         self.rules.clear()
 
     async def _point(self, op: str, key: str, after: bool) -> None:
-        if self.down:
-            raise StoreError(f"{op} {key}: the node is down")
         if not after:
             self.calls.append((op, key))
         if self.hook is not None:

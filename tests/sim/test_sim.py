@@ -5,6 +5,8 @@ and crashes at any await, checked against a model after every step.
     scripts/test tests/sim                         the CI budget of seeds
     SNAPFS_SIM_SEEDS=2000 scripts/test tests/sim   more seeds
     SNAPFS_SIM_SEED=123 scripts/test tests/sim     replay one seed (it prints its history)
+    SNAPFS_SIM_KNOBS=list_lag=0 scripts/test tests/sim   override knobs the seeds draw
+    scripts/sim-soak --minutes 30 --first 5000     new seeds for a time budget
 """
 
 import os

@@ -4,19 +4,24 @@
 One seed is one history: trio runs on a MockClock (no wall clock: virtual time jumps when
 every task waits), its scheduler's coin and every random choice come from the seed, and
 work the engine sends to threads runs inline. On that clock, concurrent tasks work on the
-engine: a client per volume (writes of any size and offset, discards, reads, fsyncs), an
-admin (snapshots, temporary snapshots, deletes, clones, rollbacks, syncs, gc, evictions,
-fsck, reads of snapshots), the real background flusher, read-ahead, and a checker that
-calls `assert_invariants()` at random moments. The store delays calls, fails them (before
-they happen, or after: a lost reply) and the cache files sync slowly. At random moments the
-node crashes: every task is cancelled wherever it waits, the engine is dropped without
-closing, every cache-file write that was not fdatasynced is lost, and a new engine opens the
-same cache dir. Sometimes it is a clean restart instead.
+engine: clients per volume (each writes its own share of the blocks, reads all; writes of
+any size and offset, discards, reads, fsyncs), an admin (snapshots, temporary snapshots,
+deletes, clones, rollbacks, resizes, volume deletes, syncs, gc, evictions, fsck, reads of
+snapshots), the real background flusher, read-ahead, a read-only reader, takeovers by
+other writers, and a checker that calls `assert_invariants()` at random moments. The
+store delays calls, fails them (before they happen, or after: a lost reply), its listings
+lag; the cache files sync slowly or fail to (EIO); the catalog fails commits. At random
+moments, or at a catalog commit, the node crashes: at that instant the files, the store
+and the catalog stop taking its changes, then every task is cancelled wherever it waits,
+the engine is dropped without closing, every cache-file sector that was not fdatasynced is
+lost or kept (torn writes), and a new engine opens the same cache dir. Sometimes it is a
+clean restart instead. A watchdog (tests/sim/watchdog.py) fails a seed that hangs.
 
-After every operation the invariants hold, every read equals the model, every block after a
-crash holds a version the model allows (nothing fsynced is lost), and every snapshot holds
-one consistent cut. At the end, with faults off: everything syncs, fsck is clean, and a
-store-only restore into an empty cache dir reads back every volume and snapshot exactly.
+After every operation the invariants hold, every read equals a version the model allows,
+every block after a crash holds a version the model allows (nothing fsynced is lost), and
+every snapshot holds one instant of its volume. At the end, with faults off: everything
+syncs, fsck is clean, and a store-only restore into an empty cache dir reads back every
+volume and snapshot exactly.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import os
 import random
 import sqlite3
 import tempfile
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import trio
@@ -69,6 +75,7 @@ class Knobs:
     ops: int  # operations per client and incarnation, at most
     grace: float  # before the store deletes what no catalog references
     reader: bool  # a read-only engine follows the writer and reads its snapshots
+    clients: int  # per volume, at once: each writes its own share of the blocks, reads all
     takeovers: int  # times another writer takes the store over while the writer runs
     resize: bool  # the admin grows volumes (not with takeovers)
     pause: bool  # the writer stops (all its store calls and syncs wait) beyond the grace
@@ -95,6 +102,7 @@ class Knobs:
             ops=rng.choice([20, 60]),
             grace=rng.choice([0.0, 0.5, 5.0]),
             reader=rng.random() < 0.5,
+            clients=rng.choice([1, 1, 2, 3]),
             takeovers=rng.choice([1, 1, 2, 3]) if rng.random() < 0.3 else 0,
             resize=rng.random() < 0.3,
             pause=rng.random() < 0.5,
@@ -107,6 +115,45 @@ class Knobs:
 
 class BugFound(AssertionError):
     pass
+
+
+class SharedLock:
+    """A volume's clients hold it shared (their ops overlap); the admin's whole-volume
+    calls (rollback, resize, delete) hold it alone."""
+
+    def __init__(self) -> None:
+        self.readers = 0
+        self.writer = False
+        self.changed = trio.Event()
+
+    async def _wait(self) -> None:
+        await self.changed.wait()
+
+    def _notify(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    @asynccontextmanager
+    async def shared(self):
+        while self.writer:
+            await self._wait()
+        self.readers += 1
+        try:
+            yield
+        finally:
+            self.readers -= 1
+            self._notify()
+
+    @asynccontextmanager
+    async def exclusive(self):
+        while self.writer or self.readers:
+            await self._wait()
+        self.writer = True
+        try:
+            yield
+        finally:
+            self.writer = False
+            self._notify()
 
 
 # Set in a task (and so in the tasks it starts) that retried enough: the store no longer
@@ -158,13 +205,14 @@ class World:
         self.sync_failed: dict[str, int] = {}  # volume → step its first fdatasync failed
         self.may_crash = False  # this incarnation may end in a crash (at a catalog commit)
         self.commit_crashes = 0
+        self.crashed = False  # from the crash instant until the restart: the node is down
         self._live_scope: trio.CancelScope | None = None
         self.faults = False
         self.clock = 0  # the step counter of the model
         self.steps = 0  # operations done
         self.vols: dict[str, VolumeModel] = {}
         self.snaps: dict[tuple[str, str], SnapModel] = {}
-        self.locks: dict[str, trio.Lock] = {}
+        self.locks: dict[str, SharedLock] = {}
         self.history: list[str] = []
         self.engine: Engine | None = None
         self.cache_dir = tempfile.mkdtemp(prefix="cache-", dir=root)
@@ -195,6 +243,8 @@ class World:
     # ------------------------------------------------------------------ faults
 
     async def _store_fault(self, op: str, key: str, after: bool) -> None:
+        if self.crashed and WHO.get() == "writer":
+            raise StoreError(f"{op} {key}: the node is down")
         if self.paused is not None and not after and WHO.get() == "writer":
             await self.paused.wait()
         if not self.faults:
@@ -351,7 +401,7 @@ class World:
                 name = f"v{i}"
                 await self.engine.create_volume(name, size, BS)
                 self.vols[name] = VolumeModel.new(name, size, BS, None, self.tick())
-                self.locks[name] = trio.Lock()
+                self.locks[name] = SharedLock()
             for life in range(self.knobs.incarnations):
                 self.faults = True
                 last = life + 1 == self.knobs.incarnations
@@ -395,7 +445,7 @@ class World:
             if self.takeovers < self.knobs.takeovers:
                 nursery.start_soon(self.usurp, nursery.cancel_scope)
             for name in list(self.vols):
-                nursery.start_soon(self.client, name)
+                self.start_clients(nursery, name)
             await self.admin()
             await self.idle.wait()
             self.stop(crash, nursery.cancel_scope)  # the work is done: end the flusher too
@@ -413,8 +463,7 @@ class World:
         if crash and self.usurper is None and self.engine is not None:
             self.crashed = True
             self.note("CRASH (the instant)")
-            self.files.freeze(self.cache_dir)
-            self.store.down = True
+            self.files.freeze(self.cache_dir)  # the store refuses its calls (_store_fault)
             self.errors.muted = True
             self.engine.catalog.db.set_authorizer(_read_only_sql)
         scope.cancel()
@@ -501,10 +550,12 @@ class World:
             pause = self.paused = trio.Event()
             self.note("the writer stops")
         try:
-            self.usurper_dir = tempfile.mkdtemp(prefix="usurper-", dir=self.root)
-            self.usurper = await self.retry(
-                Engine.open, self.store, self.usurper_dir, self.config, False, self.files
-            )
+            # Another machine: the end of this one's incarnation does not cut its open.
+            with trio.CancelScope(shield=True), self.watchdog.step("the takeover's open"):
+                self.usurper_dir = tempfile.mkdtemp(prefix="usurper-", dir=self.root)
+                self.usurper = await self.retry(
+                    Engine.open, self.store, self.usurper_dir, self.config, False, self.files
+                )
             self.takeovers += 1
             self.note("TAKEOVER: the second writer has fenced the store")
             if pause is not None:  # it stays stopped beyond the grace period
@@ -524,17 +575,24 @@ class World:
 
     # ------------------------------------------------------------------ clients
 
-    async def client(self, name: str) -> None:
+    def start_clients(self, nursery: trio.Nursery, name: str) -> None:
+        for i in range(self.knobs.clients):
+            nursery.start_soon(self.client, name, i)
+
+    async def client(self, name: str, i: int = 0) -> None:
+        """Client i of a volume: its ops overlap the other clients' (no lock between them);
+        it writes only its own share of the volume's blocks (the model needs one writer per
+        block: a partial write's content depends on the block before it), and reads all."""
         vol = self.vols[name]
         self.active += 1
         try:
             for _ in range(self.knobs.ops):
                 await trio.sleep(self.rng.expovariate(10))
-                async with self.locks[name]:
+                async with self.locks[name].shared():
                     if self.vols.get(name) is not vol or vol.deleting:
                         return  # deleted
                     with self.watchdog.step(f"client op on {name}: {self.history[-1:]}"):
-                        await self.client_op(vol)
+                        await self.client_op(vol, i)
                 await self.trace(self.history[-1])
                 self.check(f"a client op on {name}")
         finally:
@@ -542,11 +600,11 @@ class World:
             if not self.active:
                 self.idle.set()
 
-    async def client_op(self, vol: VolumeModel) -> None:
+    async def client_op(self, vol: VolumeModel, i: int = 0) -> None:
         r = self.rng.random()
         engine = self.engine
         if r < 0.55 or r >= 0.95:
-            off, n = self.extent(vol, discard=r >= 0.95)
+            off, n = self.extent(vol, discard=r >= 0.95, share=i)
             data = bytes(n) if r >= 0.95 else self.tag(n)
             versions = vol.begin(off, data, self.tick())
             kind = "discard" if r >= 0.95 else "write"
@@ -577,30 +635,54 @@ class World:
             vol.durable = max(vol.durable, start)
         else:
             off, n = self.extent(vol)
+            start = self.tick()
             self.note(f"read {vol.name} {off}+{n}")
             try:
                 got = await engine.read(vol.name, off, n)
             except SnapfsError as exc:
                 self.expected(exc)
                 return
-            want = vol.content(off, n)
-            if got != want:
-                first = off + next(i for i in range(n) if got[i : i + 1] != want[i : i + 1])
+            self.check_read(vol, off, got, start, self.tick())
+
+    def check_read(self, vol: VolumeModel, off: int, got: bytes, start: int, end: int) -> None:
+        """Each block reads as the version current when the read began, or one whose call
+        overlapped the read (another client's write in flight); with one client, exactly
+        the model's current version."""
+        for blk in range(off // BS, -(-(off + len(got)) // BS)):
+            lo, hi = max(off, blk * BS), min(off + len(got), (blk + 1) * BS)
+            part = got[lo - off : hi - off]
+            options = [
+                v.data[lo - blk * BS : hi - blk * BS]
+                for v in vol.snapshot_candidates(blk, start, end)
+            ]
+            if part not in options:
+                first = next(i for i in range(len(part)) if part[i] != options[-1][i])
                 raise BugFound(
-                    f"read {vol.name} {off}+{n} differs from the model at byte {first} "
-                    f"(block {first // BS}): {got[first - off : first - off + 16]!r} instead "
-                    f"of {want[first - off : first - off + 16]!r}"
+                    f"read {vol.name} {off}+{len(got)} differs from the model in block {blk} "
+                    f"at byte {lo + first}: {_show(part)} instead of one of "
+                    f"{[_show(o) for o in options]}"
                 )
 
-    def extent(self, vol: VolumeModel, discard: bool = False) -> tuple[int, int]:
-        size = vol.size
+    def extent(
+        self, vol: VolumeModel, discard: bool = False, share: int | None = None
+    ) -> tuple[int, int]:
+        """A range of the volume, or of client `share`'s blocks."""
+        nblocks, clients = len(vol.blocks), self.knobs.clients
+        first, last = 0, nblocks
+        if share is not None and clients > 1:
+            first, last = share * nblocks // clients, (share + 1) * nblocks // clients
+            if first == last:  # more clients than blocks
+                first, last = 0, nblocks if share == 0 else 0
+            if first == last:
+                return 0, 0
+        lo, hi = first * BS, min(last * BS, vol.size)
         kind = self.rng.random()
         if kind < 0.4:  # whole blocks
-            blk = self.rng.randrange(len(vol.blocks))
-            count = self.rng.randint(1, min(4, len(vol.blocks) - blk))
-            return blk * BS, min(count * BS, size - blk * BS)
-        off = self.rng.randrange(size)
-        n = self.rng.randint(1, min(size - off, 3 * BS if not discard else 8 * BS))
+            blk = self.rng.randrange(first, last)
+            count = self.rng.randint(1, min(4, last - blk))
+            return blk * BS, min(count * BS, hi - blk * BS)
+        off = self.rng.randrange(lo, hi)
+        n = self.rng.randint(1, min(hi - off, 3 * BS if not discard else 8 * BS))
         return off, n
 
     def expected(self, exc: SnapfsError) -> None:
@@ -727,7 +809,7 @@ class World:
         model = VolumeModel.new(name, size, BS, snap.content, self.tick())
         model.acked = False
         self.vols[name] = model
-        self.locks[name] = trio.Lock()
+        self.locks[name] = SharedLock()
         try:
             await self.engine.create_volume(name, size, source=(snap.volume, snap.name))
         except SnapfsError as exc:
@@ -739,7 +821,7 @@ class World:
                 return
         model.acked = True
         model.durable = model.published = self.tick()
-        self._node.start_soon(self.client, name)
+        self.start_clients(self._node, name)
 
     async def op_rollback(self) -> None:
         vol = self.pick_volume()
@@ -747,7 +829,7 @@ class World:
         if snap is None or self.engine.snapshot_row(vol.name, snap.name).size != vol.size:
             return
         snap = await self.op_read_snapshot(snap)
-        async with self.locks[vol.name]:
+        async with self.locks[vol.name].exclusive():
             self.note(f"rollback {vol.name} to @{snap.name}")
             versions = vol.replace_all(snap.content, self.tick())
             try:
@@ -767,7 +849,7 @@ class World:
         """Grow a volume (by a block or more, or by sectors: the tail block grows too)."""
         vol = self.pick_volume()
         size = vol.size + self.rng.choice([512, 3 * 512, BS, 300 * BS])
-        async with self.locks[vol.name]:
+        async with self.locks[vol.name].exclusive():
             if vol.deleting or self.vols.get(vol.name) is not vol:
                 return
             self.note(f"resize {vol.name} to {size}")
@@ -791,7 +873,7 @@ class World:
         if not clones:
             return
         vol = self.vols[self.rng.choice(clones)]
-        async with self.locks[vol.name]:
+        async with self.locks[vol.name].exclusive():
             if vol.deleting or self.vols.get(vol.name) is not vol:
                 return
             self.note(f"delete volume {vol.name}")
@@ -876,9 +958,7 @@ class World:
         if crash:
             self.note("CRASH: restart")
             self.abandon()
-            self.files.crash(torn=self.rng, prefix=self.cache_dir)
-            self.store.down = False
-            self.errors.muted = False
+            self.thaw()
         else:
             self.note("restart")
             try:
@@ -898,6 +978,12 @@ class World:
         self.check("a restart")
         await self.recover()
 
+    def thaw(self) -> None:
+        """After a crash: what was not synced is lost or torn; the node is up again."""
+        self.files.crash(torn=self.rng, prefix=self.cache_dir)
+        self.crashed = False
+        self.errors.muted = False
+
     async def switch_to_usurper(self) -> None:
         old = self.engine
         if old.lease_lost is None:
@@ -911,6 +997,8 @@ class World:
             raise BugFound("the displaced writer published after the takeover")
         self.note("the first writer is retired (its cache dir kept)")
         self.abandon()
+        if self.crashed:  # it crashed while the second writer's open went on
+            self.thaw()
         self.engine, self.usurper = self.hook_catalog(self.usurper), None
         self.cache_dir = self.usurper_dir
         self.sync_failed.clear()
