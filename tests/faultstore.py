@@ -9,10 +9,11 @@
     store.fail("put", "p/", after=True)            # the put lands, then the reply is lost
 
 Rules match on the operation name (put, put_new, get, get_ranges, head, delete, list,
-barrier) and a key prefix; each rule fires `times` times (None: for ever). `hook` is called
-before every call with (op, key, False) and after it with (op, key, True), and may be a
-coroutine function: the simulation uses it to delay and to fail at random (an error after
-the call is a lost reply: the call happened).
+barrier) and a key prefix; each rule fires `times` times (None: for ever). `lag` makes
+`list` show the store as it was that many seconds ago (a put not listed yet, a deleted key
+still listed). `hook` is called before every call with (op, key, False) and after it with
+(op, key, True), and may be a coroutine function: the simulation uses it to delay and to
+fail at random (an error after the call is a lost reply: the call happened).
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ class FaultStore(Store):
         self.hook = None  # (op, key) -> None | awaitable: delays and random faults
         self.calls: list[tuple[str, str]] = []
         self.deleted: list[str] = []
+        self.lag = 0.0  # `list` shows the store as it was this many seconds (trio time) ago
+        self._changes: list[tuple[float, str, bool]] = []  # (when, key, put or deleted)
 
     # ------------------------------------------------------------------ rules
 
@@ -113,14 +116,30 @@ class FaultStore(Store):
 
     # ------------------------------------------------------------------ the contract
 
+    def _changed(self, key: str, put: bool) -> None:
+        if self.lag > 0:
+            self._changes.append((trio.current_time(), key, put))
+
+    def _lagging(self, prefix: str, keys: list[str]) -> list[str]:
+        """The listing as it was `lag` seconds ago (an eventually consistent listing)."""
+        since = trio.current_time() - self.lag
+        self._changes = [c for c in self._changes if c[0] >= since]
+        view = set(keys)
+        for _when, key, put in reversed(self._changes):
+            if key.startswith(prefix):
+                (view.discard if put else view.add)(key)
+        return sorted(view)
+
     async def put(self, key: str, data: bytes) -> None:
         await self._point("put", key, False)
         await self.inner.put(key, data)
+        self._changed(key, True)
         await self._point("put", key, True)
 
     async def put_new(self, key: str, data: bytes) -> None:
         await self._point("put_new", key, False)
         await self.inner.put_new(key, data)
+        self._changed(key, True)
         await self._point("put_new", key, True)
 
     async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
@@ -146,13 +165,14 @@ class FaultStore(Store):
         await self._point("delete", key, False)
         await self.inner.delete(key)
         self.deleted.append(key)
+        self._changed(key, False)
         await self._point("delete", key, True)
 
     async def list(self, prefix: str = "") -> list[str]:
         await self._point("list", prefix, False)
         keys = await self.inner.list(prefix)
         await self._point("list", prefix, True)
-        return keys
+        return self._lagging(prefix, keys) if self.lag > 0 else keys
 
     async def barrier(self) -> None:
         await self._point("barrier", "", False)

@@ -7,9 +7,13 @@ world, so "acknowledged before the snapshot began" is a plain comparison. From t
 
 - a read with no write of its own volume in flight must give the newest version;
 - a snapshot taken over steps [start, end] holds, per block, the version current when it
-  began or any version whose call overlapped it (a write in flight may or may not be in);
+  began or any version whose call overlapped it (a write in flight may or may not be in),
+  and as a whole the volume at one instant: the calls it holds are a prefix of the
+  volume's calls;
 - after a crash a block holds the newest version made durable (acknowledged before an
-  fsync, a snapshot of the volume or a sync began) or any later one, acknowledged or not.
+  fsync, a snapshot of the volume or a sync began) or any later one, acknowledged or not,
+  or a mix of them sector by sector (a write not synced may be torn);
+  after a takeover, a published version or a later one, whole.
 
 The world resolves every uncertainty by reading (after a failed call, a crash, or the first
 read of a snapshot), so each version's content is always one definite block: the base of a
@@ -26,6 +30,7 @@ class Version:
     data: bytes
     start: int
     end: int | None = None  # acknowledged at this step; None: in flight, failed or cut off
+    whole: bool = True  # False: its call failed, so it may have happened in part
 
 
 @dataclass
@@ -37,6 +42,9 @@ class VolumeModel:
     durable: int = -1  # versions acknowledged before this step survive a crash
     published: int = -1  # ... and are in the store's newest catalog (a takeover keeps them)
     acked: bool = True  # the call that created the volume returned
+    deleting: bool = False  # a delete call is under way (or was cut off)
+    resizing: int | None = None  # a resize to this size is under way (or was cut off)
+    touched: set[int] = field(default_factory=set)  # blocks ever written, discarded or grown
 
     @classmethod
     def new(cls, name: str, size: int, bs: int, content: bytes | None, step: int):
@@ -45,13 +53,35 @@ class VolumeModel:
         vol = cls(name, size, bs)
         vol.blocks = [[Version(content[i : i + bs], step, step)] for i in range(0, size, bs)]
         vol.durable = vol.published = step + 1
+        vol.touched = {b for b, vs in enumerate(vol.blocks) if any(vs[0].data)}
         return vol
 
     def current(self, blk: int) -> bytes:
         return self.blocks[blk][-1].data
 
-    def content(self) -> bytes:
-        return b"".join(self.current(b) for b in range(len(self.blocks)))
+    def content(self, offset: int = 0, length: int | None = None) -> bytes:
+        end = self.size if length is None else offset + length
+        first, last = offset // self.bs, -(-end // self.bs)
+        data = b"".join(self.current(b) for b in range(first, last))
+        return data[offset - first * self.bs : end - first * self.bs]
+
+    def blen(self, blk: int) -> int:
+        return min(self.bs, self.size - blk * self.bs)
+
+    def grow(self, size: int, step: int) -> None:
+        """A resize to `size` returned: the tail block and the new blocks read zeros."""
+        last = len(self.blocks) - 1
+        if self.blen(last) < self.bs:
+            tail = self.current(last)
+            version = Version(
+                tail + bytes(min(self.bs, size - last * self.bs) - len(tail)), step, step
+            )
+            self.blocks[last].append(version)
+            self.touched.add(last)
+        self.size = size
+        for blk in range(len(self.blocks), -(-size // self.bs)):
+            self.blocks.append([Version(bytes(self.blen(blk)), step, step)])
+            self.touched.add(blk)
 
     def begin(self, offset: int, data: bytes, step: int) -> list[tuple[int, Version]]:
         """A write of `data` at `offset` began: one new version per block it touches."""
@@ -63,6 +93,7 @@ class VolumeModel:
             base = self.current(blk)
             version = Version(base[:boff] + data[pos : pos + n] + base[boff + n :], step)
             self.blocks[blk].append(version)
+            self.touched.add(blk)
             out.append((blk, version))
             pos += n
         return out
@@ -72,6 +103,7 @@ class VolumeModel:
         for blk, versions in enumerate(self.blocks):
             version = Version(content[blk * self.bs : (blk + 1) * self.bs], step)
             versions.append(version)
+            self.touched.add(blk)
             out.append((blk, version))
         return out
 
@@ -102,14 +134,22 @@ class VolumeModel:
         )
         return versions[base:]
 
-    def after_crash(self, blk: int, data: bytes, takeover: bool = False) -> None:
+    def after_crash(self, blk: int, data: bytes, now: int, takeover: bool = False) -> None:
         """After a crash the block holds a durable version or a later one; after another
-        writer took the store over, a published version or a later one."""
+        writer took the store over, a published version or a later one. What it holds is
+        the block's newest version from now on; the versions since the published mark
+        stay, since a later takeover may go back to any of them (a crash publishes
+        nothing, the flusher may have published any of them before it)."""
         mark = self.published if takeover else self.durable
-        for v in self.crash_candidates(blk, mark):
-            if v.data == data:
-                self.blocks[blk] = [Version(data, -1, -1)]
-                return
+        candidates = self.crash_candidates(blk, mark)
+        if any(v.data == data for v in candidates) or (
+            not takeover and _torn_of(data, [v.data for v in candidates])
+        ):
+            # The flusher may have published any version since the published mark: a
+            # later takeover may go back to any of them.
+            base = [] if takeover else self.crash_candidates(blk, self.published)
+            self.blocks[blk] = [*base, Version(data, now, now)]
+            return
         what = "published" if takeover else "durable"
         raise AssertionError(
             f"{self.name} block {blk} after a {'takeover' if takeover else 'crash'}: read "
@@ -120,17 +160,15 @@ class VolumeModel:
             f"an acknowledged, {'synced' if takeover else 'fsynced'} write was lost"
         )
 
-    def snapshot_candidates(self, blk: int, start: int, end: int | None) -> list[bytes]:
+    def snapshot_candidates(self, blk: int, start: int, end: int | None) -> list[Version]:
+        """The version current when the snapshot began, then every later one whose call
+        began before the snapshot call returned."""
         versions = self.blocks[blk]
         base = max(
             (i for i, v in enumerate(versions) if v.end is not None and v.end < start),
             default=0,
         )
-        return [
-            v.data
-            for i, v in enumerate(versions)
-            if i == base or (i > base and (end is None or v.start < end))
-        ]
+        return [v for v in versions[base:] if v is versions[base] or end is None or v.start < end]
 
     def prune(self, keep_from: int) -> None:
         """Forget versions that nothing can ask for again: superseded by a version
@@ -156,7 +194,8 @@ class SnapModel:
     deleting: bool = False  # a delete call is under way
     published: bool = False  # a sync began after it was taken and returned
     content: bytes | None = None  # once read
-    candidates: list[list[bytes]] | None = None  # per block, fixed when the call returned
+    # per block, fixed when the call returned: the versions it may hold, oldest first
+    candidates: list[list[Version]] | None = None
 
     def fix_candidates(self, vol: VolumeModel) -> None:
         self.candidates = [
@@ -168,15 +207,63 @@ class SnapModel:
             assert data == self.content, f"snapshot {self.volume}@{self.name} changed"
             return
         assert self.candidates is not None
-        assert len(data) == len(self.candidates) * bs, f"{self.volume}@{self.name}: size"
+        assert -(-len(data) // bs) == len(self.candidates), f"{self.volume}@{self.name}: size"
         for blk, options in enumerate(self.candidates):
             got = data[blk * bs : (blk + 1) * bs]
-            assert got in options, (
+            assert any(got == o.data for o in options), (
                 f"snapshot {self.volume}@{self.name} block {blk}: read {_show(got)}, "
-                f"expected one of {[_show(o) for o in options]}"
+                f"expected one of {[_show(o.data) for o in options]}"
             )
+        self.check_cut(data, bs)
         self.content = data
         self.candidates = None
+
+    def check_cut(self, data: bytes, bs: int) -> None:
+        """The snapshot is the volume at one instant, not only block by block: if a call
+        is in it (in part: the engine makes a call atomic against other writes, not
+        against a snapshot), every call acknowledged before that call began is in it
+        whole. Per block, the version it holds puts that version's call and the earlier
+        ones in, the later ones out; no call out may have been acknowledged before a call
+        in began. (A call that failed may have happened in part: never counted out; a
+        block whose content two versions share is left out of the reckoning.)"""
+        latest_in: tuple[int, int] | None = None  # (start, block) of the latest call in
+        earliest_out: tuple[int, int] | None = None  # (end, block) of the first acked out
+        for blk, versions in enumerate(self.candidates):
+            if len(versions) < 2:
+                continue
+            got = data[blk * bs : (blk + 1) * bs]
+            held = [i for i, v in enumerate(versions) if v.data == got]
+            if len(held) != 1:
+                continue
+            for v in versions[1 : held[0] + 1]:
+                if latest_in is None or v.start > latest_in[0]:
+                    latest_in = (v.start, blk)
+            for v in versions[held[0] + 1 :]:
+                if (
+                    v.whole
+                    and v.end is not None
+                    and (earliest_out is None or v.end < earliest_out[0])
+                ):
+                    earliest_out = (v.end, blk)
+        if latest_in is not None and earliest_out is not None and earliest_out[0] < latest_in[0]:
+            raise AssertionError(
+                f"snapshot {self.volume}@{self.name} is no cut of the volume at one instant: "
+                f"block {latest_in[1]} holds the call that began at step {latest_in[0]}, "
+                f"block {earliest_out[1]} lacks one acknowledged before, at step "
+                f"{earliest_out[0]}"
+            )
+
+
+SECTOR = 512
+
+
+def _torn_of(data: bytes, options: list[bytes]) -> bool:
+    """A write not yet synced when the node crashed may survive in part: each 512-byte
+    sector of the block holds that sector of one of the versions it may hold."""
+    return all(
+        any(o[i : i + SECTOR] == data[i : i + SECTOR] for o in options)
+        for i in range(0, len(data), SECTOR)
+    )
 
 
 def _show(block: bytes) -> str:

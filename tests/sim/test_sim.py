@@ -5,6 +5,8 @@ and crashes at any await, checked against a model after every step.
     scripts/test tests/sim                         the CI budget of seeds
     SNAPFS_SIM_SEEDS=2000 scripts/test tests/sim   more seeds
     SNAPFS_SIM_SEED=123 scripts/test tests/sim     replay one seed (it prints its history)
+    SNAPFS_SIM_KNOBS=list_lag=0 scripts/test tests/sim   override knobs the seeds draw
+    scripts/sim-soak --minutes 30 --first 5000     new seeds for a time budget
 """
 
 import os
@@ -15,10 +17,12 @@ import pytest
 import trio
 import trio.testing
 
+from tests.sim.watchdog import wall_alarm
 from tests.sim.world import BugFound, World, inline_threads, seeded_randomness
 
 FIRST = int(os.environ.get("SNAPFS_SIM_FIRST", "0"))
 ONE = os.environ.get("SNAPFS_SIM_SEED")
+WALL = int(os.environ.get("SNAPFS_SIM_WALL", "120"))  # seconds of wall time a seed may take
 SEEDS = (
     [int(ONE)] if ONE else list(range(FIRST, FIRST + int(os.environ.get("SNAPFS_SIM_SEEDS", "60"))))
 )
@@ -31,7 +35,8 @@ def simulate(seed: int, monkeypatch) -> World:
         world = World(seed, root)
         clock = trio.testing.MockClock(autojump_threshold=0)
         try:
-            trio.run(world.run, clock=clock)
+            with wall_alarm(WALL):
+                trio.run(world.run, clock=clock)
         except BaseException as exc:
             while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
                 exc = exc.exceptions[0]
@@ -60,4 +65,8 @@ def test_simulation(seed, monkeypatch):
     started = time.perf_counter()
     world = simulate(seed, monkeypatch)
     took = time.perf_counter() - started
-    print(f"seed {seed}: {world.steps} steps in {took:.2f}s ({world.steps / took:.0f} steps/s)")
+    print(
+        f"seed {seed}: {world.steps} steps in {took:.2f}s ({world.steps / took:.0f} steps/s, "
+        f"at most {world.spin_most} task steps at one instant, "
+        f"{world.files.torn_sectors} torn sectors, {world.commit_crashes} crashes at a commit)"
+    )
