@@ -101,6 +101,7 @@ class TreeReader:
     ) -> Update:
         """Apply {blk: chunk id or None (hole)} to the tree; grow it to `new_level` first."""
         out = Update(root, level)
+        made: dict[bytes, tuple[int, dict[int, bytes]]] = {}
 
         def make(node_level: int, entries: dict[int, bytes]) -> bytes | None:
             if not entries:
@@ -108,7 +109,8 @@ class TreeReader:
             data = encode_node(node_level, entries)
             oid = digest(data)
             out.new_nodes[oid] = data
-            self.remember(oid, (node_level, dict(entries)))
+            made[oid] = (node_level, dict(entries))
+            self.remember(oid, made[oid])
             return oid
 
         while level < new_level:
@@ -144,6 +146,19 @@ class TreeReader:
                 raise ValueError(f"block {bad[0]} outside a level-{level} tree")
             root = await apply(root, level, sorted(changes.items()))
         out.root, out.level = root, level
+        # Growing wraps the old root in new nodes that `apply` may then replace: only the
+        # new nodes the new root reaches are part of it (the others would count their
+        # children, the old root among them, once too often).
+        reached: set[bytes] = set()
+        stack = [root]
+        while stack:
+            oid = stack.pop()
+            if oid in made and oid not in reached:
+                reached.add(oid)
+                node_level, entries = made[oid]
+                if node_level:
+                    stack.extend(entries.values())
+        out.new_nodes = {oid: data for oid, data in out.new_nodes.items() if oid in reached}
         return out
 
     async def items(

@@ -258,3 +258,24 @@ async def test_a_catalog_commit_that_fails_stops_the_writer_until_remounted():
         engine.assert_invariants()
     finally:
         await engine.close()
+
+
+async def test_a_write_after_a_resize_across_a_tree_level_keeps_the_refcounts():
+    """Found by the simulation once it resized volumes: growing the tree wrapped the old
+    root in a new node, which the update then replaced; both counted the old root as a
+    child, so it was counted twice (fsck: 'counted 2, referenced 1') and never freed."""
+    engine = await make(cache_size=64 * BS)
+    try:
+        await engine.create_volume("v", 6 * BS, BS)
+        await engine.write("v", 0, b"a" * BS)
+        await engine.sync()
+        await engine.resize_volume("v", 305 * BS)  # a tree of two levels now
+        await engine.write("v", 300 * BS, b"b" * BS)
+        await engine.sync()
+        report = await engine.check()
+        assert report.clean, report.as_dict()
+        engine.evict_all()
+        assert await engine.read("v", 0, BS) == b"a" * BS
+        assert await engine.read("v", 300 * BS, BS) == b"b" * BS
+    finally:
+        await engine.close()
