@@ -31,7 +31,7 @@ import functools
 import secrets
 import sqlite3
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 import blake3
@@ -455,22 +455,28 @@ class ChunkStore:
     def forget_fragments(self, keys: list[str]) -> None:
         self.db.executemany("DELETE FROM fragments WHERE key=?", ((k,) for k in keys))
 
-    async def scan_index(self, skip: set[str] | None = None) -> "IndexScan":
+    async def scan_index(
+        self, skip: set[str] | None = None, named: Iterable[str] = ()
+    ) -> "IndexScan":
         """Read the index from the store (awaits only, nothing written): the packs listed,
         and the fragments (those not in `skip`), keeping entries whose pack is listed (the
         fragment with the highest seq wins, whatever the listing order: gc moved the blob
         to a newer pack, and the older one goes after the grace period). Without `skip`,
         also the trailers of packs that no fragment lists (a fragment lost, or a cycle
         that failed between its packs and its fragment): their own trailers say what they
-        hold."""
+        hold. Listings may lag: the fragments a catalog `named` are read whether listed or
+        not, and a pack a fragment names that is not listed is asked for by HEAD."""
         present = {key.rsplit("/", 1)[1] for key in await self.store.list("p/")}
         fkeys = await self.store.list("i/")
+        fkeys += sorted(set(named) - set(fkeys))
         scan = IndexScan(fkeys)
+        docs = []
+        for fkey in fkeys:
+            if skip is None or fkey not in skip:
+                docs.append(await self._read_fragment(fkey))
+        await self._probe_unlisted(present, docs)
         placed: dict[bytes, tuple[int, int]] = {}  # blob → (seq, listing position) it has
-        for position, fkey in enumerate(fkeys):
-            if skip is not None and fkey in skip:
-                continue
-            doc = await self._read_fragment(fkey)
+        for position, doc in enumerate(docs):
             if doc is None:
                 continue
             order = (int(doc.get("seq", NO_SEQ)), position)
@@ -493,6 +499,14 @@ class ChunkStore:
                 for key, off, length in table:
                     scan.found.setdefault(key, (pid, off, length))
         return scan
+
+    async def _probe_unlisted(self, present: set[str], docs: list[dict | None]) -> None:
+        """Add to `present` the packs the fragments name that a lagging listing left out
+        but that are in the store (HEAD); a pack gc deleted stays out."""
+        named = {pid.hex() for doc in docs if doc is not None for pid in doc["packs"]}
+        for name in sorted(named - present):
+            if await self.store.head(pack_key(bytes.fromhex(name))) is not None:
+                present.add(name)
 
     async def _read_fragment(self, fkey: str) -> dict | None:
         """An index fragment, or None when it was deleted since the listing."""
@@ -522,11 +536,11 @@ class ChunkStore:
         self._set_next_seq(max(self._next_seq(), scan.newest + 1))  # after every writer's
         self.recount_live()
 
-    async def load_index(self) -> None:
+    async def load_index(self, named: Iterable[str] = ()) -> None:
         """Fresh cache: rebuild `blobs` and `packs` from the published fragments and the
         trailers of packs no fragment lists (`scan_index`). The caller then releases what
         no root references (which deletes orphan packs, after the fence and a grace)."""
-        self.apply_scan(await self.scan_index(), replace=False)
+        self.apply_scan(await self.scan_index(named=named), replace=False)
 
     def live_mismatches(self) -> list[tuple[bytes, int, int]]:
         """Packs whose live bytes differ from the blobs the index places in them."""

@@ -190,7 +190,7 @@ class Engine(DataPath, Maintenance):
         refs: dict[bytes, tuple[int, int]] = {}
         cat = self.catalog
         with cat.transaction():  # the index first: walking the roots reads nodes through it
-            await self.chunks.load_index()
+            await self.chunks.load_index(() if doc is None else doc.get("fragments", ()))
         if doc is not None:
             roots = [(v["root"], v["block_size"]) for v in doc["volumes"]]
             roots += [(s["root"], s["block_size"]) for s in doc["snapshots"]]
@@ -269,13 +269,16 @@ class Engine(DataPath, Maintenance):
         if newest != mine:
             doc = await publish.latest_catalog(self.store, newest)
             newest = doc["seq"] if doc else newest
-        scan = await self.chunks.scan_index(None if reload_index else self.chunks.fragment_keys())
+        named = () if doc is None else doc.get("fragments", ())
+        scan = await self.chunks.scan_index(
+            None if reload_index else self.chunks.fragment_keys(), named
+        )
         if doc is not None and not reload_index:
             roots = [v["root"] for v in doc["volumes"]] + [s["root"] for s in doc["snapshots"]]
             keys = {K_NODE + r for r in roots if r is not None}
             if any(k not in scan.found and self.chunks.location(k) is None for k in keys):
                 # A root in no fragment (one lost): pack trailers say where it is.
-                scan = await self.chunks.scan_index()
+                scan = await self.chunks.scan_index(named=named)
                 reload_index = True
         # From here on: no await until the tables and heads agree.
         with cat.transaction():

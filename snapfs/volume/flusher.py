@@ -315,7 +315,9 @@ class Flusher(EngineBase):
         store: it publishes and deletes nothing from then on."""
         try:
             await self.fence.publish(
-                lambda seq, writer, changes: publish.catalog_doc(self.catalog, seq, writer, changes)
+                lambda seq, writer, changes: publish.catalog_doc(
+                    self.catalog, seq, writer, changes, self.chunks.fragment_keys()
+                )
             )
         except ReadOnly:
             if self.fence.lost:

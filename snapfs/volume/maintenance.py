@@ -172,7 +172,9 @@ class Maintenance(Flusher):
             else:
                 packs.add(loc[0])
         listed = {bytes.fromhex(k.rsplit("/", 1)[1]) for k in await self.store.list("p/")}
-        missing += [f"{pack_key(pid)}: missing from the store" for pid in packs - listed]
+        for pid in sorted(packs - listed):  # a listing may lag: ask for the pack itself
+            if await self.store.head(pack_key(pid)) is None:
+                missing.append(f"{pack_key(pid)}: missing from the store")
         known = self.chunks.known_packs()
         known.update(k[1:] for k in self.catalog.garbage() if k[:1] == K_PACK)  # in grace
         return missing, sorted(listed - known)

@@ -103,7 +103,12 @@ async def latest_catalog(store: Store, known: int = 0) -> dict | None:
     raise StoreError(f"{store.url}: catalog {seq} is listed but cannot be read")
 
 
-def catalog_doc(catalog: Catalog, seq: int, writer: str = "", changes: int = 0) -> dict:
+def catalog_doc(
+    catalog: Catalog, seq: int, writer: str = "", changes: int = 0, fragments: list[str] = ()
+) -> dict:
+    """The catalog document: the volumes and available snapshots, and the index fragments
+    that place every object they reference (a reader GETs them by name: a store listing
+    may lag behind a catalog found by probing)."""
     volumes = [
         {
             "name": v.name,
@@ -132,7 +137,7 @@ def catalog_doc(catalog: Catalog, seq: int, writer: str = "", changes: int = 0) 
         for s in catalog.snapshots()
         if s.state == "available" and not s.temporary
     ]
-    return _doc(seq, writer, changes, volumes, snapshots)
+    return _doc(seq, writer, changes, volumes, snapshots, sorted(fragments))
 
 
 def fence_doc(doc: dict | None, seq: int, writer: str) -> dict:
@@ -140,11 +145,14 @@ def fence_doc(doc: dict | None, seq: int, writer: str) -> dict:
     again as `seq`, with the token of the writer that restores them; no local change."""
     if doc is None:
         return _doc(seq, writer, 0, [], [])
-    return _doc(seq, writer, 0, doc["volumes"], doc["snapshots"])
+    return _doc(seq, writer, 0, doc["volumes"], doc["snapshots"], doc.get("fragments", []))
 
 
-def _doc(seq: int, writer: str, changes: int, volumes: list, snapshots: list) -> dict:
+def _doc(
+    seq: int, writer: str, changes: int, volumes: list, snapshots: list, fragments: list = ()
+) -> dict:
     return {
+        "fragments": list(fragments),
         "format": FORMAT,
         "seq": seq,
         "created": time.time(),
