@@ -40,6 +40,7 @@ import trio
 
 from snapfs.errors import (
     CacheSyncFailed,
+    CatalogFailed,
     IntegrityError,
     NotFound,
     ObjectNotFound,
@@ -195,6 +196,11 @@ class World:
         for item in filter(None, os.environ.get("SNAPFS_SIM_KNOBS", "").split(",")):
             key, value = item.split("=")  # e.g. SNAPFS_SIM_KNOBS=takeovers=0,sync_fail=0
             setattr(self.knobs, key, type(getattr(self.knobs, key))(ast.literal_eval(value)))
+        if self.knobs.list_lag and self.knobs.grace <= 2 * self.knobs.list_lag:
+            # The grace period must outlast the store's listing lag (docs/design.md,
+            # "Fencing"): a catalog is deleted only after it, so the newest one listed
+            # still exists and the probe past it finds the newest.
+            self.knobs.grace = 4 * self.knobs.list_lag
         self.root = root
         self.store = FaultStore(MemoryStore())
         self.store.hook = self._store_fault
@@ -693,6 +699,12 @@ class World:
             return
         if isinstance(exc, CacheSyncFailed) and self.sync_failed:
             return  # an fdatasync failed (injected): the volume fails its syncs from then on
+        if (
+            isinstance(exc, CatalogFailed)
+            and self.engine is not None
+            and self.engine.catalog.failed
+        ):
+            return  # a catalog commit failed (injected): the writer stops until remounted
         if isinstance(exc, ObjectNotFound | IntegrityError) or not isinstance(exc, StoreError):
             raise BugFound(f"unexpected error: {exc.__class__.__name__}: {exc}") from exc
 
@@ -962,13 +974,14 @@ class World:
             self.thaw()
         else:
             self.note("restart")
+            failed = self.engine.catalog.failed  # then the close commits no dirty rows
             try:
                 await self.engine.close()
             except SnapfsError as exc:
                 self.expected(exc)
             self.engine = None
             for vol in self.vols.values():  # a clean close syncs the files
-                if vol.name not in self.sync_failed:
+                if vol.name not in self.sync_failed and not failed:
                     vol.durable = self.tick()
         self.sync_failed.clear()
         self.engine = self.hook_catalog(
@@ -1086,7 +1099,7 @@ class World:
 
     async def finish(self) -> None:
         self.note("finish")
-        if self.sync_failed:  # its volumes fail every sync until they are reopened
+        if self.sync_failed or self.engine.catalog.failed:  # they fail until reopened
             await self.restart(crash=False)
         await self.resolve_cut_off()
         await self.engine.sync()
