@@ -259,6 +259,18 @@ class Fence:
             return None
         return newest, await publish.read_catalog(self.store, newest)
 
+    async def check_current(self) -> None:
+        """Before a commit marks blocks clean: has another writer fenced after our newest
+        catalog? (one HEAD of the next seq; our own earlier publish there is fine). Then
+        this writer lost the store: ReadOnly, and its dirty blocks stay dirty (for the
+        message at unmount, and for recovery) instead of going clean under a catalog it
+        can never publish."""
+        seq = self.store_seq + 1
+        if self.fenced and await self.store.head(publish.catalog_key(seq)) is not None:
+            doc = await publish.read_catalog(self.store, seq)
+            if doc is None or doc.get("writer") != self.writer:
+                self._displaced(seq, doc, "committing")
+
     def _displaced(self, seq: int, doc: dict | None, doing: str) -> NoReturn:
         """Catalog `seq` is another writer's: before our fence, FenceConflict; after it,
         this writer lost the store (ReadOnly)."""

@@ -131,6 +131,7 @@ class Flusher(EngineBase):
         for blk, oid in changes.items():
             was = await self.tree.lookup(old_root, old_level, blk)
             mapped_delta += (oid is not None) - (was is not None)
+        await self.fence.check_current()
         # From here to the end: no await until the publish.
         cleaned = [
             blk

@@ -10,7 +10,7 @@ import trio.lowlevel
 from snapfs.errors import CacheSyncFailed
 from snapfs.volume.cache import CacheSpace, Dirty, VolumeCache
 from snapfs.volume.catalog import Catalog, SnapshotRow, VolumeRow
-from snapfs.volume.files import Files
+from snapfs.volume.files import BlockFile, Files
 from snapfs.volume.inflight import InFlight
 from snapfs.volume.saves import CowSaves
 
@@ -29,7 +29,9 @@ class Head:
         self.cache = files.open(self.cache_path, row.size)
         self.blocks = VolumeCache(space, row, self.cache)  # which blocks the file holds
         # Copy-on-write saves for pending snapshots, one slot a block.
-        self.saves = CowSaves(files.open(self.frozen_path), catalog, row.id, row.block_size, space)
+        self.saves = CowSaves(
+            files.open(self.frozen_path), catalog, row.id, row.block_size, space, self.datasync
+        )
         self.pending: list[SnapshotRow] = []  # snapshots in creating/deleting, by epoch
         self.opens = 0
         self.write_lock = trio.Lock()
@@ -56,18 +58,21 @@ class Head:
     def blen(self, blk: int) -> int:
         return min(self.bs, self.row.size - blk * self.bs)
 
-    async def datasync(self) -> None:
-        """Make the cache file's writes durable, or raise CacheSyncFailed, then and at every
-        later call (the PostgreSQL "fsyncgate" lesson)."""
+    async def datasync(self, file: BlockFile | None = None) -> None:
+        """Make the writes to the cache file (or to `file`, the saves file) durable, or
+        raise CacheSyncFailed, then and at every later sync of the volume: the PostgreSQL
+        "fsyncgate" lesson (a failed fdatasync may have dropped the pages it could not
+        write, and a later one that succeeds says nothing of them)."""
+        file = file or self.cache
         if self.sync_error is None:
             try:
-                await self.cache.datasync()
+                await file.datasync()
                 return
             except OSError as exc:
                 self.sync_error = exc.strerror or str(exc)
-                log.error("%s: fdatasync failed: %s", self.cache_path, self.sync_error)
+                log.error("%s: fdatasync failed: %s", file.path, self.sync_error)
         raise CacheSyncFailed(
-            f"volume {self.row.name!r}: writing its cache file back failed "
+            f"volume {self.row.name!r}: writing its cache files back failed "
             f"({self.sync_error}); its unsynced writes may be lost: remount to recover"
         )
 

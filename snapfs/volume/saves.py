@@ -18,6 +18,7 @@ volume; the rows in SQLite equal the saves in memory.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -28,9 +29,16 @@ if TYPE_CHECKING:
 
 class CowSaves:
     def __init__(
-        self, file: BlockFile, catalog: Catalog, vid: int, bs: int, space: CacheSpace
+        self,
+        file: BlockFile,
+        catalog: Catalog,
+        vid: int,
+        bs: int,
+        space: CacheSpace,
+        sync: Callable[[BlockFile], Awaitable[None]],
     ) -> None:
         self.file = file
+        self._sync = sync  # the head's fdatasync (a failure fails the volume's later syncs)
         self.catalog = catalog
         self.vid, self.bs = vid, bs
         self.space = space
@@ -72,7 +80,7 @@ class CowSaves:
             self._next += 1
         self.file.pwrite(data, slot * self.bs)
         try:
-            await self.file.datasync()
+            await self._sync(self.file)
         except BaseException:
             self.give_back(slot)
             raise

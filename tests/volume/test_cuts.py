@@ -310,3 +310,29 @@ async def test_a_listing_that_lags_neither_hides_objects_from_a_reader_nor_from_
         if reader is not None:
             await reader.close()
         await writer.close()
+
+
+async def test_a_writer_displaced_before_its_commit_keeps_its_blocks_dirty():
+    """A displaced writer's sync committed its fsynced blocks locally (clean, the dirty
+    rows gone) before its publish found the other writer's catalog: unmount then said
+    nothing was left to upload, and an eviction could drop the only copy the cache dir
+    had (tests/fuse/test_umount.py saw '(0)' instead of '2M'). A commit now asks first
+    whether another writer fenced (one HEAD): the blocks stay dirty."""
+    store = await new_store()
+    engine = await make(store, cache_size=64 * BS)
+    other = None
+    try:
+        await engine.create_volume("v", 8 * BS, BS)
+        await engine.sync()
+        await engine.write("v", 0, b"a" * 4 * BS)
+        await engine.fsync("v")
+        other = await make(store)  # fences the store: --takeover
+        with pytest.raises(ReadOnly):
+            await engine.sync()
+        assert engine.lease_lost
+        assert engine.statistics().dirty_bytes == 4 * BS
+        assert sorted(engine.catalog.dirty(engine.head("v").row.id)) == [0, 1, 2, 3]
+    finally:
+        if other is not None:
+            await other.close()
+        await engine.close()
