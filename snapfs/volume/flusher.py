@@ -42,6 +42,10 @@ class Flusher(EngineBase):
         while await self.flush_once(upto_gen=target):
             pass
         async with self.commit_lock:
+            # The cycles stop at once when this writer lost the store meanwhile (another
+            # task learned it) or its catalog failed: then what came before this call is
+            # not in the store, and sync must not say it is.
+            self.writable()
             await self._publish()
             await self._collect()
 

@@ -336,3 +336,40 @@ async def test_a_writer_displaced_before_its_commit_keeps_its_blocks_dirty():
         if other is not None:
             await other.close()
         await engine.close()
+
+
+async def test_sync_fails_when_another_task_learns_meanwhile_that_the_writer_lost():
+    """Found by the simulation (soak seed 1057): a background cycle learned that the
+    writer lost the store while sync waited for the commit lock; sync's own cycles then
+    returned at once, its publish had nothing new to publish, and sync returned as if its
+    writes were in the store. A takeover then read zeros for them."""
+    store = await new_store()
+    engine = await make(store, cache_size=64 * BS)
+    other = None
+    try:
+        await engine.create_volume("v", 8 * BS, BS)
+        await engine.sync()
+        await engine.write("v", 0, b"a" * BS)
+        gate = store.pause("put", "p/")  # the background cycle's pack
+        raised: list[Exception] = []
+
+        async def run(call):
+            try:
+                await call()
+            except Exception as exc:  # the test looks at it
+                raised.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run, engine.flush_once)
+            await gate.wait_reached()
+            await engine.write("v", BS, b"b" * BS)
+            nursery.start_soon(run, engine.sync)
+            await trio.testing.wait_all_tasks_blocked()
+            other = await make(store)  # fences the store
+            gate.release()
+        assert len(raised) == 2 and all(isinstance(e, ReadOnly) for e in raised), raised
+        assert engine.statistics().dirty_bytes == 2 * BS
+    finally:
+        if other is not None:
+            await other.close()
+        await engine.close()
