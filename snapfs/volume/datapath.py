@@ -107,7 +107,10 @@ class DataPath(Flusher):
             root, level = head.row.root, head.row.root_level
             oid = await self.tree.lookup(root, level, blk)
             data = None if oid is None else await self.chunks.get(CHUNK, oid)
-            if not head.blocks.present(blk) and head.row.root == root:
+            # Cached only if nothing changed meanwhile: no write, no commit, and the volume
+            # is still there (a delete, or a refresh of a read-only engine, closed its files).
+            current = head is self.heads.get(head.row.name)
+            if current and not head.blocks.present(blk) and head.row.root == root:
                 self._cache_clean(head, blk, data)
                 self.space.evict()
             return data

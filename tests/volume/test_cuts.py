@@ -373,3 +373,32 @@ async def test_sync_fails_when_another_task_learns_meanwhile_that_the_writer_los
         if other is not None:
             await other.close()
         await engine.close()
+
+
+async def test_a_read_that_outlives_its_volume_does_not_touch_its_closed_files():
+    """Found by the simulation (soak seed 1133): a read fetching a block from the store
+    while its volume went away (deleted; on a read-only mount, gone at a refresh) then
+    cached the block into the closed cache file: EBADF, and a clean block of a volume the
+    cache no longer knows."""
+    store = await new_store()
+    engine = await make(store, cache_size=64 * BS)
+    try:
+        await engine.create_volume("v", 8 * BS, BS)
+        await engine.write("v", 0, b"a" * BS)
+        await engine.sync()
+        engine.evict_all()
+        gate = store.pause("get", "p/")
+        got: list[bytes] = []
+
+        async def read():
+            got.append(await engine.read("v", 0, BS))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            await gate.wait_reached()
+            await engine.delete_volume("v")
+            gate.release()
+        assert got == [b"a" * BS]  # it began before the delete
+        engine.assert_invariants()
+    finally:
+        await engine.close()
