@@ -164,6 +164,8 @@ def render(words: list[str], result) -> str:
         ]
         lines += [f"{e['offset']}\t{e['length']}" for e in result["extents"]]
         return "\n".join(lines)
+    if cmd[:1] == ("fsck",):
+        return render_fsck(result)
     if isinstance(result, dict):
         width = max((len(k) for k in result), default=0)
         return "\n".join(f"{k.ljust(width)}  {v}" for k, v in result.items())
@@ -313,6 +315,27 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def render_fsck(report: dict) -> str:
+    """One line per finding (the object, and what is wrong with it), then a summary."""
+    lines = [f"wrong refcount: {w}" for w in report["wrong_counts"]]
+    lines += [f"missing: {m}" for m in report["missing"]]
+    verdict = "clean" if report["clean"] else "NOT clean"
+    if report["repaired"]:
+        verdict += ", refcounts repaired"
+    lines.append(
+        f"fsck: {report['objects']} objects checked, {verdict}"
+        f" ({report['orphan_packs']} orphan packs)"
+    )
+    return "\n".join(lines)
+
+
+def fsck_status(report: dict) -> int:
+    """fsck exits 1 when it found something it did not repair (scripts can tell)."""
+    if report.get("missing"):
+        return 1  # nothing can repair a missing object
+    return 0 if report.get("clean") or report.get("repaired") else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     as_json = False
@@ -349,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_umount(words[1:])
         result = ctl(find_mount(mount), shlex.join(words))
         print(json.dumps(result, indent=2, default=str) if as_json else render(words, result))
-        return 0
+        return fsck_status(result) if words[0] == "fsck" else 0
     except NotUploaded as exc:
         print(f"snapfs: {exc}", file=sys.stderr)
         return EXIT_NOT_UPLOADED

@@ -2,6 +2,7 @@
 delete rules."""
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -70,3 +71,27 @@ def test_show_resize_clone_rollback_delete(snapfs: Snapfs):
     fs.cli("volume", "delete", "db", "--recursive")
     assert not fs.vol("db").exists()
     assert fs.cli_json("fsck")["clean"]
+
+
+def test_fsck_prints_each_finding_and_exits_nonzero(snapfs: Snapfs):
+    """fsck said `clean False` and exited 0: a script could not tell. Now each finding is
+    a line naming the object, and the exit status is 1 while something is wrong."""
+    fs = snapfs
+    fs.cli("volume", "create", "v", "--size", "4M", "--block-size", "64K")
+    with open(fs.vol("v"), "r+b") as f:
+        f.write(os.urandom(1 * MiB))
+        f.flush()
+        os.fsync(f.fileno())
+    fs.cli("sync")
+    ok = fs.cli("fsck")
+    assert ok.returncode == 0 and "clean" in ok.stdout and "NOT" not in ok.stdout
+    store = Path(fs.store_url.removeprefix("file://"))
+    packs = sorted(store.glob("p/*/*"))
+    assert packs
+    packs[0].unlink()  # a disk error, or a hand that deleted the wrong file
+    bad = fs.cli("fsck", check=False)
+    assert bad.returncode == 1, bad
+    missing = [line for line in bad.stdout.splitlines() if line.startswith("missing: p/")]
+    assert missing and packs[0].name in missing[0], bad.stdout
+    assert "NOT clean" in bad.stdout.splitlines()[-1]
+    assert fs.cli("--json", "fsck", check=False).returncode == 1
