@@ -456,7 +456,7 @@ class ChunkStore:
         self.db.executemany("DELETE FROM fragments WHERE key=?", ((k,) for k in keys))
 
     async def scan_index(
-        self, skip: set[str] | None = None, named: Iterable[str] = ()
+        self, skip: set[str] | None = None, named: Iterable[str] = (), keep_absent: bool = False
     ) -> "IndexScan":
         """Read the index from the store (awaits only, nothing written): the packs listed,
         and the fragments (those not in `skip`), keeping entries whose pack is listed (the
@@ -475,6 +475,8 @@ class ChunkStore:
             if skip is None or fkey not in skip:
                 docs.append(await self._read_fragment(fkey))
         await self._probe_unlisted(present, docs)
+        if keep_absent:  # fsck of a store: what the fragments say, to name what is missing
+            present.update(pid.hex() for doc in docs if doc is not None for pid in doc["packs"])
         placed: dict[bytes, tuple[int, int]] = {}  # blob → (seq, listing position) it has
         for position, doc in enumerate(docs):
             if doc is None:
@@ -536,11 +538,11 @@ class ChunkStore:
         self._set_next_seq(max(self._next_seq(), scan.newest + 1))  # after every writer's
         self.recount_live()
 
-    async def load_index(self, named: Iterable[str] = ()) -> None:
+    async def load_index(self, named: Iterable[str] = (), keep_absent: bool = False) -> None:
         """Fresh cache: rebuild `blobs` and `packs` from the published fragments and the
         trailers of packs no fragment lists (`scan_index`). The caller then releases what
         no root references (which deletes orphan packs, after the fence and a grace)."""
-        self.apply_scan(await self.scan_index(named=named), replace=False)
+        self.apply_scan(await self.scan_index(named=named, keep_absent=keep_absent), replace=False)
 
     def live_mismatches(self) -> list[tuple[bytes, int, int]]:
         """Packs whose live bytes differ from the blobs the index places in them."""

@@ -12,6 +12,7 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 
 import trio
@@ -315,10 +316,43 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def cmd_fsck_store(args: list[str], as_json: bool) -> int:
+    """snapfs fsck STORE_URL [--verify-data]: check a store without a mount. A read-only
+    engine in a temporary cache dir takes the newest catalog, walks every tree and asks the
+    store for every object it references (and with --verify-data reads each one and checks
+    its digest). Refcounts are the writer's: `snapfs fsck` on its mount checks those."""
+    url, *rest = args
+    unknown = [a for a in rest if a != "--verify-data"]
+    if unknown:
+        raise CliError(f"usage: snapfs fsck STORE_URL [--verify-data] (not {unknown[0]!r})")
+    from snapfs.store import open_store
+    from snapfs.volume.engine import Engine, EngineConfig
+
+    async def run() -> dict:
+        store = open_store(url)
+        try:
+            with tempfile.TemporaryDirectory(prefix="snapfs-fsck-") as cache:
+                engine = await Engine.open(
+                    store, cache, EngineConfig(), read_only=True, checking=True
+                )
+                try:
+                    report = await engine.check(verify_data="--verify-data" in rest)
+                finally:
+                    await engine.close()
+                return report.as_dict()
+        finally:
+            await store.aclose()
+
+    report = trio.run(run)
+    print(json.dumps(report, indent=2) if as_json else render_fsck(report))
+    return fsck_status(report)
+
+
 def render_fsck(report: dict) -> str:
     """One line per finding (the object, and what is wrong with it), then a summary."""
     lines = [f"wrong refcount: {w}" for w in report["wrong_counts"]]
     lines += [f"missing: {m}" for m in report["missing"]]
+    lines += [f"corrupt: {c}" for c in report.get("corrupt", [])]
     verdict = "clean" if report["clean"] else "NOT clean"
     if report["repaired"]:
         verdict += ", refcounts repaired"
@@ -331,8 +365,8 @@ def render_fsck(report: dict) -> str:
 
 def fsck_status(report: dict) -> int:
     """fsck exits 1 when it found something it did not repair (scripts can tell)."""
-    if report.get("missing"):
-        return 1  # nothing can repair a missing object
+    if report.get("missing") or report.get("corrupt"):
+        return 1  # nothing can repair a missing or damaged object
     return 0 if report.get("clean") or report.get("repaired") else 1
 
 
@@ -370,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_mount(words[1:])
         if words[0] in ("umount", "unmount"):
             return cmd_umount(words[1:])
+        if words[:1] == ["fsck"] and len(words) > 1 and "://" in words[1]:
+            return cmd_fsck_store(words[1:], as_json)
         result = ctl(find_mount(mount), shlex.join(words))
         print(json.dumps(result, indent=2, default=str) if as_json else render(words, result))
         return fsck_status(result) if words[0] == "fsck" else 0

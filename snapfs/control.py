@@ -76,7 +76,11 @@ SPECS = [
     Spec(("diff",), ("a", "b"), help="blocks changed between two snapshots of a volume"),
     Spec(("sync",), help="upload everything dirty and publish the catalog"),
     Spec(("stats",), help="daemon statistics"),
-    Spec(("fsck",), flags=("repair",), help="recompute refcounts and check the store"),
+    Spec(
+        ("fsck",),
+        flags=("repair", "verify-data"),
+        help="recompute refcounts and check the store (--verify-data: read every object)",
+    ),
     Spec(
         ("gc",),
         options={"threshold": lambda t: _fraction(t)},
@@ -247,9 +251,9 @@ class Controller:
     async def do_stats(self, uid):
         return asdict(self.engine.statistics())
 
-    async def do_fsck(self, uid, repair=False):
+    async def do_fsck(self, uid, repair=False, verify_data=False):
         check_root(uid, "fsck")
-        return (await self.engine.check(repair=repair)).as_dict()
+        return (await self.engine.check(repair=repair, verify_data=verify_data)).as_dict()
 
     async def do_gc(self, uid, threshold=None):
         check_root(uid, "gc")

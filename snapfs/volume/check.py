@@ -61,12 +61,13 @@ class CheckReport:
     objects: int = 0
     wrong_counts: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
+    corrupt: list[str] = field(default_factory=list)  # read back, not matching its digest
     orphan_packs: int = 0
     repaired: bool = False
 
     @property
     def clean(self) -> bool:
-        return not self.wrong_counts and not self.missing
+        return not self.wrong_counts and not self.missing and not self.corrupt
 
     def as_dict(self) -> dict:
         return {
@@ -75,5 +76,6 @@ class CheckReport:
             "repaired": self.repaired,
             "wrong_counts": self.wrong_counts[:50],
             "missing": self.missing[:50],
+            "corrupt": self.corrupt[:50],
             "orphan_packs": self.orphan_packs,
         }

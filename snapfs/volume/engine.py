@@ -61,6 +61,7 @@ class Engine(DataPath, Maintenance):
         super().__init__(*args, **kwargs)
         self._refresh_lock = trio.Lock()
         self._index_loads = 0  # full index reloads of a read-only engine
+        self.checking = False  # opened for fsck: a restore goes on past missing objects
         if self.read_only:
             self.chunks.on_missing = self._reload_index
 
@@ -72,17 +73,21 @@ class Engine(DataPath, Maintenance):
         config: EngineConfig | None = None,
         read_only: bool = False,
         files: Files | None = None,
+        checking: bool = False,
     ):
         """Open the cache dir for `store`: restore from the store when it is empty (a
         read-write engine fences first, then restores the catalog just before its fence),
         recover after a crash when the last shutdown was not clean. A read-write engine
         publishes its fence catalog before any delete; a read-only one catches up with
         the store's newest catalog. Busy when another writer published since this cache
-        dir did, or keeps publishing while a fresh one fences."""
+        dir did, or keeps publishing while a fresh one fences. `checking` (read-only, for
+        `snapfs fsck STORE_URL`): a restore that finds objects missing goes on, keeping
+        the index the fragments give, so that the check names them."""
         manifest = await publish.read_manifest(store)
         os.makedirs(cache_dir, mode=0o700, exist_ok=True)
         catalog = Catalog(os.path.join(cache_dir, "catalog.sqlite3"))
         engine = cls(store, catalog, cache_dir, config or EngineConfig(), read_only, files)
+        engine.checking = checking and read_only
         try:
             await engine._load(manifest)
         except FenceConflict as exc:
@@ -190,14 +195,16 @@ class Engine(DataPath, Maintenance):
         refs: dict[bytes, tuple[int, int]] = {}
         cat = self.catalog
         with cat.transaction():  # the index first: walking the roots reads nodes through it
-            await self.chunks.load_index(() if doc is None else doc.get("fragments", ()))
+            await self.chunks.load_index(
+                () if doc is None else doc.get("fragments", ()), keep_absent=self.checking
+            )
         if doc is not None:
             roots = [(v["root"], v["block_size"]) for v in doc["volumes"]]
             roots += [(s["root"], s["block_size"]) for s in doc["snapshots"]]
             refs = await expected_refs(self.tree, roots)
         indexed = self.chunks.indexed_keys()
         missing = set(refs) - indexed
-        if missing:
+        if missing and not self.checking:
             raise IntegrityError(
                 f"{self.store.url}: {len(missing)} objects the catalog references are in no "
                 "pack; run fsck on the writer"

@@ -5,8 +5,10 @@ import logging
 import trio
 import trio.lowlevel
 
-from snapfs.chunks import fragment_key, pack_key
+from snapfs.chunks import CHUNK, fragment_key, pack_key
 from snapfs.errors import (
+    IntegrityError,
+    ObjectNotFound,
     SnapfsError,
 )
 from snapfs.volume.check import (
@@ -179,40 +181,73 @@ class Maintenance(Flusher):
         known.update(k[1:] for k in self.catalog.garbage() if k[:1] == K_PACK)  # in grace
         return missing, sorted(listed - known)
 
-    async def check(self, repair: bool = False, verify_store: bool = True) -> CheckReport:
-        """Recompute every refcount from the roots and compare; check the store has every
-        referenced object. With repair, write the recomputed counts."""
+    async def check(
+        self, repair: bool = False, verify_store: bool = True, verify_data: bool = False
+    ) -> CheckReport:
+        """Recompute every refcount from the roots and compare (a writer: a read-only
+        engine keeps none); check the store has every referenced object; with
+        `verify_data`, read every one and verify it against its digest. With repair, write
+        the recomputed counts and delete orphan packs."""
         async with self.commit_lock:
             roots = [(h.row.root, h.bs) for h in self.heads.values()]
             roots += [
                 (s.root, s.block_size) for s in self.catalog.snapshots() if s.state == "available"
             ]
             expected = await expected_refs(self.tree, roots)
-            actual = self.catalog.all_refs()
             report = CheckReport(objects=len(expected))
-            for key in sorted(set(expected) | set(actual)):
-                if expected.get(key, (0, 0))[0] != actual.get(key, (0, 0))[0]:
-                    report.wrong_counts.append(
-                        f"{key_to_store_key(key)}: counted {actual.get(key, (0, 0))[0]}, "
-                        f"referenced {expected.get(key, (0, 0))[0]}"
-                    )
+            if not self.read_only:
+                report.wrong_counts = self._wrong_counts(expected)
             if verify_store:
                 report.missing, orphans = await self._check_store(expected)
                 report.orphan_packs = len(orphans)
                 if repair and orphans:
                     await self.fence.delete([pack_key(p) for p in orphans])
                     report.repaired = True
-            if not any(k[:1] in (K_CHUNK, K_NODE) for k in self.catalog.garbage()):
-                for pid, live, counted in self.chunks.live_mismatches():
-                    report.wrong_counts.append(
-                        f"{pack_key(pid)}: live bytes {live}, blobs indexed in it {counted}"
-                    )
+            if verify_data:
+                report.corrupt = await self._verify_data(expected)
             if repair and report.wrong_counts:
                 with self.catalog.transaction():
                     self.catalog.replace_refs(expected)
                     self.chunks.recount_live()
                 report.repaired = True
             return report
+
+    def _wrong_counts(self, expected: dict) -> list[str]:
+        """Refcounts that differ from the ones recomputed from the roots, and packs whose
+        live bytes differ from the blobs the index places in them."""
+        actual = self.catalog.all_refs()
+        wrong = [
+            f"{key_to_store_key(key)}: counted {actual.get(key, (0, 0))[0]}, "
+            f"referenced {expected.get(key, (0, 0))[0]}"
+            for key in sorted(set(expected) | set(actual))
+            if expected.get(key, (0, 0))[0] != actual.get(key, (0, 0))[0]
+        ]
+        if not any(k[:1] in (K_CHUNK, K_NODE) for k in self.catalog.garbage()):
+            wrong += [
+                f"{pack_key(pid)}: live bytes {live}, blobs indexed in it {counted}"
+                for pid, live, counted in self.chunks.live_mismatches()
+            ]
+        return wrong
+
+    async def _verify_data(self, expected: dict) -> list[str]:
+        """Read every referenced chunk (the tree walk read every node already), in ranged
+        GETs of up to 64, verifying each against its digest; a batch that fails is read
+        again one by one to name the objects."""
+        chunks = sorted(k[1:] for k in expected if k[:1] == K_CHUNK and self.chunks.location(k))
+        corrupt = []
+        for first in range(0, len(chunks), 64):
+            batch = chunks[first : first + 64]
+            try:
+                await self.chunks.get_many(CHUNK, batch)
+                continue
+            except (IntegrityError, ObjectNotFound):
+                pass
+            for oid in batch:
+                try:
+                    await self.chunks.get(CHUNK, oid)
+                except (IntegrityError, ObjectNotFound) as exc:
+                    corrupt.append(f"{key_to_store_key(K_CHUNK + oid)}: {exc}")
+        return corrupt
 
 
 def _pack_id(key: str) -> bytes | None:

@@ -75,23 +75,40 @@ def test_show_resize_clone_rollback_delete(snapfs: Snapfs):
 
 def test_fsck_prints_each_finding_and_exits_nonzero(snapfs: Snapfs):
     """fsck said `clean False` and exited 0: a script could not tell. Now each finding is
-    a line naming the object, and the exit status is 1 while something is wrong."""
+    a line naming the object, and the exit status is 1 while something is wrong; the same
+    online (the mount) and offline (`snapfs fsck STORE_URL`, no mount); --verify-data reads
+    every object and names the one whose bytes changed."""
     fs = snapfs
     fs.cli("volume", "create", "v", "--size", "4M", "--block-size", "64K")
-    with open(fs.vol("v"), "r+b") as f:
-        f.write(os.urandom(1 * MiB))
-        f.flush()
-        os.fsync(f.fileno())
-    fs.cli("sync")
-    ok = fs.cli("fsck")
-    assert ok.returncode == 0 and "clean" in ok.stdout and "NOT" not in ok.stdout
+    for offset in (0, 2 * MiB):  # two syncs: two packs
+        with open(fs.vol("v"), "r+b") as f:
+            f.seek(offset)
+            f.write(os.urandom(1 * MiB))
+            f.flush()
+            os.fsync(f.fileno())
+        fs.cli("sync")
+    for where in ((), (fs.store_url, "--verify-data")):
+        ok = fs.cli("fsck", *where, mount=not where)
+        assert ok.returncode == 0 and "clean" in ok.stdout and "NOT" not in ok.stdout, ok
     store = Path(fs.store_url.removeprefix("file://"))
-    packs = sorted(store.glob("p/*/*"))
-    assert packs
+    packs = sorted(store.glob("p/*/*"), key=lambda p: p.stat().st_size)
+    assert len(packs) >= 2
+    with open(packs[-1], "r+b") as f:  # one flipped byte in the first blob of a pack
+        f.seek(1)
+        byte = f.read(1)
+        f.seek(1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    plain = fs.cli("fsck", fs.store_url, check=False, mount=False)
+    assert plain.returncode == 0, plain  # without --verify-data the bytes are not read
+    verified = fs.cli("fsck", fs.store_url, "--verify-data", check=False, mount=False)
+    assert verified.returncode == 1, verified
+    assert any(line.startswith("corrupt: c/") for line in verified.stdout.splitlines()), verified
     packs[0].unlink()  # a disk error, or a hand that deleted the wrong file
-    bad = fs.cli("fsck", check=False)
-    assert bad.returncode == 1, bad
-    missing = [line for line in bad.stdout.splitlines() if line.startswith("missing: p/")]
-    assert missing and packs[0].name in missing[0], bad.stdout
-    assert "NOT clean" in bad.stdout.splitlines()[-1]
+    for where in ((), (fs.store_url,)):
+        bad = fs.cli("fsck", *where, check=False, mount=not where)
+        assert bad.returncode == 1, bad
+        lines = bad.stdout.splitlines()
+        missing = [line for line in lines if line.startswith("missing: p/")]
+        assert missing and packs[0].name in missing[0], bad.stdout
+        assert "NOT clean" in lines[-1]
     assert fs.cli("--json", "fsck", check=False).returncode == 1
