@@ -33,13 +33,16 @@ class Flusher(EngineBase):
         propagate after its retries."""
         if self.lease_lost:
             raise ReadOnly(f"cannot sync: {self.lease_lost}")
-        target = self.gen
+        # What to upload: every block dirty now. One written again during the sync is
+        # uploaded all the same, with what it holds when read (the version from before
+        # the call, or a newer one): skipping it left the store without either.
+        want = {h.row.id: set(h.dirty) for h in self.heads.values()}
         # First make it durable here, as an fsync of every volume does: a block written
         # again during the upload stays dirty, and what it held before the call must not
         # be lost with the newer write if the machine dies before the next sync.
         for head in list(self.heads.values()):
             await self._persist_dirty(head)
-        while await self.flush_once(upto_gen=target):
+        while await self.flush_once(want=want):
             pass
         async with self.commit_lock:
             # The cycles stop at once when this writer lost the store meanwhile (another
@@ -50,10 +53,14 @@ class Flusher(EngineBase):
             await self._collect()
 
     async def flush_once(
-        self, upto_gen: int | None = None, min_age: float = 0.0, max_age: float = 0.0
+        self,
+        want: dict[int, set[int]] | None = None,
+        min_age: float = 0.0,
+        max_age: float = 0.0,
     ) -> bool:
         """One flush cycle: the oldest pending snapshot of a volume, else a batch of dirty
-        blocks of the heads: only those written up to `upto_gen`, when given, and only
+        blocks of the heads: only those in `want` (volume id → blocks), when given, which
+        then leave it once committed (sync's list), and only
         those left alone for `min_age` seconds or dirty for `max_age` seconds, when given
         (the background flusher lets hot blocks be rewritten in the cache instead of
         uploading every version, but not forever). Returns whether it found work."""
@@ -88,11 +95,13 @@ class Flusher(EngineBase):
                         and not (max_age and dirty.since <= expired)
                     ):
                         continue
-                    if upto_gen is None or dirty.gen <= upto_gen:
+                    if want is None or blk in want.get(head.row.id, ()):
                         blocks.append(blk)
                         budget -= head.bs
                 if blocks:
                     await self._commit(head, None, blocks)
+                    if want is not None:
+                        want[head.row.id].difference_update(blocks)
                     did = True
             self._backlog = budget <= 0
             return did

@@ -402,3 +402,32 @@ async def test_a_read_that_outlives_its_volume_does_not_touch_its_closed_files()
         engine.assert_invariants()
     finally:
         await engine.close()
+
+
+async def test_sync_uploads_a_block_written_again_while_it_runs():
+    """Found by the simulation (seed 3287): sync uploaded only the blocks written before
+    it began and not written since (by write generation), so a block written again during
+    its fsync phase was skipped: sync returned, and the store had neither the version from
+    before the call nor the new one (a takeover read zeros). It is uploaded now, with what
+    it holds when read."""
+    store = await new_store()
+    files = SimFiles()
+    engine = await make(store, files=files, grace=0)
+    try:
+        await engine.create_volume("v", 8 * BS, BS)
+        await engine.write("v", 0, b"a" * BS)  # acknowledged before the sync begins
+        gate = files.pause("datasync", ".cache")  # the sync's fsync phase waits
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(engine.sync)
+            await gate.wait_reached()
+            await engine.write("v", 0, b"b" * BS)  # written again while the sync runs
+            gate.release()
+        reader = await Engine.open(
+            store, tempfile.mkdtemp(prefix="snapfs-reader-"), EngineConfig(), read_only=True
+        )
+        try:
+            assert await reader.read("v", 0, BS) in (b"a" * BS, b"b" * BS)
+        finally:
+            await reader.close()
+    finally:
+        await engine.close()
