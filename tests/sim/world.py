@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import trio
 
+from snapfs.chunks import pack_key
 from snapfs.errors import (
     CacheSyncFailed,
     IntegrityError,
@@ -49,6 +50,7 @@ from snapfs.errors import (
 )
 from snapfs.store import MemoryStore
 from snapfs.volume import publish
+from snapfs.volume.check import expected_refs, key_to_store_key
 from snapfs.volume.engine import Engine, EngineConfig
 from tests.faultstore import FaultStore
 from tests.sim.catalogfaults import FaultyConnection, NodeCrashed
@@ -235,6 +237,8 @@ class World:
         self.usurper_dir: str | None = None
         self.takeovers = 0  # done
         self.paused: trio.Event | None = None  # set: the stopped writer goes on
+        self.auditor: Engine | None = None  # a read-only engine that walks the store
+        self.audits = 0
         self.active = 0  # clients still at work
         self.idle = trio.Event()
         self.watchdog = Watchdog()
@@ -348,16 +352,22 @@ class World:
         unit = f"w{self.counter:<6}|".encode()[:8]
         return (unit * (n // 8 + 1))[:n]
 
-    async def retry(self, call, *args, attempts: int = 60, quiet_after: int = 10):
+    async def retry(
+        self, call, *args, attempts: int = 60, quiet_after: int = 10, missing_ok: bool = False
+    ):
         """Call until the injected faults let it through (the oracle's own reads, opens);
-        after `quiet_after` failures the store stops failing this task's calls."""
+        after `quiet_after` failures the store stops failing this task's calls. A missing
+        object is a bug, unless `missing_ok` (the store moved on under the call)."""
         token = None
         try:
             for attempt in range(attempts):
                 try:
                     return await call(*args)
                 except ObjectNotFound as exc:
-                    raise BugFound(f"{call.__name__}: {exc}") from exc
+                    if not missing_ok:
+                        raise BugFound(f"{call.__name__}: {exc}") from exc
+                    last = exc
+                    await trio.sleep(0.01)
                 except StoreError as exc:
                     last = exc
                     await trio.sleep(0.01 * min(2**attempt, 50))
@@ -424,6 +434,10 @@ class World:
             logging.getLogger("snapfs").removeHandler(self.errors)
             if self.engine is not None:
                 self.abandon()
+            if self.auditor is not None:
+                for head in self.auditor.heads.values():
+                    head.close()
+                self.auditor.catalog.close()
 
     async def live(self, duration: float, crash: bool) -> None:
         """One incarnation: every task works until `duration` passes or the clients are
@@ -520,6 +534,60 @@ class World:
         if data != snap.content:
             raise BugFound(f"the reader read {key[0]}@{key[1]} wrong")
 
+    async def audit(self, where: str) -> None:
+        """The store holds every object that the newest published catalog references: a
+        read-only engine of the auditor's own takes that catalog and the index, walks the
+        trees of its volumes and snapshots (every node read from the store), and finds
+        every chunk's pack in the store. Not with listings that lag (the index is found
+        by listing) nor without grace (the writer may delete what a newer catalog no
+        longer needs while the walk goes on); a walk longer than the grace proves
+        nothing."""
+        if self.knobs.list_lag or self.knobs.grace == 0 or self.rng.random() >= 0.25:
+            return
+        quiet, who = QUIET.set(True), WHO.set("auditor")
+        began = trio.current_time()
+        missing: list[str] = []
+        try:
+            if self.auditor is None:
+                path = tempfile.mkdtemp(prefix="auditor-", dir=self.root)
+                self.auditor = await Engine.open(self.store, path, self.config, read_only=True)
+            else:
+                await self.auditor.refresh()
+            for again in (False, True):
+                # Again with the whole index read anew, as a reader does when a blob is
+                # not where its index said (the writer's gc moved it).
+                if again:
+                    await self.auditor._reload_index()
+                missing = await self._audit_walk()
+                if not missing:
+                    break
+            self.audits += 1
+        finally:
+            QUIET.reset(quiet)
+            WHO.reset(who)
+        if missing and trio.current_time() - began < self.knobs.grace:
+            raise BugFound(
+                f"the newest published catalog references what the store lacks ({where}): "
+                f"{missing[:4]}"
+            )
+
+    async def _audit_walk(self) -> list[str]:
+        cat = self.auditor.catalog
+        roots = [(v.root, v.block_size) for v in cat.volumes()]
+        roots += [(s.root, s.block_size) for s in cat.snapshots() if s.state == "available"]
+        try:
+            expected = await expected_refs(self.auditor.tree, roots)
+        except SnapfsError as exc:
+            return [f"{exc.__class__.__name__}: {exc}"]
+        missing = []
+        for key in expected:
+            loc = self.auditor.chunks.location(key)
+            if loc is None:
+                missing.append(f"{key_to_store_key(key)}: not in the index")
+            elif pack_key(loc[0]) not in self.store.inner.objects:
+                missing.append(f"{key_to_store_key(key)}: its pack is gone")
+        return missing
+
     async def reader_reads_a_head(self, ro: Engine) -> None:
         """The store keeps every object a catalog younger than the grace references: the
         reader, refreshing within grace/4, reads a published volume head (its content is
@@ -556,8 +624,16 @@ class World:
             # Another machine: the end of this one's incarnation does not cut its open.
             with trio.CancelScope(shield=True), self.watchdog.step("the takeover's open"):
                 self.usurper_dir = tempfile.mkdtemp(prefix="usurper-", dir=self.root)
+                # Without grace the running writer deletes what its newer catalogs no
+                # longer need at once, under the restore: it starts again.
                 self.usurper = await self.retry(
-                    Engine.open, self.store, self.usurper_dir, self.config, False, self.files
+                    Engine.open,
+                    self.store,
+                    self.usurper_dir,
+                    self.config,
+                    False,
+                    self.files,
+                    missing_ok=self.knobs.grace == 0,
                 )
             self.takeovers += 1
             self.note("TAKEOVER: the second writer has fenced the store")
@@ -748,6 +824,7 @@ class World:
                 self.expected(exc)
             await self.trace(f"admin {op.__name__}")
             self.check(op.__name__)
+            await self.audit(f"after {op.__name__}")
             self.prune()
 
     def no_sync_after_failure(self, names: list[str], start: int, what: str) -> None:
@@ -1007,7 +1084,10 @@ class World:
 
     async def switch_to_usurper(self) -> None:
         old = self.engine
-        if old.lease_lost is None and not self.crashed:
+        if self.crashed:  # it crashed while the second writer's open went on
+            self.abandon()
+            self.thaw()
+        elif old.lease_lost is None:
             # It may not have tried to publish since: its next publish must fail.
             try:
                 await old.sync()
@@ -1017,9 +1097,8 @@ class World:
         if doc is not None and doc.get("writer") == old.fence.writer:
             raise BugFound("the displaced writer published after the takeover")
         self.note("the first writer is retired (its cache dir kept)")
-        self.abandon()
-        if self.crashed:  # it crashed while the second writer's open went on
-            self.thaw()
+        if self.engine is not None:
+            self.abandon()
         self.engine, self.usurper = self.hook_catalog(self.usurper), None
         self.cache_dir = self.usurper_dir
         self.sync_failed.clear()
