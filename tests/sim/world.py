@@ -239,6 +239,7 @@ class World:
         self.paused: trio.Event | None = None  # set: the stopped writer goes on
         self.auditor: Engine | None = None  # a read-only engine that walks the store
         self.audits = 0
+        self.deleted_at: dict[str, tuple[float, str, int]] = {}  # key → (time, by whom, step)
         self.active = 0  # clients still at work
         self.idle = trio.Event()
         self.watchdog = Watchdog()
@@ -247,6 +248,10 @@ class World:
     # ------------------------------------------------------------------ faults
 
     async def _store_fault(self, op: str, key: str, after: bool) -> None:
+        if op == "delete" and after:
+            self.deleted_at[key] = (trio.current_time(), WHO.get(), self.clock)
+        if os.environ.get("SNAPFS_SIM_STORELOG") and after and op in ("put", "put_new", "delete"):
+            print(f"STORE t={trio.current_time():.4f} c={self.clock} {WHO.get()} {op} {key}")
         if self.crashed and WHO.get() == "writer":
             raise StoreError(f"{op} {key}: the node is down")
         if self.paused is not None and not after and WHO.get() == "writer":
@@ -353,18 +358,25 @@ class World:
         return (unit * (n // 8 + 1))[:n]
 
     async def retry(
-        self, call, *args, attempts: int = 60, quiet_after: int = 10, missing_ok: bool = False
+        self,
+        call,
+        *args,
+        attempts: int = 60,
+        quiet_after: int = 10,
+        missing_ok: float | None = None,
     ):
         """Call until the injected faults let it through (the oracle's own reads, opens);
         after `quiet_after` failures the store stops failing this task's calls. A missing
-        object is a bug, unless `missing_ok` (the store moved on under the call)."""
+        object is a bug, unless the call lasted `missing_ok` seconds or more (the grace:
+        the store may have moved on under it)."""
         token = None
         try:
             for attempt in range(attempts):
+                began = trio.current_time()
                 try:
                     return await call(*args)
                 except ObjectNotFound as exc:
-                    if not missing_ok:
+                    if missing_ok is None or trio.current_time() - began < missing_ok:
                         raise BugFound(f"{call.__name__}: {exc}") from exc
                     last = exc
                     await trio.sleep(0.01)
@@ -553,10 +565,12 @@ class World:
                 self.auditor = await Engine.open(self.store, path, self.config, read_only=True)
             else:
                 await self.auditor.refresh()
-            for again in (False, True):
+            for attempt in range(3):
                 # Again with the whole index read anew, as a reader does when a blob is
-                # not where its index said (the writer's gc moved it).
-                if again:
+                # not where its index said (the writer's gc moved it, and its old pack went
+                # while this walk went on: a fragment that still listed it may have won).
+                if attempt:
+                    await trio.sleep(0.01)
                     await self.auditor._reload_index()
                 missing = await self._audit_walk()
                 if not missing:
@@ -566,15 +580,27 @@ class World:
             QUIET.reset(quiet)
             WHO.reset(who)
         if missing and trio.current_time() - began < self.knobs.grace:
+            seqs = [
+                publish.catalog_seq_of(k)
+                for k in self.store.inner.objects
+                if k.startswith("catalog/")
+            ]
             raise BugFound(
                 f"the newest published catalog references what the store lacks ({where}): "
-                f"{missing[:4]}"
+                f"{missing[:4]}; the auditor follows catalog {self.auditor.fence.store_seq}, "
+                f"the store's newest is {max(s for s in seqs if s is not None)} "
+                f"(audit began t={began:.3f})"
             )
 
     async def _audit_walk(self) -> list[str]:
         cat = self.auditor.catalog
-        roots = [(v.root, v.block_size) for v in cat.volumes()]
-        roots += [(s.root, s.block_size) for s in cat.snapshots() if s.state == "available"]
+        named = [(f"volume {v.name}", v.root, v.block_size) for v in cat.volumes()]
+        named += [
+            (f"snapshot {s.volume}@{s.name}", s.root, s.block_size)
+            for s in cat.snapshots()
+            if s.state == "available"
+        ]
+        roots = [(root, bs) for _n, root, bs in named]
         try:
             expected = await expected_refs(self.auditor.tree, roots)
         except SnapfsError as exc:
@@ -585,7 +611,14 @@ class World:
             if loc is None:
                 missing.append(f"{key_to_store_key(key)}: not in the index")
             elif pack_key(loc[0]) not in self.store.inner.objects:
-                missing.append(f"{key_to_store_key(key)}: its pack is gone")
+                when = self.deleted_at.get(pack_key(loc[0]))
+                by = f" (deleted at t={when[0]:.3f} c={when[2]} by the {when[1]})" if when else ""
+                missing.append(f"{key_to_store_key(key)}: its pack {pack_key(loc[0])} is gone{by}")
+        if missing:  # whose trees hold the first one
+            first = next(k for k in expected if key_to_store_key(k) == missing[0].split(":")[0])
+            for name, root, bs in named:
+                if first in await expected_refs(self.auditor.tree, [(root, bs)]):
+                    missing[0] += f", in {name}"
         return missing
 
     async def reader_reads_a_head(self, ro: Engine) -> None:
@@ -624,8 +657,8 @@ class World:
             # Another machine: the end of this one's incarnation does not cut its open.
             with trio.CancelScope(shield=True), self.watchdog.step("the takeover's open"):
                 self.usurper_dir = tempfile.mkdtemp(prefix="usurper-", dir=self.root)
-                # Without grace the running writer deletes what its newer catalogs no
-                # longer need at once, under the restore: it starts again.
+                # The running writer deletes what its newer catalogs no longer need a
+                # grace period later: a restore that took longer starts again.
                 self.usurper = await self.retry(
                     Engine.open,
                     self.store,
@@ -633,7 +666,7 @@ class World:
                     self.config,
                     False,
                     self.files,
-                    missing_ok=self.knobs.grace == 0,
+                    missing_ok=self.knobs.grace,
                 )
             self.takeovers += 1
             self.note("TAKEOVER: the second writer has fenced the store")
