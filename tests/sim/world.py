@@ -1117,6 +1117,7 @@ class World:
 
     async def switch_to_usurper(self) -> None:
         old = self.engine
+        writer = old.fence.writer
         if self.crashed:  # it crashed while the second writer's open went on
             self.abandon()
             self.thaw()
@@ -1127,7 +1128,7 @@ class World:
             except SnapfsError as exc:
                 self.expected(exc)
         doc = await publish.latest_catalog(self.store)
-        if doc is not None and doc.get("writer") == old.fence.writer:
+        if doc is not None and doc.get("writer") == writer:
             raise BugFound("the displaced writer published after the takeover")
         self.note("the first writer is retired (its cache dir kept)")
         if self.engine is not None:
