@@ -31,6 +31,22 @@ class Version:
     start: int
     end: int | None = None  # acknowledged at this step; None: in flight, failed or cut off
     whole: bool = True  # False: its call failed, so it may have happened in part
+    sure: bool = True  # False: it may not have happened at all (a failed call, not settled)
+
+
+def _overwritten(v: Version, versions: list[Version], before: int) -> bool:
+    """Another version of the block surely replaced `v` before step `before`: its call
+    began after v's returned, and it surely happened and returned before `before`. (Calls
+    of one client are in order; two clients' overlapping calls on a block are in either.)"""
+    return v.end is not None and any(
+        w.sure and w.end is not None and v.end < w.start and w.end < before for w in versions
+    )
+
+
+def _live(versions: list[Version], before: int) -> list[Version]:
+    """The versions the block may hold at step `before`, or that a later call may still
+    leave it holding: those not surely replaced by then."""
+    return [v for v in versions if not _overwritten(v, versions, before)]
 
 
 @dataclass
@@ -45,6 +61,7 @@ class VolumeModel:
     deleting: bool = False  # a delete call is under way (or was cut off)
     resizing: int | None = None  # a resize to this size is under way (or was cut off)
     touched: set[int] = field(default_factory=set)  # blocks ever written, discarded or grown
+    shared: int = 0  # blocks 0..shared-1: every client writes them, whole blocks only
 
     @classmethod
     def new(cls, name: str, size: int, bs: int, content: bytes | None, step: int):
@@ -126,13 +143,7 @@ class VolumeModel:
         )
 
     def crash_candidates(self, blk: int, mark: int | None = None) -> list[Version]:
-        mark = self.durable if mark is None else mark
-        versions = self.blocks[blk]
-        base = max(
-            (i for i, v in enumerate(versions) if v.end is not None and v.end < mark),
-            default=0,
-        )
-        return versions[base:]
+        return _live(self.blocks[blk], self.durable if mark is None else mark)
 
     def after_crash(self, blk: int, data: bytes, now: int, takeover: bool = False) -> None:
         """After a crash the block holds a durable version or a later one; after another
@@ -161,14 +172,9 @@ class VolumeModel:
         )
 
     def snapshot_candidates(self, blk: int, start: int, end: int | None) -> list[Version]:
-        """The version current when the snapshot began, then every later one whose call
-        began before the snapshot call returned."""
-        versions = self.blocks[blk]
-        base = max(
-            (i for i, v in enumerate(versions) if v.end is not None and v.end < start),
-            default=0,
-        )
-        return [v for v in versions[base:] if v is versions[base] or end is None or v.start < end]
+        """The versions current when the snapshot (or read) began, then every later one
+        whose call began before it returned."""
+        return [v for v in _live(self.blocks[blk], start) if end is None or v.start < end]
 
     def prune(self, keep_from: int) -> None:
         """Forget versions that nothing can ask for again: superseded by a version
@@ -176,12 +182,25 @@ class VolumeModel:
         durable point)."""
         keep_from = min(keep_from, self.durable, self.published)
         for blk, versions in enumerate(self.blocks):
-            base = max(
-                (i for i, v in enumerate(versions) if v.end is not None and v.end < keep_from),
-                default=0,
+            if len(versions) > 1:
+                self.blocks[blk] = _live(versions, keep_from)
+
+    def settle_shared(self, blk: int, data: bytes, why: str, now: int) -> None:
+        """A block several clients write whole (in either order when their calls overlap)
+        read as `data` with no call on it in flight: one of the versions it may hold now;
+        calls that never returned and do not show did not happen."""
+        versions = self.blocks[blk]
+        live = _live(versions, now)
+        if not any(v.data == data for v in live):
+            raise AssertionError(
+                f"{self.name} block {blk} after {why}: read {_show(data)}, expected one of "
+                f"{[(_show(v.data), v.start, v.end) for v in live]}"
             )
-            if base:
-                self.blocks[blk] = versions[base:]
+        for v in versions:
+            if v.end is None:  # cut off: it may have happened, then before now
+                v.end, v.sure, v.whole = now, v.data == data, False
+        # What it holds now, said again: it replaces every version that returned before.
+        versions.append(Version(data, now, now))
 
 
 @dataclass
@@ -222,29 +241,26 @@ class SnapModel:
         """The snapshot is the volume at one instant, not only block by block: if a call
         is in it (in part: the engine makes a call atomic against other writes, not
         against a snapshot), every call acknowledged before that call began is in it
-        whole. Per block, the version it holds puts that version's call and the earlier
-        ones in, the later ones out; no call out may have been acknowledged before a call
-        in began. (A call that failed may have happened in part: never counted out; a
-        block whose content two versions share is left out of the reckoning.)"""
+        whole. Per block, the version it holds is in; a version whose call began after
+        that one's returned is out (it would have replaced it). No call out may have been
+        acknowledged before a call in began. (A call that failed may have happened in
+        part: never counted out; a block whose content two versions share is left out.)"""
         latest_in: tuple[int, int] | None = None  # (start, block) of the latest call in
         earliest_out: tuple[int, int] | None = None  # (end, block) of the first acked out
         for blk, versions in enumerate(self.candidates):
             if len(versions) < 2:
                 continue
             got = data[blk * bs : (blk + 1) * bs]
-            held = [i for i, v in enumerate(versions) if v.data == got]
+            held = [v for v in versions if v.data == got]
             if len(held) != 1:
                 continue
-            for v in versions[1 : held[0] + 1]:
-                if latest_in is None or v.start > latest_in[0]:
-                    latest_in = (v.start, blk)
-            for v in versions[held[0] + 1 :]:
-                if (
-                    v.whole
-                    and v.end is not None
-                    and (earliest_out is None or v.end < earliest_out[0])
-                ):
-                    earliest_out = (v.end, blk)
+            v = held[0]
+            if latest_in is None or v.start > latest_in[0]:
+                latest_in = (v.start, blk)
+            for w in versions:
+                out = v.end is not None and w.start > v.end and w.end is not None
+                if out and w.whole and w.sure and (earliest_out is None or w.end < earliest_out[0]):
+                    earliest_out = (w.end, blk)
         if latest_in is not None and earliest_out is not None and earliest_out[0] < latest_in[0]:
             raise AssertionError(
                 f"snapshot {self.volume}@{self.name} is no cut of the volume at one instant: "

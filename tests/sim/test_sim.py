@@ -68,5 +68,6 @@ def test_simulation(seed, monkeypatch):
     print(
         f"seed {seed}: {world.steps} steps in {took:.2f}s ({world.steps / took:.0f} steps/s, "
         f"at most {world.spin_most} task steps at one instant, "
-        f"{world.files.torn_sectors} torn sectors, {world.commit_crashes} crashes at a commit)"
+        f"{world.files.torn_sectors} torn sectors, {world.commit_crashes} crashes at a commit, "
+        f"{world.audits} store audits)"
     )

@@ -25,7 +25,7 @@ import trio
 import trio.lowlevel
 
 BOUND = 60.0  # virtual seconds a step may take (an incarnation lives 40 s at most)
-SPIN = 400_000  # task steps without virtual time moving
+SPIN = 100_000  # task steps without virtual time moving (a run has at most ~3 000)
 
 
 class Stuck(AssertionError):
