@@ -24,6 +24,7 @@ from snapfs.volume.files import Files
 from snapfs.volume.head import Head
 from snapfs.volume.inflight import InFlight
 from snapfs.volume.readahead import ReadAhead
+from snapfs.volume.refcounts import Refcounts
 
 log = logging.getLogger("snapfs.engine")
 
@@ -103,6 +104,7 @@ class EngineBase:
         self.store = store
         self.chunks = ChunkStore(store, catalog.db, config.pack_size, config.uploads)
         self.tree = TreeReader(self.chunks)
+        self.refs = Refcounts(catalog, self.tree)  # counts of stored objects
         self.catalog = catalog
         self.cache_dir = cache_dir
         self.config = config
@@ -186,6 +188,7 @@ class EngineBase:
           discarded and newly mapped at once;
         - the snapshot chunk cache counts its bytes and keeps within its limit."""
         self.snap_cache.assert_invariants()
+        self.refs.assert_invariants()
         self.space.assert_invariants()
         heads = {h.row.id for h in self.heads.values()}
         assert self.space.volume_ids() == heads, "the cache knows other volumes than the heads"

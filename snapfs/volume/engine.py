@@ -218,7 +218,7 @@ class Engine(DataPath, Maintenance):
                     _add_volume_record(cat, v)
                 for s in doc["snapshots"]:
                     _add_snapshot_record(cat, s)
-                cat.replace_refs(refs)
+                self.refs.replace(refs)
             seq = doc["seq"] if doc else 0
             cat.set_meta("seq", 0)
             if self.read_only:
@@ -425,7 +425,7 @@ class Engine(DataPath, Maintenance):
             with self.catalog.transaction():
                 vid = self.catalog.add_volume(name, size, block_size, root, root_level, uid, parent)
                 if root is not None:
-                    self.catalog.apply_refs({K_NODE + root: 1}, {})
+                    self.refs.apply({K_NODE + root: 1})
                 self._bump_seq()
             row = self.catalog.volume(name)
             assert row is not None and row.id == vid
@@ -470,7 +470,7 @@ class Engine(DataPath, Maintenance):
             if any(s.state != "deleting" for s in self.catalog.snapshots(name)):
                 raise Busy(f"volume {name!r} has a snapshot taken meanwhile: delete it first")
             with self.catalog.transaction():
-                self.catalog.apply_refs(deltas, {})
+                self.refs.apply(deltas)
                 self.catalog.delete_volume(head.row.id)
                 self._bump_seq()
             del self.heads[name]
@@ -587,9 +587,9 @@ class Engine(DataPath, Maintenance):
     async def _drop_snapshot(self, snap: SnapshotRow) -> None:
         deltas: dict[bytes, int] = {}
         if snap.root is not None:
-            await self._decref(deltas, K_NODE + snap.root)
+            await self.refs.plan_drop(deltas, K_NODE + snap.root)
         with self.catalog.transaction():
-            self.catalog.apply_refs(deltas, {})
+            self.refs.apply(deltas)
             self.catalog.delete_snapshot(snap.id)
             self._bump_seq()
         await self._publish()
@@ -605,7 +605,7 @@ class Engine(DataPath, Maintenance):
         async with head.write_lock, self.commit_lock:
             deltas = await self._replace_tree(head, snap.root)
             with self.catalog.transaction():
-                self.catalog.apply_refs(deltas, {})
+                self.refs.apply(deltas)
                 self.catalog.clear_dirty(head.row.id, list(head.dirty))
                 self.catalog.update_volume(
                     head.row.id, root=snap.root, root_level=snap.root_level, size=snap.size
@@ -632,9 +632,9 @@ class Engine(DataPath, Maintenance):
             dirty_bytes=self.space.dirty_bytes,
             cached_bytes=self.space.clean_bytes + self.space.dirty_bytes,
             frozen_bytes=self.space.saved_bytes,
-            stored_bytes=self.catalog.referenced_bytes(),
-            stored_data_bytes=self.catalog.referenced_bytes(K_CHUNK),
-            stored_objects=self.catalog.ref_count_rows(),
+            stored_bytes=self.refs.referenced_bytes(),
+            stored_data_bytes=self.refs.referenced_bytes(K_CHUNK),
+            stored_objects=self.refs.rows(),
             uploaded_bytes=self.chunks.uploaded_bytes,
             discarded_bytes=self.discarded_bytes,
             orphans_removed=self.orphans_removed,

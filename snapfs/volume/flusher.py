@@ -137,9 +137,9 @@ class Flusher(EngineBase):
         keep_snapshot = snap is not None and snap.state != "deleting"
         deltas, sizes = await self._commit_deltas(head.bs, uploads, new_nodes)
         if update.root is not None:
-            deltas[K_NODE + update.root] = deltas.get(K_NODE + update.root, 0) + 1 + keep_snapshot
+            self.refs.plan_add(deltas, K_NODE + update.root, 1 + keep_snapshot)
         if old_root is not None:
-            await self._decref(deltas, K_NODE + old_root)
+            await self.refs.plan_drop(deltas, K_NODE + old_root)
         mapped_delta = 0
         for blk, oid in changes.items():
             was = await self.tree.lookup(old_root, old_level, blk)
@@ -156,7 +156,7 @@ class Flusher(EngineBase):
         ]
         with self.catalog.transaction():
             self.chunks.record()
-            self.catalog.apply_refs(deltas, sizes)
+            self.refs.apply(deltas, sizes)
             self.catalog.update_volume(head.row.id, root=update.root, root_level=update.level)
             if snap is not None:
                 if keep_snapshot:
@@ -247,7 +247,7 @@ class Flusher(EngineBase):
                     changes[blk] = oid
                     if oid is None:
                         continue
-                    if oid in uploads or self.catalog.has_ref(K_CHUNK + oid):
+                    if oid in uploads or self.refs.has(K_CHUNK + oid):
                         self.deduplicated += 1
                         continue
                     uploads[oid] = None
@@ -259,9 +259,7 @@ class Flusher(EngineBase):
     async def _stage_nodes(self, nodes: dict[bytes, bytes]) -> dict[bytes, bytes]:
         """Stage the tree nodes the store does not hold yet, then make everything this
         commit staged durable (packs, their index fragment, the barrier). Returns them."""
-        new_nodes = {
-            oid: data for oid, data in nodes.items() if not self.catalog.has_ref(K_NODE + oid)
-        }
+        new_nodes = {oid: data for oid, data in nodes.items() if not self.refs.has(K_NODE + oid)}
         for oid, data in new_nodes.items():
             self.chunks.stage(NODE, oid, data)
         try:
@@ -288,7 +286,7 @@ class Flusher(EngineBase):
             level, entries = await self.tree.node(oid)
             kind = K_NODE if level else K_CHUNK
             for child in entries.values():
-                deltas[kind + child] = deltas.get(kind + child, 0) + 1
+                self.refs.plan_add(deltas, kind + child)
         return deltas, sizes
 
     def _release_saves(self, head: Head, epoch: int) -> None:
@@ -309,19 +307,9 @@ class Flusher(EngineBase):
                 await self._commit(head, head.pending[0])
             deltas = {} if root is None else {K_NODE + root: 1}
             if head.row.root is not None:
-                await self._decref(deltas, K_NODE + head.row.root)
+                await self.refs.plan_drop(deltas, K_NODE + head.row.root)
             if not head.pending:
                 return deltas
-
-    async def _decref(self, deltas: dict[bytes, int], key: bytes) -> None:
-        """Drop one reference to `key` in `deltas`; when its count reaches zero, drop the
-        references it holds (cascading down the tree). Increments must already be in."""
-        deltas[key] = deltas.get(key, 0) - 1
-        if key[:1] == K_NODE and self.catalog.ref(key) + deltas[key] == 0:
-            level, entries = await self.tree.node(key[1:])
-            kind = K_NODE if level else K_CHUNK
-            for child in entries.values():
-                await self._decref(deltas, kind + child)
 
     async def _publish(self) -> None:
         """Publish the catalog as the next write-once object (the fence decides whether and

@@ -207,7 +207,7 @@ class Maintenance(Flusher):
                 report.corrupt = await self._verify_data(expected)
             if repair and report.wrong_counts:
                 with self.catalog.transaction():
-                    self.catalog.replace_refs(expected)
+                    self.refs.replace(expected)
                     self.chunks.recount_live()
                 report.repaired = True
             return report
@@ -215,7 +215,7 @@ class Maintenance(Flusher):
     def _wrong_counts(self, expected: dict) -> list[str]:
         """Refcounts that differ from the ones recomputed from the roots, and packs whose
         live bytes differ from the blobs the index places in them."""
-        actual = self.catalog.all_refs()
+        actual = self.refs.all()
         wrong = [
             f"{key_to_store_key(key)}: counted {actual.get(key, (0, 0))[0]}, "
             f"referenced {expected.get(key, (0, 0))[0]}"
