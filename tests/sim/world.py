@@ -86,6 +86,7 @@ class Knobs:
     sync_fail: float  # share of cache-file fdatasyncs that fail (EIO)
     catalog_crash: float  # share of catalog commits at which the node crashes
     catalog_fail: float  # share of catalog commits that fail (EIO, ENOSPC)
+    wide: bool = False  # some writes span more than the whole cache (a full cache)
 
     @property
     def takeover(self) -> bool:
@@ -113,6 +114,7 @@ class Knobs:
             sync_fail=rng.choice([0.0, 0.0, 0.0, 0.03]),
             catalog_crash=rng.choice([0.0, 0.0, 0.01]),
             catalog_fail=rng.choice([0.0] * 7 + [0.003]),
+            wide=rng.random() < 0.25,
         )
 
 
@@ -809,7 +811,10 @@ class World:
             count = self.rng.randint(1, min(4, last - blk))
             return blk * BS, min(count * BS, hi - blk * BS)
         off = self.rng.randrange(lo, hi)
-        n = self.rng.randint(1, min(hi - off, 3 * BS if not discard else 8 * BS))
+        most = 3 * BS if not discard else 8 * BS
+        if self.knobs.wide and not discard and self.rng.random() < 0.15:
+            most = (self.knobs.cache_blocks + 2) * BS  # unaligned, beyond the whole cache
+        n = self.rng.randint(1, min(hi - off, most))
         return off, n
 
     def expected(self, exc: SnapfsError) -> None:
