@@ -686,8 +686,22 @@ class World:
                 self.note("the writer goes on")
                 pause.set()
                 self.paused = None
+        if self.rng.random() < 0.5:
+            # The displaced writer, not knowing yet, takes a snapshot and rolls back while
+            # its flusher learns that it lost: every call must fail fast, never wait for a
+            # commit that can no longer come.
+            self._node.start_soon(self.lost_probe)
         await trio.sleep(self.rng.uniform(0.0, 2.0))  # the first one goes on for a while
         scope.cancel()
+
+    async def lost_probe(self) -> None:
+        WHO.set("writer")
+        for op in (self.op_snapshot, self.op_rollback, self.op_delete_volume):
+            try:
+                with self.watchdog.step(f"a displaced writer's {op.__name__}"):
+                    await op()
+            except SnapfsError as exc:
+                self.expected(exc)
 
     async def checker(self) -> None:
         while True:
