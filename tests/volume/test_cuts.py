@@ -7,6 +7,7 @@ next fsync, and rollback racing a new snapshot."""
 import errno
 import sqlite3
 import tempfile
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -318,22 +319,30 @@ async def test_a_writer_displaced_before_its_commit_keeps_its_blocks_dirty():
     nothing was left to upload, and an eviction could drop the only copy the cache dir
     had (tests/fuse/test_umount.py saw '(0)' instead of '2M'). A commit now asks first
     whether another writer fenced (one HEAD): the blocks stay dirty."""
-    store = await new_store()
-    engine = await make(store, cache_size=64 * BS)
-    other = None
-    try:
-        await engine.create_volume("v", 8 * BS, BS)
-        await engine.sync()
+    async with synced_volume() as (store, engine, others):
         await engine.write("v", 0, b"a" * 4 * BS)
         await engine.fsync("v")
-        other = await make(store)  # fences the store: --takeover
+        others.append(await make(store))  # fences the store: --takeover
         with pytest.raises(ReadOnly):
             await engine.sync()
         assert engine.lease_lost
         assert engine.statistics().dirty_bytes == 4 * BS
         assert sorted(engine.catalog.dirty(engine.head("v").row.id)) == [0, 1, 2, 3]
+
+
+@asynccontextmanager
+async def synced_volume():
+    """A writer with volume v (8 blocks) in the store; engines the test appends to the
+    list (another writer) are closed too."""
+    store = await new_store()
+    engine = await make(store, cache_size=64 * BS)
+    others: list = []
+    try:
+        await engine.create_volume("v", 8 * BS, BS)
+        await engine.sync()
+        yield store, engine, others
     finally:
-        if other is not None:
+        for other in others:
             await other.close()
         await engine.close()
 
@@ -343,12 +352,7 @@ async def test_sync_fails_when_another_task_learns_meanwhile_that_the_writer_los
     writer lost the store while sync waited for the commit lock; sync's own cycles then
     returned at once, its publish had nothing new to publish, and sync returned as if its
     writes were in the store. A takeover then read zeros for them."""
-    store = await new_store()
-    engine = await make(store, cache_size=64 * BS)
-    other = None
-    try:
-        await engine.create_volume("v", 8 * BS, BS)
-        await engine.sync()
+    async with synced_volume() as (store, engine, others):
         await engine.write("v", 0, b"a" * BS)
         gate = store.pause("put", "p/")  # the background cycle's pack
         raised: list[Exception] = []
@@ -365,14 +369,10 @@ async def test_sync_fails_when_another_task_learns_meanwhile_that_the_writer_los
             await engine.write("v", BS, b"b" * BS)
             nursery.start_soon(run, engine.sync)
             await trio.testing.wait_all_tasks_blocked()
-            other = await make(store)  # fences the store
+            others.append(await make(store))  # fences the store
             gate.release()
         assert len(raised) == 2 and all(isinstance(e, ReadOnly) for e in raised), raised
         assert engine.statistics().dirty_bytes == 2 * BS
-    finally:
-        if other is not None:
-            await other.close()
-        await engine.close()
 
 
 async def test_a_read_that_outlives_its_volume_does_not_touch_its_closed_files():

@@ -2,9 +2,7 @@
 is paused, the other task runs, then the first resumes. Every test ends with the engine's
 invariants and the data read back after eviction (from the store)."""
 
-import signal
 import tempfile
-from contextlib import contextmanager
 
 import pytest
 import trio
@@ -15,6 +13,7 @@ from snapfs.volume import publish
 from snapfs.volume.engine import Engine, EngineConfig
 from tests.faultstore import FaultStore
 from tests.sim.files import SimFiles
+from tests.sim.watchdog import wall_alarm
 
 BS = 4096
 
@@ -31,21 +30,11 @@ async def make(store=None, files=None, cache_dir=None, **config) -> Engine:
     )
 
 
-@contextmanager
 def no_hang(seconds: int = 20):
     """Fail (instead of hanging the suite) when the event loop stops turning: trio's own
-    timeouts cannot fire while a task spins without a checkpoint."""
-
-    def expire(_signum, _frame):
-        raise TimeoutError(f"no progress for {seconds}s: the event loop is stuck")
-
-    old = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
+    timeouts cannot fire while a task spins without a checkpoint (the simulation's
+    SIGALRM guard, raising `Stuck`)."""
+    return wall_alarm(seconds)
 
 
 async def test_a_save_overtaken_by_the_snapshot_commit_keeps_the_write():
