@@ -13,6 +13,7 @@ Figures (names or numbers for --only):
   7 memory       daemon peak RSS, 1 TiB volume with data written; catalog size
   8 delete       time to delete 1 of 100 snapshots and what it frees; qcow2 commit
   9 trim         fstrim after deleting files (ext4); store bytes before and after gc
+ 10 images       snapfs import / export (raw, qcow2) beside qemu-img convert between files
 
 Every figure runs --repeat times (default 3, 1 with --quick; memory: once) and the median
 is printed; all runs go to the JSON file. Everything mounted, attached or started is torn
@@ -213,7 +214,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for item in (opts.only or ",".join(figures.FIGURES)).split(","):
         item = NUMBERS.get(item.strip(), item.strip())
         if item and item not in figures.FIGURES:
-            p.error(f"unknown figure {item!r}: choose from {', '.join(figures.FIGURES)} or 1-9")
+            known = ", ".join(figures.FIGURES)
+            p.error(f"unknown figure {item!r}: choose from {known} or 1-{len(figures.FIGURES)}")
         if item and item not in wanted:
             wanted.append(item)
     opts.figures = [f for f in figures.FIGURES if f in wanted]  # issue order

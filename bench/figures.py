@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from bench import rawstore
+from bench.images import fig_images
 from bench.report import Baseline, Row
 from bench.sysutil import (
     GiB,
@@ -1032,4 +1033,5 @@ FIGURES = {
     "memory": fig_memory,
     "delete": fig_delete,
     "trim": fig_trim,
+    "images": fig_images,
 }

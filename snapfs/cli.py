@@ -299,6 +299,10 @@ USAGE = """usage: snapfs [--mount MOUNTPOINT] [--json] COMMAND ...
                                           and unmount; unmounts also when the store is lost
                                           or out of reach (exit 3: the cache dir keeps what
                                           was not uploaded)
+  export VOL@SNAP FILE [--format raw|qcow2] [--store STORE_URL]
+                                          a snapshot to a sparse raw or a qcow2 image
+  import FILE VOL[@SNAP] [--format FMT] [--size SIZE] [--block-size SIZE] [--into]
+                                          an image qemu-img reads into a new volume
 """
 
 
@@ -404,6 +408,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_mount(words[1:])
         if words[0] in ("umount", "unmount"):
             return cmd_umount(words[1:])
+        if words[0] in ("export", "import"):
+            from snapfs import images
+
+            return images.main(words, mount, as_json)
         if words[:1] == ["fsck"] and len(words) > 1 and "://" in words[1]:
             return cmd_fsck_store(words[1:], as_json)
         result = ctl(find_mount(mount), shlex.join(words))
@@ -420,4 +428,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m snapfs.cli`: run the importable module's main, so that modules importing
+    # snapfs.cli (snapfs/images.py) raise the CliError that main catches, not a twin's.
+    from snapfs.cli import main as _main
+
+    sys.exit(_main())

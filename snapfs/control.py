@@ -10,6 +10,7 @@ why; `execute()` runs it against the engine as a given uid and returns a JSON-ab
 """
 
 import os
+import secrets
 import shlex
 import time
 from collections.abc import Awaitable, Callable
@@ -17,8 +18,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from snapfs.access import check_owner, check_root, visible
-from snapfs.errors import InvalidArgument, PermissionDenied
-from snapfs.units import check_name, parse_seconds, parse_size, split_snapshot_ref
+from snapfs.errors import AlreadyExists, Busy, InvalidArgument, PermissionDenied
+from snapfs.units import IMPORTING, check_name, parse_seconds, parse_size, split_snapshot_ref
 from snapfs.volume.catalog import SnapshotRow
 from snapfs.volume.engine import Engine
 
@@ -88,6 +89,15 @@ SPECS = [
     ),
     Spec(("evict",), help="drop clean cached blocks (root only)"),
     Spec(("status",), help="daemon status"),
+    # `snapfs import` and `snapfs export` (snapfs/images.py) send these; not commands of their own
+    Spec(("image", "begin"), ("volume",), {"size": parse_size, "block-size": parse_size}),
+    Spec(
+        ("image", "finish"),
+        ("volume", "hidden"),
+        {"snapshot": lambda t: check_name(t, "snapshot name")},
+    ),
+    Spec(("image", "abort"), ("volume",)),
+    Spec(("image", "extents"), ("ref",)),
     Spec(
         ("umount",),
         options={"within": lambda t: parse_seconds(t, "umount timeout", 3600)},
@@ -171,7 +181,9 @@ class Controller:
 
     async def do_volume_list(self, uid):
         return [
-            self.engine.volume_info(v.name) for v in self.engine.volumes() if visible(v.owner, uid)
+            self.engine.volume_info(v.name)
+            for v in self.engine.volumes()
+            if visible(v.owner, uid) and not v.name.startswith(IMPORTING)
         ]
 
     async def do_volume_show(self, uid, name):
@@ -274,6 +286,52 @@ class Controller:
         if prepare is None:
             raise InvalidArgument("umount: not a mount")
         return await prepare(within)
+
+    async def do_image_begin(self, uid, volume, size=None, block_size=None):
+        """An import starts: refuse an existing volume, drop what an interrupted import of
+        the same name left, create the hidden volume it writes into (see IMPORTING)."""
+        if size is None:
+            raise InvalidArgument("image begin needs --size SIZE")
+        if any(v.name == _volume(volume) for v in self.engine.volumes()):
+            raise AlreadyExists(f"volume {volume!r} already exists (--into writes into it)")
+        await self.do_image_abort(uid, volume)
+        hidden = f"{IMPORTING}{volume}~{secrets.token_hex(4)}"
+        row = await self.engine.create_volume(hidden, size, block_size, uid=uid)
+        return {"name": hidden, "size": row.size, "block_size": row.block_size}
+
+    async def do_image_finish(self, uid, volume, hidden, snapshot=None):
+        """The import is written: its hidden volume takes its name (one transaction), then
+        the snapshot is taken if one was asked for."""
+        if not hidden.startswith(f"{IMPORTING}{_volume(volume)}~"):
+            raise InvalidArgument(f"{hidden[:60]!r} is not an import of {volume!r}")
+        await self.engine.rename_volume(hidden, volume, uid=uid)
+        if snapshot is not None:
+            await self.engine.create_snapshot(volume, snapshot, uid=uid)
+        return self.engine.volume_info(volume)
+
+    async def do_image_abort(self, uid, volume):
+        """Delete the hidden volumes of imports of `volume` (none: nothing to do). Busy
+        while an import still has one open."""
+        prefix = f"{IMPORTING}{_volume(volume)}~"
+        hidden = [v.name for v in self.engine.volumes() if v.name.startswith(prefix)]
+        for name in hidden:
+            try:
+                await self.engine.delete_volume(name, recursive=True, uid=uid)
+            except Busy:
+                raise Busy(f"an import of {volume!r} is running (its volume is open)") from None
+        return {"aborted": hidden}
+
+    async def do_image_extents(self, uid, ref):
+        """What an export reads: the snapshot's size, block size and mapped byte ranges."""
+        vol, name = split_snapshot_ref(ref)
+        snap = self.engine.snapshot_row(vol, name)
+        check_owner(snap.owner, uid, f"snapshot {ref}")
+        extents = await self.engine.snapshot_extents(vol, name)
+        return {
+            "size": snap.size,
+            "block_size": snap.block_size,
+            "extents": [[offset, length] for offset, length in extents],
+        }
 
     async def do_status(self, uid):
         return {k: v for k, v in self.status.items() if not callable(v)}

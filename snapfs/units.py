@@ -8,6 +8,11 @@ _SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGTP]?)(?:I?B)?\s*$", re.IGNORECASE)
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._:+-]*$")
 NAME_MAX = 128
+# An import writes into a hidden volume IMPORTING + VOL + "~" + TAG and renames it to VOL at
+# the end: names users type cannot start with '.' nor hold '~', so no user volume can take
+# or see such a name. A new TAG per attempt: the kernel may still cache the name of the
+# attempt before (for the entry timeout) as a deleted volume.
+IMPORTING = ".import."
 MAX_VOLUME_SIZE = 1 << 50  # 1 PiB
 
 
@@ -61,6 +66,17 @@ def check_name(name: str, what: str = "name") -> str:
             f"invalid {what} {shown!r}: use letters, digits and . _ : + - (not first . or -)"
         )
     return name
+
+
+def check_volume_name(name: str) -> str:
+    """A volume name, or the hidden name of an import in progress (see IMPORTING)."""
+    if isinstance(name, str) and name.startswith(IMPORTING):
+        base, tilde, tag = name.removeprefix(IMPORTING).rpartition("~")
+        if not tilde or not tag.isalnum():
+            raise InvalidArgument(f"invalid import volume name {name[:60]!r}")
+        check_name(base, "volume name")
+        return name
+    return check_name(name, "volume name")
 
 
 def split_snapshot_ref(ref: str) -> tuple[str, str]:

@@ -34,6 +34,7 @@ import trio
 from snapfs.access import check_owner, visible
 from snapfs.control import MAX_LINE, Controller
 from snapfs.errors import SnapfsError, StoreError
+from snapfs.units import IMPORTING
 from snapfs.volume.engine import Engine
 
 log = logging.getLogger("snapfs.fuse")
@@ -286,6 +287,8 @@ class Operations(pyfuse3.Operations):
         inode, uid = self._dirs.get(fh, (ROOT, 0))
         entries = self._children(inode, uid)
         for i, (name, ino) in enumerate(entries[start_id:], start_id):
+            if inode == VOLUMES and name.startswith(IMPORTING.encode()):
+                continue  # an import in progress: opened by name, listed once it is done
             try:
                 attrs = self._attrs(ino)
             except pyfuse3.FUSEError:

@@ -29,10 +29,11 @@ from snapfs.errors import (
     CatalogFailed,
     IntegrityError,
     InvalidArgument,
+    NotFound,
     SnapfsError,
 )
 from snapfs.store.base import Store
-from snapfs.units import MAX_VOLUME_SIZE, check_name, format_size
+from snapfs.units import MAX_VOLUME_SIZE, check_name, check_volume_name, format_size
 from snapfs.volume import publish
 from snapfs.volume.base import DEFAULT_BLOCK_SIZE, EngineConfig, EngineStatistics
 from snapfs.volume.catalog import Catalog, SnapshotRow, VolumeRow
@@ -398,7 +399,7 @@ class Engine(DataPath, Maintenance):
         source: tuple[str, str] | None = None,
     ) -> VolumeRow:
         self.writable()
-        check_name(name, "volume name")
+        check_volume_name(name)
         if name in self.heads:
             raise AlreadyExists(f"volume {name!r} already exists")
         root, root_level, parent = None, 0, None
@@ -478,6 +479,31 @@ class Engine(DataPath, Maintenance):
             head.remove_files()
             await self._publish()
             await self._collect()
+
+    async def rename_volume(self, name: str, new: str, uid: int = 0) -> VolumeRow:
+        """Give a closed volume without snapshots another name: how an import's hidden
+        volume becomes visible. One transaction, then the head moves under its new name with
+        no await in between (every `heads[row.name] is head` check keeps holding). Busy
+        while it is open or has snapshots; AlreadyExists when `new` is taken."""
+        self.writable()
+        head = self.head(name)
+        check_owner(head.row.owner, uid, f"volume {name!r}")
+        check_volume_name(new)
+        async with head.write_lock, self.commit_lock:
+            if self.heads.get(name) is not head:
+                raise NotFound(f"volume {name!r} not found")
+            if head.opens or self.catalog.snapshots(name):
+                raise Busy(f"volume {name!r} is open or has snapshots: it cannot be renamed")
+            if new in self.heads:
+                raise AlreadyExists(f"volume {new!r} already exists")
+            with self.catalog.transaction():
+                self.catalog.update_volume(head.row.id, name=new)
+                self._bump_seq()
+            del self.heads[name]
+            head.row.name = new
+            self.heads[new] = head
+            await self._publish()
+        return head.row
 
     async def _count_mapped(self, head: Head) -> None:
         """Count the blocks the committed tree maps, and which dirty blocks it does not."""
@@ -623,6 +649,21 @@ class Engine(DataPath, Maintenance):
     async def diff(self, volume: str, a: str, b: str) -> list[int]:
         sa, sb = await self.wait_available(volume, a), await self.wait_available(volume, b)
         return await self.tree.diff(sa.root, sa.root_level, sb.root, sb.root_level)
+
+    async def snapshot_extents(self, volume: str, name: str) -> list[tuple[int, int]]:
+        """The byte ranges (offset, length) that snapshot `volume@name` maps, merged, in
+        order: what an export reads (the rest are holes). Waits until it is available."""
+        snap = await self.wait_available(volume, name)
+        bs = snap.block_size
+        extents: list[tuple[int, int]] = []
+        async for blk, _oid in self.tree.items(snap.root, snap.root_level):
+            offset = blk * bs
+            length = min(bs, snap.size - offset)
+            if extents and sum(extents[-1]) == offset:
+                extents[-1] = (extents[-1][0], extents[-1][1] + length)
+            elif length > 0:
+                extents.append((offset, length))
+        return extents
 
     def statistics(self) -> EngineStatistics:
         packs = self.chunks.statistics()
