@@ -158,8 +158,9 @@ def render(words: list[str], result) -> str:
             ],
         )
     if cmd[:1] == ("diff",):
+        what = "allocated" if len(words) == 2 else "changed"
         lines = [
-            f"{result['changed_blocks']} blocks changed "
+            f"{result['changed_blocks']} blocks {what} "
             f"({format_size(result['changed_bytes'])}), block size "
             f"{format_size(result['block_size'])}"
         ]
@@ -303,7 +304,22 @@ USAGE = """usage: snapfs [--mount MOUNTPOINT] [--json] COMMAND ...
                                           a snapshot to a sparse raw or a qcow2 image
   import FILE VOL[@SNAP] [--format FMT] [--size SIZE] [--block-size SIZE] [--into]
                                           an image qemu-img reads into a new volume
+  send VOL@SNAP [--from VOL@BASE] [-o FILE]
+                                          write a snapshot as a stream (docs/streams.md):
+                                          all of it, or what changed since BASE
+  receive VOL[@SNAP] [-i FILE] [--force]  apply a stream (stdin by default): a full one
+                                          creates VOL, an incremental one needs its base
+                                          as VOL's newest snapshot (--force: roll back to
+                                          it first if VOL changed since)
 """
+
+
+def cmd_stream(words: list[str], mount: str | None, as_json: bool) -> int:
+    """snapfs send / receive (snapfs/sendrecv.py), through the daemon of `mount`."""
+    from snapfs import sendrecv
+
+    where = find_mount(mount)
+    return sendrecv.run(words, lambda line: ctl(where, line), where, as_json)
 
 
 def usage() -> str:
@@ -414,6 +430,8 @@ def main(argv: list[str] | None = None) -> int:
             return images.main(words, mount, as_json)
         if words[:1] == ["fsck"] and len(words) > 1 and "://" in words[1]:
             return cmd_fsck_store(words[1:], as_json)
+        if words[0] in ("send", "receive"):
+            return cmd_stream(words, mount, as_json)
         result = ctl(find_mount(mount), shlex.join(words))
         print(json.dumps(result, indent=2, default=str) if as_json else render(words, result))
         return fsck_status(result) if words[0] == "fsck" else 0

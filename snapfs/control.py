@@ -20,7 +20,7 @@ from typing import Any
 from snapfs.access import check_owner, check_root, visible
 from snapfs.errors import AlreadyExists, Busy, InvalidArgument, PermissionDenied
 from snapfs.units import IMPORTING, check_name, parse_seconds, parse_size, split_snapshot_ref
-from snapfs.volume.catalog import SnapshotRow
+from snapfs.volume.catalog import SnapshotRow, check_guid
 from snapfs.volume.engine import Engine
 
 MAX_LINE = 64 * 1024
@@ -69,12 +69,23 @@ SPECS = [
         flags=("recursive",),
         help="delete a volume (--recursive: with its snapshots)",
     ),
-    Spec(("snapshot", "create"), ("ref",), flags=("temporary",), help="take a snapshot"),
+    Spec(
+        ("snapshot", "create"),
+        ("ref",),
+        {"guid": check_guid},
+        flags=("temporary",),
+        help="take a snapshot (--guid HEX: with that identity, as receive does)",
+    ),
     Spec(("snapshot", "list"), ("volume?",), help="list snapshots"),
     Spec(("snapshot", "show"), ("ref",), help="show one snapshot"),
     Spec(("snapshot", "delete"), ("ref",), help="delete a snapshot"),
     Spec(("snapshot", "rollback"), ("ref",), help="roll a volume back to a snapshot"),
-    Spec(("diff",), ("a", "b"), help="blocks changed between two snapshots of a volume"),
+    Spec(
+        ("diff",),
+        ("a", "b?"),
+        help="blocks changed between two snapshots of a volume (VOL@A VOL@B), since a "
+        "snapshot (VOL@A VOL), or allocated in one (VOL@A)",
+    ),
     Spec(("sync",), help="upload everything dirty and publish the catalog"),
     Spec(("stats",), help="daemon statistics"),
     Spec(
@@ -201,9 +212,10 @@ class Controller:
         await self.engine.delete_volume(_volume(name), recursive=recursive, uid=uid)
         return {"deleted": name}
 
-    async def do_snapshot_create(self, uid, ref, temporary=False):
+    async def do_snapshot_create(self, uid, ref, temporary=False, guid=None):
         vol, snap = split_snapshot_ref(ref)
-        return snapshot_info(await self.engine.create_snapshot(vol, snap, temporary, uid=uid))
+        row = await self.engine.create_snapshot(vol, snap, temporary, uid=uid, guid=guid)
+        return snapshot_info(row)
 
     async def do_snapshot_list(self, uid, volume=None):
         if volume is not None:
@@ -234,14 +246,25 @@ class Controller:
         await self.status.get("on_rollback", _noop)(vol)
         return self.engine.volume_info(vol)
 
-    async def do_diff(self, uid, a, b):
+    async def do_diff(self, uid, a, b=None):
+        """VOL@A VOL@B: blocks whose content differs; VOL@A VOL: blocks of the volume that
+        may differ from the snapshot (dirty ones count); VOL@A: the snapshot's allocated
+        blocks. The cost follows the blocks reported, not the size."""
         va, sa = split_snapshot_ref(a)
-        vb, sb = split_snapshot_ref(b)
-        if va != vb:
+        vb = _volume(b) if b is not None and "@" not in b else None
+        sb = None
+        if b is not None and vb is None:
+            vb, sb = split_snapshot_ref(b)
+        if vb not in (None, va):
             raise InvalidArgument("diff compares two snapshots of the same volume")
         snap = self.engine.snapshot_row(va, sa)
         check_owner(snap.owner, uid, f"snapshot {a}")
-        blocks = await self.engine.diff(va, sa, sb)
+        if b is None:
+            blocks = await self.engine.allocated(va, sa)
+        elif sb is None:
+            blocks = await self.engine.changed_since(va, sa)
+        else:
+            blocks = await self.engine.diff(va, sa, sb)
         bs = snap.block_size
         extents: list[list[int]] = []
         for blk in blocks:
@@ -350,6 +373,7 @@ def snapshot_info(snap: SnapshotRow) -> dict:
         "temporary": bool(snap.temporary),
         "owner": snap.owner,
         "root": snap.root.hex() if snap.root else None,
+        "guid": snap.guid,
     }
 
 

@@ -83,3 +83,10 @@ class ReadOnly(SnapfsError):
     """The mount is read-only, or this writer lost the store's lease."""
 
     errno = errno.EROFS
+
+
+class CorruptStream(SnapfsError):
+    """A send/receive stream that is cut short, damaged or not a stream at all: refused
+    whole, before anything of it is applied (snapfs/stream.py)."""
+
+    errno = errno.EBADMSG

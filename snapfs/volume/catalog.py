@@ -5,7 +5,8 @@ Tables (all in one file, <cache-dir>/catalog.sqlite3):
     meta(key, value)                       store uuid, catalog seq, published seq, clean flag
     volumes(id, name, size, block_size, root, root_level, epoch, owner, created, parent)
     snapshots(id, volume, name, epoch, state, root, root_level, size, block_size,
-              created, temporary, owner)
+              created, temporary, owner, guid)   guid: the snapshot's identity (32 hex
+                                           digits), kept by send/receive (snapfs/stream.py)
     refs(key, count, size)                 key = kind byte (b'c' | b'n') + 32-byte digest
     dirty(volume_id, blk, epoch)           blocks of a head not yet in its committed tree
     frozen(volume_id, snap_epoch, blk, slot)  copy-on-write saves for snapshots in `creating`
@@ -25,14 +26,16 @@ from the published catalog by walking every root (see volume/check.py).
 
 import contextlib
 import logging
+import re
+import secrets
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from snapfs.chunks import INDEX_SCHEMA
-from snapfs.errors import CatalogFailed
+from snapfs.chunks import INDEX_SCHEMA, digest
+from snapfs.errors import CatalogFailed, InvalidArgument
 
 log = logging.getLogger("snapfs.catalog")
 
@@ -46,7 +49,7 @@ CREATE TABLE IF NOT EXISTS snapshots(
     id INTEGER PRIMARY KEY AUTOINCREMENT, volume TEXT NOT NULL, name TEXT NOT NULL,
     epoch INTEGER NOT NULL, state TEXT NOT NULL, root BLOB, root_level INTEGER NOT NULL,
     size INTEGER NOT NULL, block_size INTEGER NOT NULL, created REAL NOT NULL,
-    temporary INTEGER NOT NULL, owner INTEGER NOT NULL, UNIQUE(volume, name));
+    temporary INTEGER NOT NULL, owner INTEGER NOT NULL, guid TEXT, UNIQUE(volume, name));
 CREATE TABLE IF NOT EXISTS refs(key BLOB PRIMARY KEY, count INTEGER NOT NULL,
     size INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS dirty(volume_id INTEGER, blk INTEGER, epoch INTEGER NOT NULL,
@@ -92,6 +95,30 @@ class SnapshotRow:
     created: float
     temporary: int
     owner: int
+    guid: str
+
+
+GUID_RE = re.compile(r"^[0-9a-f]{32}$")
+
+
+def new_guid() -> str:
+    """A fresh snapshot identity: 16 random bytes, in hex."""
+    return secrets.token_hex(16)
+
+
+def check_guid(text: str) -> str:
+    """A snapshot identity a user gives: 32 hex digits (case ignored), returned lowercase."""
+    guid = str(text).lower()
+    if not GUID_RE.match(guid) or guid == "0" * 32:
+        raise InvalidArgument(f"invalid snapshot guid {str(text)[:40]!r}: 32 hex digits, not all 0")
+    return guid
+
+
+def legacy_guid(volume: str, name: str, created: float, epoch: int) -> str:
+    """The identity of a snapshot made before snapshots had one (a cache dir or a published
+    catalog of an older version): derived from its record, so that a writer's migration, a
+    restore and a read-only mount of the same old record all agree on it."""
+    return digest(f"{volume}\0{name}\0{created!r}\0{epoch}".encode())[:16].hex()
 
 
 class Catalog:
@@ -106,8 +133,10 @@ class Catalog:
         self._migrate()
 
     def _migrate(self) -> None:
-        """Cache dirs written by older versions: garbage rows had no time. Store objects
-        queued then wait a grace period from now."""
+        """Cache dirs written by older versions: garbage rows had no time (store objects
+        queued then wait a grace period from now); snapshots had no guid (each gets
+        `legacy_guid`)."""
+        self._migrate_guid()
         cols = {r[1] for r in self.db.execute("PRAGMA table_info(garbage)")}
         if "since" not in cols:
             with self.transaction():
@@ -116,6 +145,17 @@ class Catalog:
                     "UPDATE garbage SET since=? WHERE substr(key,1,1) NOT IN (?, ?)",
                     (time.time(), *BLOB_KINDS),
                 )
+
+    def _migrate_guid(self) -> None:
+        cols = {r[1] for r in self.db.execute("PRAGMA table_info(snapshots)")}
+        if "guid" in cols:
+            return
+        with self.transaction():
+            self.db.execute("ALTER TABLE snapshots ADD COLUMN guid TEXT")
+            rows = self.db.execute("SELECT id, volume, name, created, epoch FROM snapshots")
+            for sid, volume, name, created, epoch in list(rows):
+                guid = legacy_guid(volume, name, created, epoch)
+                self.db.execute("UPDATE snapshots SET guid=? WHERE id=?", (guid, sid))
 
     def close(self) -> None:
         self.db.close()
@@ -235,10 +275,12 @@ class Catalog:
         temporary: bool,
         owner: int,
         created: float | None = None,
+        guid: str | None = None,
     ) -> int:
+        """A new snapshot record; `guid` None: a fresh identity."""
         cur = self.db.execute(
             "INSERT INTO snapshots(volume, name, epoch, state, root, root_level, size,"
-            " block_size, created, temporary, owner) VALUES(?,?,?,?,?,?,?,?,?,?,?)",
+            " block_size, created, temporary, owner, guid) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 volume,
                 name,
@@ -251,9 +293,16 @@ class Catalog:
                 created or time.time(),
                 int(temporary),
                 owner,
+                guid or new_guid(),
             ),
         )
         return int(cur.lastrowid or 0)
+
+    def snapshot_by_guid(self, volume: str, guid: str) -> SnapshotRow | None:
+        r = self.db.execute(
+            "SELECT * FROM snapshots WHERE volume=? AND guid=?", (volume, guid)
+        ).fetchone()
+        return SnapshotRow(*r) if r else None
 
     def update_snapshot(self, sid: int, **fields) -> None:
         cols = ", ".join(f"{k}=?" for k in fields)

@@ -36,7 +36,7 @@ from snapfs.store.base import Store
 from snapfs.units import MAX_VOLUME_SIZE, check_name, check_volume_name, format_size
 from snapfs.volume import publish
 from snapfs.volume.base import DEFAULT_BLOCK_SIZE, EngineConfig, EngineStatistics
-from snapfs.volume.catalog import Catalog, SnapshotRow, VolumeRow
+from snapfs.volume.catalog import Catalog, SnapshotRow, VolumeRow, check_guid, legacy_guid
 from snapfs.volume.check import (
     K_CHUNK,
     K_NODE,
@@ -310,7 +310,11 @@ class Engine(DataPath, Maintenance):
         wanted = {(s["volume"], s["name"]): s for s in doc["snapshots"]}
         for row in cat.snapshots():
             s = wanted.get((row.volume, row.name))
-            if s is not None and (s["root"], s["epoch"]) == (row.root, row.epoch):
+            if s is not None and (s["root"], s["epoch"], record_guid(s)) == (
+                row.root,
+                row.epoch,
+                row.guid,
+            ):
                 del wanted[(row.volume, row.name)]
             else:
                 cat.delete_snapshot(row.id)  # gone, or deleted and taken again
@@ -546,19 +550,25 @@ class Engine(DataPath, Maintenance):
     # ------------------------------------------------------------------ snapshots
 
     async def create_snapshot(
-        self, volume: str, name: str, temporary: bool = False, uid: int = 0
+        self,
+        volume: str,
+        name: str,
+        temporary: bool = False,
+        uid: int = 0,
+        guid: str | None = None,
     ) -> SnapshotRow:
         """O(1): sync the cache file and the dirty map, then freeze the epoch. The data is
-        neither copied nor hashed; the flusher uploads it and marks the snapshot available."""
+        neither copied nor hashed; the flusher uploads it and marks the snapshot available.
+        `guid`: the identity to give it (a received snapshot keeps its source's), else a
+        fresh one; one volume never has two snapshots of the same identity."""
         self.writable()
         head = self.head(volume)
         check_owner(head.row.owner, uid, f"volume {volume!r}")
         check_name(name, "snapshot name")
-        if self.catalog.snapshot(volume, name) is not None:
-            raise AlreadyExists(f"snapshot {volume}@{name} already exists")
+        guid = None if guid is None else check_guid(guid)
+        self._check_new_snapshot(volume, name, guid)
         await self._persist_dirty(head)
-        if self.catalog.snapshot(volume, name) is not None:
-            raise AlreadyExists(f"snapshot {volume}@{name} already exists")
+        self._check_new_snapshot(volume, name, guid)
         row = head.row
         with self.catalog.transaction():
             sid = self.catalog.add_snapshot(
@@ -572,6 +582,7 @@ class Engine(DataPath, Maintenance):
                 row.block_size,
                 temporary,
                 uid,
+                guid=guid,
             )
             self.catalog.update_volume(row.id, epoch=row.epoch + 1)
         row.epoch += 1
@@ -580,6 +591,13 @@ class Engine(DataPath, Maintenance):
         head.pending.append(snap)
         self.kick()
         return snap
+
+    def _check_new_snapshot(self, volume: str, name: str, guid: str | None) -> None:
+        if self.catalog.snapshot(volume, name) is not None:
+            raise AlreadyExists(f"snapshot {volume}@{name} already exists")
+        same = None if guid is None else self.catalog.snapshot_by_guid(volume, guid)
+        if same is not None:
+            raise AlreadyExists(f"snapshot {volume}@{same.name} has guid {guid} already")
 
     async def wait_available(self, volume: str, name: str) -> SnapshotRow:
         while True:
@@ -650,13 +668,33 @@ class Engine(DataPath, Maintenance):
         sa, sb = await self.wait_available(volume, a), await self.wait_available(volume, b)
         return await self.tree.diff(sa.root, sa.root_level, sb.root, sb.root_level)
 
+    async def allocated(self, volume: str, name: str) -> list[int]:
+        """The blocks snapshot volume@name maps (its non-zero blocks), sorted: the cost
+        follows them, not the volume's size."""
+        snap = await self.wait_available(volume, name)
+        return [blk async for blk, _oid in self.tree.items(snap.root, snap.root_level)]
+
+    async def changed_since(self, volume: str, name: str) -> list[int]:
+        """Blocks of the volume that may differ from its snapshot `name`: where the
+        committed tree differs, and every dirty block (one rewritten with the same bytes
+        counts). Under the commit lock, so no commit moves a block from dirty to the tree
+        while the trees are compared. A size change is the caller's to compare."""
+        snap = await self.wait_available(volume, name)
+        head = self.head(volume)
+        async with self.commit_lock:
+            row = head.row
+            blocks = set(await self.tree.diff(snap.root, snap.root_level, row.root, row.root_level))
+            blocks.update(head.dirty)
+        return sorted(blocks)
+
     async def snapshot_extents(self, volume: str, name: str) -> list[tuple[int, int]]:
         """The byte ranges (offset, length) that snapshot `volume@name` maps, merged, in
         order: what an export reads (the rest are holes). Waits until it is available."""
-        snap = await self.wait_available(volume, name)
+        blocks = await self.allocated(volume, name)
+        snap = self.snapshot_row(volume, name)
         bs = snap.block_size
         extents: list[tuple[int, int]] = []
-        async for blk, _oid in self.tree.items(snap.root, snap.root_level):
+        for blk in blocks:
             offset = blk * bs
             length = min(bs, snap.size - offset)
             if extents and sum(extents[-1]) == offset:
@@ -767,7 +805,14 @@ def _add_snapshot_record(cat: Catalog, s: dict) -> int:
         False,
         s["owner"],
         s["created"],
+        record_guid(s),
     )
+
+
+def record_guid(s: dict) -> str:
+    """A published snapshot record's identity (a catalog of an older version has none: the
+    one derived from the record, as the writer's migration derived it)."""
+    return s.get("guid") or legacy_guid(s["volume"], s["name"], s["created"], s["epoch"])
 
 
 def check_block_size(block_size: int) -> None:

@@ -133,6 +133,7 @@ def catalog_doc(
             "owner": s.owner,
             "created": s.created,
             "epoch": s.epoch,
+            "guid": s.guid,
         }
         for s in catalog.snapshots()
         if s.state == "available" and not s.temporary
