@@ -271,6 +271,17 @@ class Fence:
             if doc is None or doc.get("writer") != self.writer:
                 self._displaced(seq, doc, "committing")
 
+    async def confirm_current(self, doing: str) -> None:
+        """Nobody published after our newest catalog: a LIST, then HEADs past it (a HEAD
+        of the next seq would miss a newer writer whose catalogs from there on were
+        deleted as old). Else this writer lost the store: ReadOnly, saying it was `doing`."""
+        newer = await self._newer_than(self.store_seq)
+        if newer is not None:
+            seq, doc = newer
+            if doc is not None and doc.get("writer") == self.writer and seq == self.store_seq + 1:
+                raise StoreError(f"catalog {seq} is ours but not recorded: publish first")
+            self._displaced(seq, doc, doing)
+
     def _displaced(self, seq: int, doc: dict | None, doing: str) -> NoReturn:
         """Catalog `seq` is another writer's: before our fence, FenceConflict; after it,
         this writer lost the store (ReadOnly)."""
@@ -319,12 +330,7 @@ class Fence:
         self.check_may_delete()
         if not keys:
             return
-        newer = await self._newer_than(self.store_seq)
-        if newer is not None:
-            seq, doc = newer
-            if doc is not None and doc.get("writer") == self.writer and seq == self.store_seq + 1:
-                raise StoreError(f"catalog {seq} is ours but not recorded: publish first")
-            self._displaced(seq, doc, "deleting")
+        await self.confirm_current("deleting")
         await run_all(
             [functools.partial(self.store.delete, k) for k in keys], max(1, self.concurrency)
         )

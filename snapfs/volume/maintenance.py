@@ -199,6 +199,10 @@ class Maintenance(Flusher):
                 report.wrong_counts = self._wrong_counts(expected)
             if verify_store:
                 report.missing, orphans = await self._check_store(expected)
+                if report.missing and self.fence.fenced and not self.read_only:
+                    # Not damage if another writer took the store over: what only this
+                    # writer's unpublished state needed is that writer's to delete.
+                    await self.fence.confirm_current("checking the store")
                 report.orphan_packs = len(orphans)
                 if repair and orphans:
                     await self.fence.delete([pack_key(p) for p in orphans])

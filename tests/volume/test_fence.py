@@ -466,6 +466,17 @@ async def test_a_takeover_restore_maps_blobs_to_the_pack_gc_moved_them_to(old_fr
     await b.close()
 
 
+async def synced_then_written(store, clock):
+    """Writer A with a synced volume written again, and a gate that stops its next
+    publish."""
+    a = await open_engine(store, grace=60, clock=clock)
+    await a.create_volume("v", SIZE, BS)
+    await a.write("v", 0, os.urandom(SIZE))
+    await a.sync()
+    await a.write("v", 0, os.urandom(SIZE))
+    return a, store.pause("put_new", "catalog/")
+
+
 async def test_a_writer_paused_longer_than_the_grace_learns_it_lost_and_deletes_nothing():
     """Issue 20, finding 3: B's fence is catalog N+1, deleted once three newer ones are out
     and the grace has passed. A, paused before its publish of N+1 (SIGSTOP, a frozen VM)
@@ -473,12 +484,7 @@ async def test_a_writer_paused_longer_than_the_grace_learns_it_lost_and_deletes_
     deleted B's packs as orphans."""
     clock = Clock()
     store = await new_store()
-    a = await open_engine(store, grace=60, clock=clock)
-    await a.create_volume("v", SIZE, BS)
-    await a.write("v", 0, os.urandom(SIZE))
-    await a.sync()
-    await a.write("v", 0, os.urandom(SIZE))
-    gate = store.pause("put_new", "catalog/")
+    a, gate = await synced_then_written(store, clock)
     outcome: dict[str, BaseException | None] = {}
     async with trio.open_nursery() as nursery:
         nursery.start_soon(note_outcome, outcome, "a", a.sync)
@@ -565,5 +571,31 @@ async def test_a_takeover_wins_against_a_writer_that_keeps_publishing():
     await b.sync()
     await restore_exact(store, {"after": data})
     b.fence.assert_invariants()
+    await a.close()
+    await b.close()
+
+
+async def test_fsck_of_a_displaced_writer_says_it_lost_instead_of_calling_objects_missing():
+    """Found by the simulation (a displaced writer's fsck, seeds 27 and 35 with
+    takeovers=2,pause=True): A committed blocks locally but was stopped before it published
+    them; B took the store over from A's last catalog and, a grace period later, swept
+    A's packs as orphans, as it should. A's fsck then called them missing: damage to
+    repair, where the truth is that A lost the store. It now says so (ReadOnly)."""
+    clock = Clock()
+    store = await new_store()
+    a, gate = await synced_then_written(store, clock)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(note_outcome, {}, "a", a.sync)
+        with trio.fail_after(10):
+            await gate.wait_reached()  # A committed its blocks, stops before it publishes
+        b = await open_engine(store, grace=60, clock=clock)
+        for _ in range(2):  # B's sweep, a grace period apart: A's new packs go
+            await b.sweep_orphans()
+            clock.now += 61
+        nursery.cancel_scope.cancel()  # A never publishes: it does not know it lost
+    assert a.lease_lost is None
+    with pytest.raises(ReadOnly, match="another writer"):
+        await a.check()
+    assert (await b.check()).clean
     await a.close()
     await b.close()
