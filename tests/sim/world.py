@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ast
 import contextvars
+import functools
 import logging
 import os
 import random
@@ -243,6 +244,7 @@ class World:
         self._node: trio.Nursery | None = None
         self.usurper: Engine | None = None  # the writer that took the store over
         self.usurper_dir: str | None = None
+        self.usurper_made: dict[str, tuple[bytes, dict[str, bytes]]] = {}  # while it waited
         self.takeovers = 0  # done
         self.paused: trio.Event | None = None  # set: the stopped writer goes on
         self.auditor: Engine | None = None  # a read-only engine that walks the store
@@ -385,6 +387,8 @@ class World:
                 try:
                     return await call(*args)
                 except ObjectNotFound as exc:
+                    if self.displaced():
+                        raise  # what it alone had is the new writer's to sweep: expected
                     if missing_ok is None or trio.current_time() - began < missing_ok:
                         raise BugFound(f"{call.__name__}: {exc}") from exc
                     last = exc
@@ -498,6 +502,8 @@ class World:
         the store and the catalog ignore or refuse whatever the dying tasks still do."""
         if scope.cancel_called:
             return
+        if self.paused is not None and not (crash and self.usurper is None):
+            return  # the stopped writer must wake first: the takeover ends the incarnation
         if crash and self.usurper is None and self.engine is not None:
             self.crashed = True
             self.note("CRASH (the instant)")
@@ -680,28 +686,119 @@ class World:
             self.takeovers += 1
             self.note("TAKEOVER: the second writer has fenced the store")
             if pause is not None:  # it stays stopped beyond the grace period
-                await trio.sleep(self.knobs.grace * self.rng.uniform(1.0, 2.0) + 0.1)
+                with trio.CancelScope(shield=True), self.watchdog.step("the second writer's work"):
+                    await self.usurper_works()
+                await trio.sleep(self.knobs.grace * self.rng.uniform(0.0, 1.0))
         finally:
             if pause is not None:
                 self.note("the writer goes on")
                 pause.set()
                 self.paused = None
-        if self.rng.random() < 0.5:
-            # The displaced writer, not knowing yet, takes a snapshot and rolls back while
-            # its flusher learns that it lost: every call must fail fast, never wait for a
-            # commit that can no longer come.
-            self._node.start_soon(self.lost_probe)
+        if self.rng.random() < 0.5 or pause is not None:
+            probed = trio.Event()
+            self._node.start_soon(self.lost_probe, probed, pause is not None)
+            with trio.move_on_after(10.0 + 3 * self.knobs.grace):
+                await probed.wait()
         await trio.sleep(self.rng.uniform(0.0, 2.0))  # the first one goes on for a while
         scope.cancel()
 
-    async def lost_probe(self) -> None:
+    async def usurper_works(self) -> None:
+        """While the first writer is stopped, the second works on a volume of its own: a
+        write, a snapshot and a sync, again and again, then, the grace past, once more: it
+        deletes its oldest catalogs, its fence among them, which frees that seq for the
+        stopped writer's conditional put when it wakes (finding 3). The volume and its
+        snapshots join the model at the switch (`usurper_made`)."""
+        u = self.usurper
+        name, blocks = f"u{self.takeovers}", 8
+
+        async def create(snap: str | None = None) -> None:  # it publishes: may fail after
+            if snap is None and name not in u.heads:
+                await u.create_volume(name, blocks * BS, BS)
+            elif snap is not None and snap not in {s.name for s in u.catalog.snapshots(name)}:
+                await u.create_snapshot(name, snap)
+
+        await self.retry(create)
+        content = bytearray(blocks * BS)
+        snaps: dict[str, bytes] = {}
+        for i in range(publish.KEEP_CATALOGS + 3):
+            if i == publish.KEEP_CATALOGS + 2:
+                await trio.sleep(self.knobs.grace + 0.05)
+            blk = self.rng.randrange(blocks)
+            data = self.tag(BS)
+            await u.write(name, blk * BS, data)
+            content[blk * BS : (blk + 1) * BS] = data
+            await self.retry(create, f"s{i}")
+            snaps[f"s{i}"] = bytes(content)
+            await self.retry(u.sync)
+        self.note(f"the second writer published {name} and catalog {u.fence.store_seq}")
+        self.usurper_made[name] = (bytes(content), snaps)
+
+    def adopt_usurper_made(self) -> None:
+        """At the switch: what the second writer made while the first was stopped, synced
+        and published, joins the model."""
+        for name, (content, snaps) in self.usurper_made.items():
+            step = self.tick()
+            self.vols[name] = self.shared(VolumeModel.new(name, len(content), BS, content, step))
+            self.locks[name] = SharedLock()
+            for sname, data in snaps.items():
+                self.snaps[(name, sname)] = SnapModel(
+                    name, sname, step, step, published=True, content=data
+                )
+        self.usurper_made.clear()
+
+    async def lost_probe(self, done: trio.Event, woken: bool = False) -> None:
+        """The displaced writer, not knowing yet, takes a snapshot; once its flusher has
+        learned that it lost, it rolls that volume back and deletes it (finding 5: both
+        waited in a loop with no checkpoint for a snapshot that can never commit now).
+        Every call must fail fast or do its job, never wait."""
         WHO.set("writer")
-        for op in (self.op_snapshot, self.op_rollback, self.op_delete_volume):
+        vol = self.probe_volume()
+        await self.probe_op(self.op_snapshot, vol)
+        target = self.pick_snapshot(vol.name, available=True)
+        if target is not None:  # read first: the rollback's call must come at once
+            await self.probe_op(self.op_read_snapshot, target)
+        async with trio.open_nursery() as nursery:
+            # A sync learns the loss while it holds the commit lock; the rollback and the
+            # delete, waiting for that lock, must not then wait for the pending snapshot.
+            nursery.start_soon(self.probe_op, self.op_sync)
+            if target is not None and target.content is not None and vol.name in self.vols:
+                delay = self.rng.uniform(0.0, 0.01)
+                nursery.start_soon(
+                    functools.partial(self.probe_op, self.op_rollback, vol, target, delay=delay)
+                )
+            delay = self.rng.uniform(0.0, 0.01)
+            nursery.start_soon(
+                functools.partial(self.probe_op, self.op_delete_volume, vol, delay=delay)
+            )
+        for _ in range(2 if woken else 0):
+            # Woken from a stop, it sweeps the store for what no catalog of its own
+            # knows, twice a grace period apart (an orphan goes on the second): the
+            # second writer's packs, unless it learns first that it lost.
             try:
-                with self.watchdog.step(f"a displaced writer's {op.__name__}"):
-                    await op()
+                with self.watchdog.step("a displaced writer's sweep"):
+                    await self.engine.sweep_orphans()
             except SnapfsError as exc:
                 self.expected(exc)
+            await trio.sleep(self.knobs.grace + 0.05)
+        done.set()
+
+    async def probe_op(self, op, *args, delay: float = 0.0) -> None:
+        WHO.set("writer")
+        await trio.sleep(delay)
+        name = getattr(op, "__name__", None) or op.func.__name__
+        try:
+            with self.watchdog.step(f"a displaced writer's {name}"):
+                await op(*args)
+        except SnapfsError as exc:
+            self.note(f"the displaced writer's {name}: {exc.__class__.__name__}: {exc}")
+            self.expected(exc)
+
+    def probe_volume(self) -> VolumeModel:
+        """A volume with a committed snapshot to roll back to, a clone if one has one."""
+        names = sorted(self.vols)
+        names = [n for n in names if self.pick_snapshot(n, available=True)] or names
+        names = [n for n in names if n.startswith("c")] or names
+        return self.vols[self.rng.choice(names)]
 
     async def checker(self) -> None:
         while True:
@@ -727,7 +824,12 @@ class World:
                     if self.vols.get(name) is not vol or vol.deleting:
                         return  # deleted
                     with self.watchdog.step(f"client op on {name}: {self.history[-1:]}"):
-                        await self.client_op(vol, i)
+                        try:
+                            await self.client_op(vol, i)
+                        except ObjectNotFound:
+                            if self.displaced():
+                                return
+                            raise
                 await self.trace(self.history[-1])
                 self.check(f"a client op on {name}")
         finally:
@@ -831,10 +933,18 @@ class World:
         n = self.rng.randint(1, min(hi - off, most))
         return off, n
 
+    def displaced(self) -> bool:
+        """This task is the displaced writer's: what it committed after the catalog the
+        new writer restored was never published, and the new writer sweeps it (after the
+        grace), so its reads may find objects missing."""
+        return self.usurper is not None and WHO.get() == "writer"
+
     def expected(self, exc: SnapfsError) -> None:
         """An error a call may give in this world: the store failed (injected), or this
         writer lost the store to another one (EROFS from then on)."""
         if isinstance(exc, ReadOnly) and self.engine is not None and self.engine.lease_lost:
+            return
+        if isinstance(exc, ObjectNotFound) and self.displaced():
             return
         if isinstance(exc, CacheSyncFailed) and self.sync_failed:
             return  # an fdatasync failed (injected): the volume fails its syncs from then on
@@ -906,14 +1016,16 @@ class World:
     def pick_volume(self) -> VolumeModel:
         return self.vols[self.rng.choice(sorted(self.vols))]
 
-    def pick_snapshot(self, volume: str | None = None) -> SnapModel | None:
+    def pick_snapshot(self, volume: str | None = None, available=False) -> SnapModel | None:
         keys = sorted(k for k, s in self.snaps.items() if s.end is not None)
         if volume is not None:
             keys = [k for k in keys if k[0] == volume]
+        if available:  # committed: a rollback to one does not wait for a commit
+            keys = [k for k in keys if self.state(*k) == "available"]
         return self.snaps[self.rng.choice(keys)] if keys else None
 
-    async def op_snapshot(self) -> None:
-        vol = self.pick_volume()
+    async def op_snapshot(self, vol: VolumeModel | None = None) -> None:
+        vol = vol or self.pick_volume()
         snap = SnapModel(vol.name, self.name("s"), self.tick(), temporary=self.rng.random() < 0.2)
         self.snaps[(vol.name, snap.name)] = snap
         self.note(f"snapshot {vol.name}@{snap.name}{' (temporary)' if snap.temporary else ''}")
@@ -943,6 +1055,12 @@ class World:
                 snap.deleting = False
                 return  # failed before it was deleted
         del self.snaps[(snap.volume, snap.name)]
+
+    def state(self, volume: str, name: str) -> str | None:
+        try:
+            return self.engine.snapshot_row(volume, name).state
+        except NotFound:
+            return None
 
     def exists(self, volume: str, name: str) -> bool:
         try:
@@ -986,12 +1104,15 @@ class World:
         model.durable = model.published = self.tick()
         self.start_clients(self._node, name)
 
-    async def op_rollback(self) -> None:
-        vol = self.pick_volume()
-        snap = self.pick_snapshot(vol.name)
-        if snap is None or self.engine.snapshot_row(vol.name, snap.name).size != vol.size:
+    async def op_rollback(self, vol: VolumeModel | None = None, snap=None) -> None:
+        vol = vol or self.pick_volume()
+        snap = snap or self.pick_snapshot(vol.name, available=True)
+        if snap is None or self.state(vol.name, snap.name) is None:
+            return  # none, or deleted meanwhile
+        if self.engine.snapshot_row(vol.name, snap.name).size != vol.size:
             return
-        snap = await self.op_read_snapshot(snap)
+        if snap.content is None:
+            snap = await self.op_read_snapshot(snap)
         async with self.locks[vol.name].exclusive():
             self.note(f"rollback {vol.name} to @{snap.name}")
             versions = vol.replace_all(snap.content, self.tick())
@@ -1030,12 +1151,13 @@ class World:
             vol.grow(vol.resizing, self.tick())
         vol.resizing = None
 
-    async def op_delete_volume(self) -> None:
+    async def op_delete_volume(self, vol: VolumeModel | None = None) -> None:
         """Delete a clone with its snapshots (the first volumes stay)."""
         clones = sorted(n for n in self.vols if n.startswith("c"))
-        if not clones:
+        if vol is None and clones:
+            vol = self.vols[self.rng.choice(clones)]
+        if vol is None or vol.name not in clones:
             return
-        vol = self.vols[self.rng.choice(clones)]
         async with self.locks[vol.name].exclusive():
             if vol.deleting or self.vols.get(vol.name) is not vol:
                 return
@@ -1168,6 +1290,7 @@ class World:
             self.abandon()
         self.engine, self.usurper = self.hook_catalog(self.usurper), None
         self.cache_dir = self.usurper_dir
+        self.adopt_usurper_made()
         self.sync_failed.clear()
         self.check("the takeover")
         await self.recover(takeover=True)
