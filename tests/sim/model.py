@@ -32,6 +32,7 @@ class Version:
     end: int | None = None  # acknowledged at this step; None: in flight, failed or cut off
     whole: bool = True  # False: its call failed, so it may have happened in part
     sure: bool = True  # False: it may not have happened at all (a failed call, not settled)
+    atomic: bool = False  # its call (a rollback) changes every block at once, or none
 
 
 def _overwritten(v: Version, versions: list[Version], before: int) -> bool:
@@ -118,7 +119,7 @@ class VolumeModel:
     def replace_all(self, content: bytes, step: int) -> list[tuple[int, Version]]:
         out = []
         for blk, versions in enumerate(self.blocks):
-            version = Version(content[blk * self.bs : (blk + 1) * self.bs], step)
+            version = Version(content[blk * self.bs : (blk + 1) * self.bs], step, atomic=True)
             versions.append(version)
             self.touched.add(blk)
             out.append((blk, version))
@@ -234,6 +235,7 @@ class SnapModel:
                 f"expected one of {[_show(o.data) for o in options]}"
             )
         self.check_cut(data, bs)
+        self.check_atomic(data, bs)
         self.content = data
         self.candidates = None
 
@@ -268,6 +270,30 @@ class SnapModel:
                 f"block {earliest_out[1]} lacks one acknowledged before, at step "
                 f"{earliest_out[0]}"
             )
+
+    def check_atomic(self, data: bytes, bs: int) -> None:
+        """A rollback replaces the whole volume at one instant: a snapshot holds all of it
+        or none of it, even one taken while the rollback call was under way. Per block
+        where the two differ: the rollback's version, or one from before it."""
+        held: dict[int, tuple[list[int], list[int]]] = {}  # rollback start → (in, out)
+        for blk, versions in enumerate(self.candidates):
+            got = data[blk * bs : (blk + 1) * bs]
+            for v in versions:
+                if not (v.atomic and v.whole):
+                    continue
+                before = {w.data for w in versions if w.start < v.start}
+                if v.data in before:
+                    continue  # the rollback may not change this block: it tells nothing
+                if got == v.data:
+                    held.setdefault(v.start, ([], []))[0].append(blk)
+                elif got in before:
+                    held.setdefault(v.start, ([], []))[1].append(blk)
+        for start, (rolled, kept) in held.items():
+            if rolled and kept:
+                raise AssertionError(
+                    f"snapshot {self.volume}@{self.name} holds part of the rollback that began "
+                    f"at step {start}: blocks {rolled[:4]} rolled back, {kept[:4]} not"
+                )
 
 
 SECTOR = 512

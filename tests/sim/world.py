@@ -1041,6 +1041,16 @@ class World:
         self.no_sync_after_failure([vol.name], snap.start, "snapshot")
         vol.durable = max(vol.durable, snap.start)
 
+    async def op_snapshot_soon(self, vol: VolumeModel) -> None:
+        await trio.sleep(self.rng.choice([0.0, 0.001, 0.01]))
+        if self.vols.get(vol.name) is not vol or vol.deleting:
+            return
+        try:
+            with self.watchdog.step("a snapshot during a rollback"):
+                await self.op_snapshot(vol)
+        except SnapfsError as exc:
+            self.expected(exc)
+
     async def op_delete_snapshot(self) -> None:
         snap = self.pick_snapshot()
         if snap is None:
@@ -1113,6 +1123,10 @@ class World:
             return
         if snap.content is None:
             snap = await self.op_read_snapshot(snap)
+        if self.rng.random() < 0.3:
+            # A snapshot taken while the rollback waits for its locks holds the volume
+            # from before it, whole: the rollback must commit it first (finding 12).
+            self._node.start_soon(self.op_snapshot_soon, vol)
         async with self.locks[vol.name].exclusive():
             self.note(f"rollback {vol.name} to @{snap.name}")
             versions = vol.replace_all(snap.content, self.tick())
