@@ -6,7 +6,6 @@ the running daemon's `.snapfs/ctl`, whose JSON reply is printed as a table (or a
 it is inside a snapfs mount, else as the only snapfs mount on the machine.
 """
 
-import errno
 import json
 import os
 import shlex
@@ -19,18 +18,9 @@ import trio
 
 from snapfs import __version__
 from snapfs.control import SPECS
+from snapfs.ctlclient import CliError, DaemonGone, ctl, find_mount
 from snapfs.errors import SnapfsError
 from snapfs.units import format_size, parse_seconds
-
-FSTYPE = "fuse.snapfs"
-
-
-class CliError(Exception):
-    pass
-
-
-class DaemonGone(CliError):
-    """The mount is there but its daemon is not (killed): the kernel answers ENOTCONN."""
 
 
 class NotUploaded(CliError):
@@ -38,73 +28,6 @@ class NotUploaded(CliError):
 
 
 EXIT_NOT_UPLOADED = 3
-GONE = (errno.ENOTCONN, errno.ECONNABORTED)
-
-
-def snapfs_mounts() -> list[str]:
-    mounts = []
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) > 2 and parts[2] == FSTYPE:
-                mounts.append(parts[1].replace("\\040", " "))
-    return mounts
-
-
-def find_mount(explicit: str | None) -> str:
-    mounts = snapfs_mounts()
-    if explicit:
-        path = os.path.realpath(explicit)
-        if path not in mounts:
-            raise CliError(f"{explicit} is not a snapfs mount")
-        return path
-    cwd = os.path.realpath(os.getcwd())
-    inside = [m for m in mounts if cwd == m or cwd.startswith(m.rstrip("/") + "/")]
-    if inside:
-        return max(inside, key=len)
-    if not mounts:
-        raise CliError("no snapfs mount found: run 'snapfs mount STORE_URL MOUNTPOINT' first")
-    if len(mounts) > 1:
-        raise CliError(
-            f"{len(mounts)} snapfs mounts ({', '.join(mounts)}): choose one with --mount MOUNTPOINT"
-        )
-    return mounts[0]
-
-
-def ctl(mount: str, line: str) -> object:
-    """Send one command line; return the result or raise CliError with the daemon's reason."""
-    path = os.path.join(mount, ".snapfs", "ctl")
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except OSError as exc:
-        if exc.errno in GONE:
-            raise DaemonGone(f"the daemon of {mount} is not running") from None
-        raise CliError(f"cannot reach the daemon at {mount}: {exc.strerror}") from None
-    try:
-        try:
-            os.write(fd, (line + "\n").encode())
-        except OSError as exc:
-            if exc.errno in GONE:
-                raise DaemonGone(f"the daemon of {mount} is not running") from None
-        chunks = []
-        offset = 0
-        while True:
-            chunk = os.pread(fd, 1 << 20, offset)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            offset += len(chunk)
-    finally:
-        os.close(fd)
-    try:
-        reply = json.loads(b"".join(chunks) or b"null")
-    except ValueError:
-        raise CliError("the daemon sent an unreadable reply") from None
-    if not isinstance(reply, dict):
-        raise CliError("the daemon sent no reply")
-    if not reply.get("ok"):
-        raise CliError(reply.get("error", "failed"))
-    return reply.get("result")
 
 
 # ---------------------------------------------------------------------- output
@@ -318,8 +241,7 @@ def cmd_stream(words: list[str], mount: str | None, as_json: bool) -> int:
     """snapfs send / receive (snapfs/sendrecv.py), through the daemon of `mount`."""
     from snapfs import sendrecv
 
-    where = find_mount(mount)
-    return sendrecv.run(words, lambda line: ctl(where, line), where, as_json)
+    return sendrecv.main(words, mount, as_json)
 
 
 def usage() -> str:
@@ -446,8 +368,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # `python -m snapfs.cli`: run the importable module's main, so that modules importing
-    # snapfs.cli (snapfs/images.py) raise the CliError that main catches, not a twin's.
-    from snapfs.cli import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

@@ -243,7 +243,6 @@ class Controller:
     async def do_snapshot_rollback(self, uid, ref):
         vol, snap = split_snapshot_ref(ref)
         await self.engine.rollback(vol, snap, uid=uid)
-        await self.status.get("on_rollback", _noop)(vol)
         return self.engine.volume_info(vol)
 
     async def do_diff(self, uid, a, b=None):
@@ -375,7 +374,3 @@ def snapshot_info(snap: SnapshotRow) -> dict:
         "root": snap.root.hex() if snap.root else None,
         "guid": snap.guid,
     }
-
-
-async def _noop(*_args) -> None:
-    return None

@@ -31,6 +31,7 @@ import trio
 
 from snapfs.control import Controller
 from snapfs.errors import Busy, InvalidArgument, ReadOnly, SnapfsError
+from snapfs.fuse import kernel
 from snapfs.fuse.ops import Operations
 from snapfs.store import open_store
 from snapfs.units import format_size, parse_seconds, parse_size, split_snapshot_ref
@@ -204,13 +205,14 @@ class Daemon:
             "started": time.time(),
         }
         controller = Controller(engine, status)
-        ops = Operations(engine, controller, read_only=self.opts.read_only, only=self.only)
+        ops = Operations(
+            engine, controller, read_only=self.opts.read_only, only=self.only, notify=kernel.notify
+        )
         if not getattr(pyfuse3, "SNAPFS_FALLOCATE", False):
             log.warning(
                 "discard (fstrim, fallocate) is unavailable: this pyfuse3 has no "
                 "fallocate handler; scripts/setup builds one"
             )
-        status["on_rollback"] = self._invalidator(ops)
 
         async def prepare_umount(within: float) -> dict:
             return await self.prepare_umount(engine, within)
@@ -228,7 +230,7 @@ class Daemon:
                     await nursery.start(engine.run_flusher)
                     await nursery.start(lease.keep_renewed, self.store, held, engine.lost)
                 else:  # follow the writer: new snapshots appear, deleted ones go
-                    await nursery.start(engine.run_refresher)
+                    await nursery.start(engine.run_refresher, ops.update_kernel)
                 await nursery.start(engine.readahead.run)
                 nursery.start_soon(self._signals)
                 nursery.start_soon(self._kernel_readahead, engine.config.readahead_bytes)
@@ -306,16 +308,6 @@ class Daemon:
                 self.cache_dir,
             )
         return info
-
-    @staticmethod
-    def _invalidator(ops: Operations):
-        async def invalidate(volume: str) -> None:
-            ino = ops.inode_of(volume)
-            if ino is not None:
-                with contextlib.suppress(Exception):
-                    pyfuse3.invalidate_inode(ino, attr_only=False)
-
-        return invalidate
 
     async def _kernel_readahead(self, nbytes: int) -> None:
         """Let the kernel read ahead `nbytes` for buffered readers of snapshot files (cp, dd,

@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from snapfs.cli import CliError, ctl, find_mount
+from snapfs.ctlclient import CliError, ctl, find_mount
 from snapfs.errors import SnapfsError
 from snapfs.units import check_name, format_size, parse_size, split_snapshot_ref
 from snapfs.volume.base import DEFAULT_BLOCK_SIZE

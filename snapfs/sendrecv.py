@@ -1,7 +1,8 @@
 """`snapfs send` and `snapfs receive`: the CLI side of streams (format: snapfs/stream.py).
 
-Both talk to a running daemon through `call` (one ctl line → its result, given by cli.py)
-and move the data through the mount's files, never through ctl:
+Both talk to a running daemon through `call` (one ctl line → its result: `main` gives the
+ctl client's, snapfs/ctlclient.py) and move the data through the mount's files, never
+through ctl:
 
 - send asks for the snapshot's identity (`snapshot show`) and its blocks (`diff VOL@SNAP`
   for a full stream, `diff VOL@BASE VOL@SNAP` for an incremental one), reads those ranges
@@ -25,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
+from snapfs.ctlclient import ctl, find_mount
 from snapfs.errors import AlreadyExists, Busy, InvalidArgument, NotFound, SnapfsError
 from snapfs.progress import Progress, wanted
 from snapfs.stream import DATA, Header, StreamReader, StreamWriter, Totals
@@ -64,6 +66,13 @@ def _parse(words: list[str], usage: str, options: tuple, flags: tuple) -> tuple[
     if len(positional) != 1:
         raise InvalidArgument(usage)
     return positional[0], opts
+
+
+def main(words: list[str], mount: str | None, as_json: bool) -> int:
+    """`snapfs send ...` or `snapfs receive ...` through the daemon of `mount` (found as
+    for every command when None)."""
+    where = find_mount(mount)
+    return run(words, lambda line: ctl(where, line), where, as_json)
 
 
 def run(words: list[str], call: Call, mount: str, as_json: bool) -> int:

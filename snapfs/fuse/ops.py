@@ -6,7 +6,9 @@
 
 This layer holds no business logic: it maps names to inodes, checks who may see what, and
 turns errors into errnos. It asks the engine only through its public interface (volumes,
-snapshots, opens and the operations), never its catalog or fields.
+snapshots, opens and the operations), never its catalog or fields. After each ctl command
+and read-only refresh it makes the kernel forget the names and attributes that are no
+longer true (`update_kernel`, snapfs/fuse/kernel.py).
 
 Every request handler answers with an errno, whatever goes wrong inside it (`answers_errno`,
 applied to the class once): a SnapfsError gives its own errno, an OSError keeps its errno
@@ -34,6 +36,7 @@ import trio
 from snapfs.access import check_owner, visible
 from snapfs.control import MAX_LINE, Controller
 from snapfs.errors import SnapfsError, StoreError
+from snapfs.fuse.kernel import Fingerprint, KernelView, Stale, fingerprint
 from snapfs.units import IMPORTING
 from snapfs.volume.engine import Engine
 
@@ -121,7 +124,10 @@ class Operations(pyfuse3.Operations):
         controller: Controller,
         read_only: bool = False,
         only: tuple[str, str] | None = None,
+        notify: Callable[[Stale], None] | None = None,
     ) -> None:
+        """`notify` (snapfs.fuse.kernel.notify when mounted; None without a kernel, in
+        tests) tells the kernel what to forget; it blocks, and runs in a worker thread."""
         super().__init__()
         self.engine = engine
         self.controller = controller
@@ -134,6 +140,9 @@ class Operations(pyfuse3.Operations):
         self._handles: dict[int, Handle] = {}
         self._dirs: dict[int, tuple[int, int]] = {}
         self._next_fh = 1
+        self._notify = notify
+        self._told = KernelView()
+        self._kernel_lock = trio.Lock()
 
     # ------------------------------------------------------------------ names and inodes
 
@@ -242,6 +251,53 @@ class Operations(pyfuse3.Operations):
             a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = int(obj.created * 1e9)
         return a
 
+    # ------------------------------------------------------------------ the kernel's caches
+
+    def _tell(self, ino: int, parent: int | None = None, name: bytes = b""):
+        """The attributes of `ino` for a reply, recorded as told (with the entry `name`
+        in `parent` for a lookup)."""
+        attrs = self._attrs(ino)
+        if parent is None:
+            if ino > CTL:  # the fixed inodes never change
+                self._told.told_attrs(ino, attrs)
+        else:
+            self._told_entry(parent, name, attrs)
+        return attrs
+
+    def _told_entry(self, parent: int, name: bytes, attrs: pyfuse3.EntryAttributes) -> None:
+        if attrs.st_ino > CTL:
+            self._told.told_entry(parent, name, attrs.st_ino)
+            self._told.told_attrs(attrs.st_ino, attrs)
+
+    async def update_kernel(self) -> None:
+        """Make the kernel forget the names and attributes it was told that are no longer
+        true: after every ctl command (volumes and snapshots created, deleted, renamed,
+        rolled back, resized) and every read-only refresh. Returns once the kernel has
+        dropped them, so a ctl reply comes after. Never raises: a failure is logged, and
+        the entry and attribute timeouts bound how long a stale cache lives."""
+        try:
+            async with self._kernel_lock:  # a second caller waits until the kernel knows
+                stale = self._told.stale(self._now_children, self._now_attrs)
+                if stale and self._notify is not None:
+                    await trio.to_thread.run_sync(self._notify, stale)
+        except trio.Cancelled:
+            raise
+        except Exception:
+            log.exception("cannot update the kernel's caches")
+
+    def _now_children(self, parent: int) -> dict[bytes, int]:
+        """name → inode in directory `parent` as it is now, for anyone (root sees all)."""
+        try:
+            return dict(self._children(parent, 0))
+        except pyfuse3.FUSEError:
+            return {}
+
+    def _now_attrs(self, ino: int) -> Fingerprint | None:
+        try:
+            return fingerprint(self._attrs(ino))
+        except pyfuse3.FUSEError:
+            return None
+
     # ------------------------------------------------------------------ namespace
 
     async def lookup(self, parent_inode, name, ctx=None):
@@ -258,11 +314,11 @@ class Operations(pyfuse3.Operations):
             )
         for child, ino in self._children(parent_inode, uid):
             if child == name:
-                return self._attrs(ino)
+                return self._tell(ino, parent_inode, name)
         raise pyfuse3.FUSEError(errno.ENOENT)
 
     async def getattr(self, inode, ctx=None):
-        return self._attrs(inode)
+        return self._tell(inode)
 
     async def setattr(self, inode, attr, fields, fh, ctx):
         kind, obj = self._resolve(inode)
@@ -272,7 +328,7 @@ class Operations(pyfuse3.Operations):
             await self.engine.resize_volume(obj.name, attr.st_size, uid=ctx.uid)
         elif fields.update_mode or fields.update_uid or fields.update_gid:
             raise pyfuse3.FUSEError(errno.EPERM)
-        return self._attrs(inode)
+        return self._tell(inode)
 
     async def opendir(self, inode, ctx):
         kind, _ = self._resolve(inode)
@@ -295,6 +351,7 @@ class Operations(pyfuse3.Operations):
                 continue
             if not pyfuse3.readdir_reply(token, name, attrs, i + 1):
                 break
+            self._told_entry(inode, name, attrs)  # readdirplus: the kernel keeps the entry
 
     async def releasedir(self, fh):
         self._dirs.pop(fh, None)
@@ -398,7 +455,7 @@ class Operations(pyfuse3.Operations):
             handle.reply = _reply(False, "command line is not UTF-8", errno.EINVAL)
             raise pyfuse3.FUSEError(errno.EINVAL) from None
         try:
-            result = await self.controller.execute(text, handle.uid)
+            result = await self._execute(text, handle.uid)
         except SnapfsError as exc:
             handle.reply = _reply(False, str(exc), exc.errno)
             raise pyfuse3.FUSEError(exc.errno) from None
@@ -410,6 +467,15 @@ class Operations(pyfuse3.Operations):
             handle.reply = _reply(False, f"internal error: {exc.__class__.__name__}: {exc}", err)
             raise pyfuse3.FUSEError(err) from None
         handle.reply = _reply(True, result)
+
+    async def _execute(self, line: str, uid: int) -> Any:
+        """Run a ctl command; then the kernel forgets what it changed (also when it
+        failed half way), before anyone reads the reply."""
+        try:
+            return await self.controller.execute(line, uid)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.update_kernel()
 
     async def fallocate(self, fh, mode, off, length):
         """PUNCH_HOLE|KEEP_SIZE and ZERO_RANGE discard (loop devices turn TRIM into these);
@@ -499,6 +565,3 @@ def _reply(ok: bool, payload: Any, err: int = 0) -> bytes:
     else:
         doc = {"ok": False, "error": str(payload), "errno": err}
     return (json.dumps(doc, default=str) + "\n").encode()
-
-
-Invalidate = Callable[[str], None]

@@ -17,6 +17,7 @@ Sentinels: a block is *present* when it is dirty or clean-cached (`Head.blocks`,
 import contextlib
 import logging
 import os
+from collections.abc import Awaitable, Callable
 
 import trio
 import trio.lowlevel
@@ -237,15 +238,21 @@ class Engine(DataPath, Maintenance):
 
     # ------------------------------------------------------------------ read-only: follow
 
-    async def run_refresher(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run_refresher(
+        self,
+        changed: Callable[[], Awaitable[None]] | None = None,
+        task_status=trio.TASK_STATUS_IGNORED,
+    ) -> None:
         """Background task of a read-only engine: follow the writer every `refresh`
-        seconds (new snapshots appear, deleted ones go, new index fragments are loaded).
-        Errors are logged; the next round tries again."""
+        seconds (new snapshots appear, deleted ones go, new index fragments are loaded),
+        then await `changed()` when the catalog changed (the FUSE layer updates the
+        kernel's caches). Errors are logged; the next round tries again."""
         task_status.started()
         while True:
             await trio.sleep(self.config.refresh)
             try:
-                await self.refresh()
+                if await self.refresh() and changed is not None:
+                    await changed()
             except Exception as exc:
                 if isinstance(exc, SnapfsError):
                     log.warning("refresh from %s failed: %s", self.store.url, exc)

@@ -15,6 +15,7 @@ import trio
 
 from snapfs.control import Controller
 from snapfs.fuse import ops as fuse_ops
+from snapfs.fuse.kernel import Stale
 from snapfs.fuse.ops import (
     CTL,
     FALLOC_KEEP_SIZE,
@@ -200,3 +201,29 @@ async def test_owner_rule_and_writes_beyond_the_end_answer_their_errno(mounted, 
     assert ops.inode_of("nope") is None
     await engine.create_volume("w", 16 * BS, BS)
     assert ops.inode_of("w") is None  # the kernel was never told an inode for it
+
+
+async def test_ctl_commands_make_the_kernel_forget_what_they_changed(mounted):
+    """Without a kernel: what a ctl command changed in the namespace is handed to `notify`
+    before the command is answered; an unchanged namespace sends nothing."""
+    engine, _ops, _ino, _fh = mounted
+    told: list[Stale] = []
+    ops = Operations(engine, Controller(engine, {}), notify=told.append)
+
+    async def command(line: str) -> None:
+        fh = (await ops.open(CTL, os.O_RDWR, CTX)).fh
+        await ops.write(fh, 0, line.encode() + b"\n")
+        await ops.release(fh)
+
+    await command("volume create w --size 1M --block-size 64K")
+    w = (await ops.lookup(VOLUMES, b"w", CTX)).st_ino
+    await command("volume list")
+    assert told == []
+    await command("volume resize w --size 2M")
+    assert told.pop() == Stale([], [w])  # its size
+    await ops.getattr(w, CTX)
+    await command("volume delete w")
+    assert told.pop() == Stale([(VOLUMES, b"w")], [w])
+    await command("volume create w --size 1M --block-size 64K")
+    assert told == []  # the kernel was told nothing of the new w yet
+    assert (await ops.lookup(VOLUMES, b"w", CTX)).st_ino != w
