@@ -249,6 +249,7 @@ class World:
         self.paused: trio.Event | None = None  # set: the stopped writer goes on
         self.auditor: Engine | None = None  # a read-only engine that walks the store
         self.audits = 0
+        self.refresh_cut = (-1.0, -1.0)  # (from, until): the reader's refreshes fail
         self.deleted_at: dict[str, tuple[float, str, int]] = {}  # key → (time, by whom, step)
         self.active = 0  # clients still at work
         self.idle = trio.Event()
@@ -266,6 +267,8 @@ class World:
             raise StoreError(f"{op} {key}: the node is down")
         if self.paused is not None and not after and WHO.get() == "writer":
             await self.paused.wait()
+        if WHO.get() == "reader's refresh" and trio.current_time() < self.refresh_cut[1]:
+            raise StoreError(f"injected: {op} {key}: the reader's refreshes fail for a while")
         if not self.faults:
             return
         if not after and self.rng.random() < self.knobs.store_delay:
@@ -526,9 +529,18 @@ class World:
             return
         try:
             async with trio.open_nursery() as nursery:
+                token = WHO.set("reader's refresh")  # the refresher's store calls
                 await nursery.start(ro.run_refresher)
+                WHO.reset(token)
                 while True:
                     await trio.sleep(self.rng.expovariate(4))
+                    if self.rng.random() < 0.05 and trio.current_time() > self.refresh_cut[1]:
+                        # Its refreshes fail for longer than the grace: the writer's gc
+                        # deletes packs its index still names. A snapshot it shows is
+                        # still read exactly (the index is read anew on a missing blob).
+                        now = trio.current_time()
+                        self.refresh_cut = (now, now + self.knobs.grace * self.rng.uniform(1.5, 3))
+                        self.note("the reader's refreshes fail from now")
                     with self.watchdog.step("a reader op"):
                         await self.reader_op(ro)
         finally:
@@ -655,6 +667,8 @@ class World:
                 return  # an injected failure
             if isinstance(exc, NotFound) and not isinstance(exc, ObjectNotFound):
                 return  # deleted meanwhile
+            if trio.current_time() < self.refresh_cut[1] + 2 * self.knobs.grace:
+                return  # its catalog may be older than the grace: its head may be gone
             lag = f" (store listings lag {self.knobs.list_lag}s)" if self.knobs.list_lag else ""
             raise BugFound(f"the reader could not read the published {name}: {exc}{lag}") from exc
 
@@ -846,6 +860,7 @@ class World:
             versions = vol.begin(off, data, self.tick())
             kind = "discard" if r >= 0.95 else "write"
             self.note(f"{kind} {vol.name} {off}+{n}")
+            lost = engine.lease_lost
             try:
                 if kind == "discard":
                     await engine.discard(vol.name, off, n)
@@ -861,17 +876,20 @@ class World:
                     return
                 await self.settle(vol, {b for b, _v in versions}, f"a failed {kind}")
                 return
+            self.no_yes_once_lost(lost, f"a {kind} of {vol.name}")
             end = self.tick()
             for _blk, version in versions:
                 version.end = end
         elif r < 0.7:
             start = self.tick()
             self.note(f"fsync {vol.name}")
+            lost = engine.lease_lost
             try:
                 await engine.fsync(vol.name)
             except SnapfsError as exc:
                 self.expected(exc)
                 return
+            self.no_yes_once_lost(lost, f"an fsync of {vol.name}")
             self.no_sync_after_failure([vol.name], start, "fsync")
             vol.durable = max(vol.durable, start)
         else:
@@ -1002,6 +1020,12 @@ class World:
             await self.audit(f"after {op.__name__}")
             self.prune()
 
+    def no_yes_once_lost(self, lost: str | None, what: str) -> None:
+        """A writer that knew, when a call began, that it lost the store must refuse it
+        (EROFS): what it would acknowledge can never reach the store."""
+        if lost is not None:
+            raise BugFound(f"{what} succeeded after the writer knew it lost the store ({lost})")
+
     def no_sync_after_failure(self, names: list[str], start: int, what: str) -> None:
         """fsyncgate: once an fdatasync of a volume failed, no later fsync, snapshot or sync
         of it may succeed until it is reopened (the kernel may have dropped the pages)."""
@@ -1029,6 +1053,7 @@ class World:
         snap = SnapModel(vol.name, self.name("s"), self.tick(), temporary=self.rng.random() < 0.2)
         self.snaps[(vol.name, snap.name)] = snap
         self.note(f"snapshot {vol.name}@{snap.name}{' (temporary)' if snap.temporary else ''}")
+        lost = self.engine.lease_lost
         try:
             await self.engine.create_snapshot(vol.name, snap.name, temporary=snap.temporary)
         except SnapfsError as exc:
@@ -1036,6 +1061,8 @@ class World:
             if not self.exists(vol.name, snap.name):
                 del self.snaps[(vol.name, snap.name)]
                 return
+        else:
+            self.no_yes_once_lost(lost, f"a snapshot of {vol.name}")
         snap.end = self.tick()
         snap.fix_candidates(vol)
         self.no_sync_after_failure([vol.name], snap.start, "snapshot")
@@ -1202,7 +1229,9 @@ class World:
     async def op_sync(self) -> None:
         start = self.tick()
         self.note("sync")
+        lost = self.engine.lease_lost
         await self.engine.sync()
+        self.no_yes_once_lost(lost, "a sync")
         self.no_sync_after_failure(list(self.vols), start, "sync")
         for vol in self.vols.values():
             vol.durable = max(vol.durable, start)
