@@ -21,6 +21,7 @@ deletes).
 
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import asdict
 
 from snapfs import codec
@@ -182,7 +183,7 @@ def _doc(
     volumes: list,
     snapshots: list,
     fragments: list = (),
-    references: list = (),
+    references: Iterable = (),
 ) -> dict:
     return {
         "references": list(references),
