@@ -80,6 +80,21 @@ def render(words: list[str], result) -> str:
                 ("CREATED", "created_at"),
             ],
         )
+    if cmd == ("snapshot", "unmanaged") and words[2:3] == ["list"]:
+        rows = [_sizes(r, "size") for r in result]
+        return table(
+            rows,
+            [
+                ("ID", "id"),
+                ("NAME", "name"),
+                ("STATE", "state"),
+                ("SIZE", "size"),
+                ("SOURCE", "source"),
+                ("CREATED", "created_at"),
+            ],
+        )
+    if cmd == ("snapshot", "unmanage"):
+        return result["id"]
     if cmd[:1] == ("diff",):
         what = "allocated" if len(words) == 2 else "changed"
         lines = [
@@ -230,6 +245,9 @@ USAGE = """usage: snapfs [--mount MOUNTPOINT] [--json] COMMAND ...
   send VOL@SNAP [--from VOL@BASE] [-o FILE]
                                           write a snapshot as a stream (docs/streams.md):
                                           all of it, or what changed since BASE
+  replicate VOL@SNAP --to STORE_URL [--name NAME] [--description TEXT] [--from-store URL]
+        [--cache-dir DIR]                 copy a snapshot into another store as a reference
+                                          (only what that store lacks; resumes when rerun)
   receive VOL[@SNAP] [-i FILE] [--force]  apply a stream (stdin by default): a full one
                                           creates VOL, an incremental one needs its base
                                           as VOL's newest snapshot (--force: roll back to
@@ -352,6 +370,10 @@ def main(argv: list[str] | None = None) -> int:
             return images.main(words, mount, as_json)
         if words[:1] == ["fsck"] and len(words) > 1 and "://" in words[1]:
             return cmd_fsck_store(words[1:], as_json)
+        if words[0] == "replicate":
+            from snapfs import replicate
+
+            return replicate.main(words, mount, as_json)
         if words[0] in ("send", "receive"):
             return cmd_stream(words, mount, as_json)
         result = ctl(find_mount(mount), shlex.join(words))

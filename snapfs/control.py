@@ -20,7 +20,7 @@ from typing import Any
 from snapfs.access import check_owner, check_root, visible
 from snapfs.errors import AlreadyExists, Busy, InvalidArgument, PermissionDenied
 from snapfs.units import IMPORTING, check_name, parse_seconds, parse_size, split_snapshot_ref
-from snapfs.volume.catalog import SnapshotRow, check_guid
+from snapfs.volume.catalog import ReferenceRow, SnapshotRow, check_guid
 from snapfs.volume.engine import Engine
 
 MAX_LINE = 64 * 1024
@@ -81,6 +81,24 @@ SPECS = [
     Spec(("snapshot", "delete"), ("ref",), help="delete a snapshot"),
     Spec(("snapshot", "rollback"), ("ref",), help="roll a volume back to a snapshot"),
     Spec(
+        ("snapshot", "unmanage"),
+        ("ref",),
+        help="forget a snapshot, keeping its data under a reference (prints its id)",
+    ),
+    Spec(
+        ("snapshot", "manage"),
+        ("volume", "reference"),
+        {"name": lambda t: check_name(t, "snapshot name")},
+        help="adopt a reference as a snapshot of VOLUME (--name NAME)",
+    ),
+    Spec(("snapshot", "unmanaged", "list"), help="list references (unmanaged snapshots)"),
+    Spec(("snapshot", "unmanaged", "show"), ("reference",), help="show one reference"),
+    Spec(
+        ("snapshot", "unmanaged", "delete"),
+        ("reference",),
+        help="drop a reference: frees what nothing else needs",
+    ),
+    Spec(
         ("diff",),
         ("a", "b?"),
         help="blocks changed between two snapshots of a volume (VOL@A VOL@B), since a "
@@ -129,7 +147,9 @@ def parse(line: str) -> tuple[Spec, dict[str, Any]]:
         raise InvalidArgument(f"cannot parse command line: {exc}") from None
     if not words:
         raise InvalidArgument("empty command")
-    spec = _BY_WORDS.get(tuple(words[:2])) or _BY_WORDS.get(tuple(words[:1]))
+    spec = next(
+        (_BY_WORDS[tuple(words[:n])] for n in (3, 2, 1) if tuple(words[:n]) in _BY_WORDS), None
+    )
     if spec is None:
         shown = " ".join(words[:2])[:60]
         raise InvalidArgument(f"unknown command {shown!r}")
@@ -244,6 +264,25 @@ class Controller:
         vol, snap = split_snapshot_ref(ref)
         await self.engine.rollback(vol, snap, uid=uid)
         return self.engine.volume_info(vol)
+
+    async def do_snapshot_unmanage(self, uid, ref):
+        return reference_info(await self.engine.unmanage(*split_snapshot_ref(ref), uid=uid))
+
+    async def do_snapshot_manage(self, uid, volume, reference, name=None):
+        row = await self.engine.manage(_volume(volume), reference, name, uid=uid)
+        return snapshot_info(row)
+
+    async def do_snapshot_unmanaged_list(self, uid):
+        return [reference_info(r) for r in self.engine.references() if visible(r.owner, uid)]
+
+    async def do_snapshot_unmanaged_show(self, uid, reference):
+        ref = self.engine.reference(reference)
+        check_owner(ref.owner, uid, f"reference {ref.id}")
+        return reference_info(ref)
+
+    async def do_snapshot_unmanaged_delete(self, uid, reference):
+        await self.engine.delete_reference(reference, uid=uid)
+        return {"deleted": reference}
 
     async def do_diff(self, uid, a, b=None):
         """VOL@A VOL@B: blocks whose content differs; VOL@A VOL: blocks of the volume that
@@ -373,4 +412,22 @@ def snapshot_info(snap: SnapshotRow) -> dict:
         "owner": snap.owner,
         "root": snap.root.hex() if snap.root else None,
         "guid": snap.guid,
+    }
+
+
+def reference_info(ref: ReferenceRow) -> dict:
+    """A reference as the commands show it."""
+    return {
+        "id": ref.id,
+        "name": ref.name,
+        "description": ref.description,
+        "state": ref.state,
+        "size": ref.size,
+        "block_size": ref.block_size,
+        "source": ref.source,
+        "guid": ref.guid,
+        "owner": ref.owner,
+        "created": ref.created,
+        "created_at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ref.created)),
+        "root": ref.root.hex() if ref.root else None,
     }

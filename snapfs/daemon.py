@@ -196,6 +196,7 @@ class Daemon:
         status = {
             "pid": os.getpid(),
             "store": self.store.url,
+            "store_url": self.opts.store,  # as given: what `snapfs replicate` opens again
             "mountpoint": self.mountpoint,
             "cache_dir": self.cache_dir,
             "read_only": self.opts.read_only,

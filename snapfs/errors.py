@@ -61,7 +61,10 @@ class IntegrityError(StoreError):
 
 
 class InvalidReference(SnapfsError):
-    errno = errno.ENOENT
+    """A reference id that names no usable reference in this store (unknown, still
+    inbound, or whose size or block size do not fit the volume): snapfs/volume/references.py."""
+
+    errno = errno.EINVAL
 
 
 class CatalogFailed(SnapfsError):

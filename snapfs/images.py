@@ -54,8 +54,9 @@ USAGE_IMPORT = (
 )
 
 
-def parse_words(args: list[str], options: set[str], flags: set[str], usage: str):
-    """args → (positional, {option: value}, {flag}); one line (the usage) when wrong."""
+def parse_words(args: list[str], options: set[str], flags: set[str], usage: str, count: int = 2):
+    """args → (positional, {option: value}, {flag}); one line (the usage) when wrong, or
+    when there are not `count` positional words."""
     positional: list[str] = []
     values: dict[str, str] = {}
     seen: set[str] = set()
@@ -77,7 +78,7 @@ def parse_words(args: list[str], options: set[str], flags: set[str], usage: str)
         else:
             raise CliError(f"unknown option {word[:40]!r}; {usage}")
         i += 1
-    if len(positional) != 2:
+    if len(positional) != count:
         raise CliError(usage)
     return positional, values, seen
 

@@ -183,6 +183,16 @@ class Snapfs:
         return where
 
 
+def refused(fs: Snapfs, *args: str) -> str:
+    """Run a snapfs command that must fail with one line on stderr and exit 1 (no
+    traceback); returns that line."""
+    res = fs.cli(*args, check=False)
+    assert res.returncode == 1, (res.stdout, res.stderr)
+    assert "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    return res.stderr
+
+
 def detach(dev: str) -> None:
     for _ in range(50):
         res = subprocess.run(["losetup", "-d", dev], capture_output=True, text=True)

@@ -18,6 +18,7 @@ from snapfs.store.base import Store
 from snapfs.tree import TreeReader
 from snapfs.volume.cache import CacheSpace
 from snapfs.volume.catalog import Catalog, SnapshotRow
+from snapfs.volume.check import K_NODE
 from snapfs.volume.chunkcache import ChunkCache
 from snapfs.volume.fence import Fence
 from snapfs.volume.files import Files
@@ -186,9 +187,12 @@ class EngineBase:
         - the dirty rows on disk are the dirty blocks, less those not yet fsynced;
         - a dirty block's record is of this volume's past (epoch, generation), never
           discarded and newly mapped at once;
-        - the snapshot chunk cache counts its bytes and keeps within its limit."""
+        - the snapshot chunk cache counts its bytes and keeps within its limit;
+        - every reference is inbound or available, only an inbound one has pins, and (a
+          writer) every node a reference holds has a refcount."""
         self.snap_cache.assert_invariants()
         self.refs.assert_invariants()
+        self._assert_references()
         self.space.assert_invariants()
         heads = {h.row.id for h in self.heads.values()}
         assert self.space.volume_ids() == heads, "the cache knows other volumes than the heads"
@@ -208,6 +212,14 @@ class EngineBase:
             assert set(stored) <= set(head.dirty), f"{name}: dirty rows of clean blocks"
             missing = {b for b, d in head.dirty.items() if d.synced} - set(stored)
             assert not missing, f"{name}: fsynced dirty blocks without a row: {sorted(missing)}"
+
+    def _assert_references(self) -> None:
+        for ref in self.catalog.references():
+            assert ref.state in ("inbound", "available"), f"reference {ref.id}: {ref.state}"
+            assert ref.state == "inbound" or not ref.pins, f"reference {ref.id}: pins"
+            assert len(ref.pins) % 32 == 0, f"reference {ref.id}: malformed pins"
+            for node in [] if self.read_only else ref.held():
+                assert self.refs.count(K_NODE + node) >= 1, f"reference {ref.id}: root uncounted"
 
     def kick(self) -> None:
         self._kick.set()

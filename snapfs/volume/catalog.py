@@ -19,6 +19,12 @@ Tables (all in one file, <cache-dir>/catalog.sqlite3):
                                            deleted `grace` seconds after (volume/fence.py)
     orphans(key, seen)                     store objects no catalog knows, first seen when:
                                            the sweep deletes them `grace` seconds after
+    snaprefs(id, name, description, state, root, root_level, size, block_size, source,
+             guid, owner, created, pins)   references: snapshot trees kept alive outside
+                                           any volume (volume/references.py); state
+                                           'inbound' (being copied in: `pins` holds the
+                                           complete subtrees copied so far, 32-byte node ids
+                                           back to back) or 'available' (holds its root)
 
 refs, the present list and garbage are derived or transient: a fresh machine rebuilds refs
 from the published catalog by walking every root (see volume/check.py).
@@ -60,6 +66,11 @@ CREATE TABLE IF NOT EXISTS present(volume_id INTEGER, blk INTEGER,
     PRIMARY KEY(volume_id, blk)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS garbage(key BLOB PRIMARY KEY, since REAL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS orphans(key TEXT PRIMARY KEY, seen REAL NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS snaprefs(
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, description TEXT NOT NULL, state TEXT NOT NULL,
+    root BLOB, root_level INTEGER NOT NULL, size INTEGER NOT NULL, block_size INTEGER NOT NULL,
+    source TEXT NOT NULL, guid TEXT NOT NULL, owner INTEGER NOT NULL, created REAL NOT NULL,
+    pins BLOB NOT NULL) WITHOUT ROWID;
 """
 
 # Kinds of garbage rows (the key's first byte): blobs, and objects to delete from the store.
@@ -96,6 +107,30 @@ class SnapshotRow:
     temporary: int
     owner: int
     guid: str
+
+
+@dataclass
+class ReferenceRow:
+    id: str
+    name: str
+    description: str
+    state: str  # 'inbound' | 'available'
+    root: bytes | None
+    root_level: int
+    size: int
+    block_size: int
+    source: str
+    guid: str
+    owner: int
+    created: float
+    pins: bytes  # inbound: the node ids it holds, 32 bytes each (repeats count)
+
+    def held(self) -> list[bytes]:
+        """The tree nodes this reference holds one count on: its root once available,
+        the complete subtrees copied so far while inbound."""
+        if self.state == "available":
+            return [] if self.root is None else [self.root]
+        return [self.pins[i : i + 32] for i in range(0, len(self.pins), 32)]
 
 
 GUID_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -135,7 +170,8 @@ class Catalog:
     def _migrate(self) -> None:
         """Cache dirs written by older versions: garbage rows had no time (store objects
         queued then wait a grace period from now); snapshots had no guid (each gets
-        `legacy_guid`)."""
+        `legacy_guid`); there were no references (the `snaprefs` table is created empty by
+        SCHEMA's CREATE IF NOT EXISTS: nothing to convert)."""
         self._migrate_guid()
         cols = {r[1] for r in self.db.execute("PRAGMA table_info(garbage)")}
         if "since" not in cols:
@@ -310,6 +346,28 @@ class Catalog:
 
     def delete_snapshot(self, sid: int) -> None:
         self.db.execute("DELETE FROM snapshots WHERE id=?", (sid,))
+
+    # references (snaprefs)
+    def references(self) -> list[ReferenceRow]:
+        rows = self.db.execute("SELECT * FROM snaprefs ORDER BY created, id")
+        return [ReferenceRow(*r) for r in rows]
+
+    def reference(self, rid: str) -> ReferenceRow | None:
+        r = self.db.execute("SELECT * FROM snaprefs WHERE id=?", (rid,)).fetchone()
+        return ReferenceRow(*r) if r else None
+
+    def add_reference(self, row: ReferenceRow) -> None:
+        self.db.execute(
+            "INSERT INTO snaprefs VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            tuple(getattr(row, f) for f in ReferenceRow.__dataclass_fields__),
+        )
+
+    def update_reference(self, rid: str, **fields) -> None:
+        cols = ", ".join(f"{k}=?" for k in fields)
+        self.db.execute(f"UPDATE snaprefs SET {cols} WHERE id=?", (*fields.values(), rid))
+
+    def delete_reference(self, rid: str) -> None:
+        self.db.execute("DELETE FROM snaprefs WHERE id=?", (rid,))
 
     # refs
     def ref(self, key: bytes) -> int:

@@ -48,13 +48,14 @@ from snapfs.volume.fence import FenceConflict
 from snapfs.volume.files import Files
 from snapfs.volume.head import Head
 from snapfs.volume.maintenance import Maintenance
+from snapfs.volume.references import Referencing
 
 __all__ = ["DEFAULT_BLOCK_SIZE", "Engine", "EngineConfig", "EngineStatistics", "Head"]
 
 log = logging.getLogger("snapfs.engine")
 
 
-class Engine(DataPath, Maintenance):
+class Engine(DataPath, Maintenance, Referencing):
     """Volumes and snapshots over the cache, the tree and the store."""
 
     # ------------------------------------------------------------------ lifecycle
@@ -201,9 +202,7 @@ class Engine(DataPath, Maintenance):
                 () if doc is None else doc.get("fragments", ()), keep_absent=self.checking
             )
         if doc is not None:
-            roots = [(v["root"], v["block_size"]) for v in doc["volumes"]]
-            roots += [(s["root"], s["block_size"]) for s in doc["snapshots"]]
-            refs = await expected_refs(self.tree, roots)
+            refs = await expected_refs(self.tree, publish.doc_roots(doc))
         indexed = self.chunks.indexed_keys()
         missing = set(refs) - indexed
         if missing and not self.checking:
@@ -220,6 +219,8 @@ class Engine(DataPath, Maintenance):
                     _add_volume_record(cat, v)
                 for s in doc["snapshots"]:
                     _add_snapshot_record(cat, s)
+                for ref in publish.doc_references(doc):
+                    cat.add_reference(ref)
                 self.refs.replace(refs)
             seq = doc["seq"] if doc else 0
             cat.set_meta("seq", 0)
@@ -289,8 +290,7 @@ class Engine(DataPath, Maintenance):
             None if reload_index else self.chunks.fragment_keys(), named
         )
         if doc is not None and not reload_index:
-            roots = [v["root"] for v in doc["volumes"]] + [s["root"] for s in doc["snapshots"]]
-            keys = {K_NODE + r for r in roots if r is not None}
+            keys = {K_NODE + r for r, _bs in publish.doc_roots(doc) if r is not None}
             if any(k not in scan.found and self.chunks.location(k) is None for k in keys):
                 # A root in no fragment (one lost): pack trailers say where it is.
                 scan = await self.chunks.scan_index(named=named)
@@ -327,6 +327,10 @@ class Engine(DataPath, Maintenance):
                 cat.delete_snapshot(row.id)  # gone, or deleted and taken again
         for s in wanted.values():
             _add_snapshot_record(cat, s)
+        for ref in cat.references():  # a reader keeps no refcounts: the records only
+            cat.delete_reference(ref.id)
+        for ref in publish.doc_references(doc):
+            cat.add_reference(ref)
         volumes = {v["name"]: v for v in doc["volumes"]}
         for row in cat.volumes():
             v = volumes.pop(row.name, None)

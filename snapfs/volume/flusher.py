@@ -262,13 +262,22 @@ class Flusher(EngineBase):
         new_nodes = {oid: data for oid, data in nodes.items() if not self.refs.has(K_NODE + oid)}
         for oid, data in new_nodes.items():
             self.chunks.stage(NODE, oid, data)
+        await self._flush_staged()
+        return new_nodes
+
+    async def _flush_staged(self, check_fence: bool = False) -> None:
+        """Upload everything staged (packs, then their index fragment) and make it durable;
+        with `check_fence`, then check that no other writer published since. On any error
+        what was staged is forgotten: uploaded packs are orphans for the sweep."""
         try:
             await self.chunks.flush()
             await self.store.barrier()
+            if check_fence:
+                await self.fence.check_current()
         except BaseException:
             self.chunks.discard_staged()
+            self.sweep_needed = True
             raise
-        return new_nodes
 
     async def _commit_deltas(
         self, bs: int, uploads: dict[bytes, None], new_nodes: dict[bytes, bytes]

@@ -60,6 +60,11 @@ def _pid_alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+def holder_alive(current: Lease) -> bool:
+    """Whether the lease's holder may be alive: anywhere but a dead pid on this host."""
+    return current.host != socket.gethostname() or _pid_alive(current.pid)
+
+
 async def read_lease(store: Store) -> Lease | None:
     try:
         raw = codec.unpack(await store.get(LEASE_KEY), f"{store.url}/{LEASE_KEY}")
@@ -79,8 +84,7 @@ async def acquire(
     host = socket.gethostname()
     current = await read_lease(store)
     if current is not None and current.expires > now and not takeover:
-        dead_here = current.host == host and not _pid_alive(current.pid)
-        if not dead_here:
+        if holder_alive(current):
             raise Busy(
                 f"{store.url} is mounted read-write by {current.describe()}; mount "
                 "--read-only, wait for the lease to expire, or use --takeover if that "

@@ -193,6 +193,7 @@ class Maintenance(Flusher):
             roots += [
                 (s.root, s.block_size) for s in self.catalog.snapshots() if s.state == "available"
             ]
+            roots += [(n, r.block_size) for r in self.catalog.references() for n in r.held()]
             expected = await expected_refs(self.tree, roots)
             report = CheckReport(objects=len(expected))
             if not self.read_only:

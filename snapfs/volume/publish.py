@@ -2,10 +2,12 @@
 
     manifest                       msgpack {format: 1, uuid: str, created: float}
     catalog/<seq:016x>             msgpack {format: 1, seq, created, writer, changes,
-                                            volumes: [...], snapshots: [...]}
+                                            volumes: [...], snapshots: [...],
+                                            references: [...]}   (absent before references)
                                    (write-once; newest wins)
 
-A catalog object holds the volume and snapshot records only (names, sizes, roots, owners):
+A catalog object holds the volume, snapshot and reference records only (names, sizes,
+roots, owners; an inbound reference's pins):
 a few hundred bytes each, never refcounts or block maps, which any machine derives from the
 roots. Sequences are contiguous: each publish is a conditional put of the newest seq + 1
 (volume/fence.py), so two writers can never both publish the same seq, and the newest is
@@ -19,11 +21,13 @@ deletes).
 
 import time
 import uuid
+from collections.abc import Iterable
+from dataclasses import asdict
 
 from snapfs import codec
 from snapfs.errors import IntegrityError, NotFound, ObjectNotFound, StoreError
 from snapfs.store.base import Store
-from snapfs.volume.catalog import Catalog
+from snapfs.volume.catalog import Catalog, ReferenceRow
 
 FORMAT = 1
 MANIFEST = "manifest"
@@ -138,7 +142,8 @@ def catalog_doc(
         for s in catalog.snapshots()
         if s.state == "available" and not s.temporary
     ]
-    return _doc(seq, writer, changes, volumes, snapshots, sorted(fragments))
+    references = [asdict(r) for r in catalog.references()]
+    return _doc(seq, writer, changes, volumes, snapshots, sorted(fragments), references)
 
 
 def fence_doc(doc: dict | None, seq: int, writer: str) -> dict:
@@ -146,13 +151,42 @@ def fence_doc(doc: dict | None, seq: int, writer: str) -> dict:
     again as `seq`, with the token of the writer that restores them; no local change."""
     if doc is None:
         return _doc(seq, writer, 0, [], [])
-    return _doc(seq, writer, 0, doc["volumes"], doc["snapshots"], doc.get("fragments", []))
+    return _doc(
+        seq,
+        writer,
+        0,
+        doc["volumes"],
+        doc["snapshots"],
+        doc.get("fragments", []),
+        doc.get("references", []),
+    )
+
+
+def doc_references(doc: dict) -> list[ReferenceRow]:
+    """The reference records of a catalog document (none in one of an older version)."""
+    return [ReferenceRow(**r) for r in doc.get("references", ())]
+
+
+def doc_roots(doc: dict) -> list[tuple[bytes | None, int]]:
+    """(root, block size) of everything a catalog document keeps alive: each volume head,
+    each snapshot, and the nodes each reference holds. Refcounts are derived from them."""
+    roots = [(v["root"], v["block_size"]) for v in doc["volumes"]]
+    roots += [(s["root"], s["block_size"]) for s in doc["snapshots"]]
+    roots += [(node, r.block_size) for r in doc_references(doc) for node in r.held()]
+    return roots
 
 
 def _doc(
-    seq: int, writer: str, changes: int, volumes: list, snapshots: list, fragments: list = ()
+    seq: int,
+    writer: str,
+    changes: int,
+    volumes: list,
+    snapshots: list,
+    fragments: list = (),
+    references: Iterable = (),
 ) -> dict:
     return {
+        "references": list(references),
         "fragments": list(fragments),
         "format": FORMAT,
         "seq": seq,

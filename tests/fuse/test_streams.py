@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from snapfs.stream import ZEROS, StreamReader
-from tests.conftest import SNAPFS, Snapfs, sha256
+from tests.conftest import SNAPFS, Snapfs, refused, sha256
 
 pytestmark = pytest.mark.fuse
 
@@ -30,14 +30,6 @@ def snapshots(fs: Snapfs, vol: str) -> dict[str, str]:
 def kinds(path: Path) -> set[bytes]:
     with open(path, "rb") as f:
         return {r.kind for r in StreamReader(f).records()}
-
-
-def refused(fs: Snapfs, *args: str) -> str:
-    res = fs.cli(*args, check=False)
-    assert res.returncode == 1, (res.stdout, res.stderr)
-    assert "Traceback" not in res.stderr
-    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
-    return res.stderr
 
 
 def make_history(fs: Snapfs, vol: str, seed: int) -> list[str]:

@@ -627,6 +627,9 @@ class World:
             for s in cat.snapshots()
             if s.state == "available"
         ]
+        named += [
+            (f"reference {r.id}", node, r.block_size) for r in cat.references() for node in r.held()
+        ]
         roots = [(root, bs) for _n, root, bs in named]
         try:
             expected = await expected_refs(self.auditor.tree, roots)

@@ -1,0 +1,160 @@
+"""The copy of a snapshot's tree from one store into another (docs/design.md, "Replicate").
+
+`Replicator` reads a snapshot through a source engine (read-only, any store) and fills an
+inbound reference of a target engine (a writer of the other store):
+
+- The walk is post-order over the source tree: a subtree whose root node the target
+  already counts (refcount row) is complete there and is not entered, so an unchanged
+  subtree of a later snapshot costs one lookup; chunks the target counts are not sent.
+  What is missing is read from the source (verified against its digest there), staged
+  byte-exact into the target's ChunkStore (same ids: a node's bytes are not re-encoded),
+  and committed with its counts, as a flush commits (a node counts its children).
+- The *frontier* is the stack of complete subtrees not yet absorbed by a parent node:
+  the inbound reference holds one count on each (its `pins`). A node absorbs its children
+  (their pin counts become its child counts: net zero) and is pushed in their place; at
+  the end the stack is the root alone, which the available reference holds.
+- Batches: once `batch_bytes` were staged, the target commits them (packs, index fragment,
+  barrier, one transaction with the counts and the pins, publish). A kill loses at most the
+  batch in flight: its packs are orphans the target's sweep removes, and a rerun finds the
+  inbound reference with its pins and sends that batch again, nothing committed before.
+  Pins of an earlier run are taken over as the walk meets their subtrees again; those it
+  does not meet (their subtree was completed by other means) are dropped at the end.
+
+owns: the walk, the frontier, the batch's deltas and sizes, the statistics.
+does not own: the reference rows and transactions (`Referencing` in the target engine),
+the stores, the lease (the caller's, snapfs/replicate.py).
+"""
+
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import trio
+
+from snapfs.chunks import CHUNK, NODE
+from snapfs.tree import decode_node
+from snapfs.volume.catalog import ReferenceRow, SnapshotRow
+from snapfs.volume.check import K_CHUNK, K_NODE
+from snapfs.volume.engine import Engine
+
+FETCH_BYTES = 8 << 20  # chunks read from the source per request
+
+
+@dataclass
+class ReplicateStatistics:
+    sent_objects: int = 0  # nodes and chunks staged into the target
+    sent_bytes: int = 0  # their stored bytes
+    present_objects: int = 0  # nodes and chunks the target had (not sent)
+    batches: int = 0
+
+
+class Replicator:
+    """One replicate of `snap` (a row of `source`) into `target`; `run` once."""
+
+    def __init__(
+        self,
+        source: Engine,
+        snap: SnapshotRow,
+        target: Engine,
+        batch_bytes: int = 64 << 20,
+        pause: float = 0.0,
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> None:
+        self.source, self.snap, self.target = source, snap, target
+        self.batch_bytes = batch_bytes
+        self.pause = pause  # seconds after each batch (tests kill a replicate mid-way)
+        self.on_bytes = on_bytes or (lambda n: None)
+        self.stats = ReplicateStatistics()
+        self.rid = ""  # the inbound reference, once begun
+        self.frontier: list[bytes] = []
+        self.old_pins: Counter[bytes] = Counter()
+        self._reset_batch()
+
+    def _reset_batch(self) -> None:
+        self.deltas: dict[bytes, int] = {}
+        self.sizes: dict[bytes, int] = {}
+        self.staged = 0
+
+    async def run(self, name: str, description: str, source: str) -> ReferenceRow:
+        """Copy what the target lacks; returns the available reference. A rerun after an
+        interruption resumes the inbound reference of the same guid and root."""
+        ref = await self.target.begin_inbound(self.snap, name, description, source)
+        if ref.state == "available":
+            return ref
+        self.rid = ref.id
+        self.old_pins = Counter(ref.held())
+        if self.snap.root is not None:
+            await self._complete(self.snap.root)
+        assert self.frontier == ([] if self.snap.root is None else [self.snap.root])
+        stale = list(self.old_pins.elements())
+        await self._commit(stale)
+        return await self.target.finish_inbound(ref.id, stale)
+
+    def _have(self, key: bytes) -> bool:
+        return key in self.sizes or self.target.refs.has(key)
+
+    async def _complete(self, oid: bytes) -> None:
+        """Make the subtree of node `oid` complete in the target and push it."""
+        if self._have(K_NODE + oid):
+            self.stats.present_objects += 1
+            self._push(oid)
+            return
+        data = await self.source.chunks.get(NODE, oid)
+        level, entries = decode_node(data, oid)
+        if level:
+            for child in entries.values():
+                await self._complete(child)
+            for _child in entries:
+                self._pop()
+        else:
+            await self._copy_chunks(entries.values())
+        kind = K_NODE if level else K_CHUNK
+        for child in entries.values():
+            self.target.refs.plan_add(self.deltas, kind + child)
+        self._stage(NODE, oid, data)
+        self._push(oid)
+        if self.staged >= self.batch_bytes:
+            await self._commit(list(self.old_pins.elements()))
+
+    async def _copy_chunks(self, oids: Iterable[bytes]) -> None:
+        """The chunks of a leaf that the target lacks, read a few MiB at a time."""
+        missing = [o for o in dict.fromkeys(oids) if not self._have(K_CHUNK + o)]
+        self.stats.present_objects += len(set(oids)) - len(missing)
+        per = max(1, FETCH_BYTES // self.snap.block_size)
+        for first in range(0, len(missing), per):
+            group = missing[first : first + per]
+            got = await self.source.chunks.get_many(CHUNK, group)
+            for oid in group:
+                self._stage(CHUNK, oid, got[oid])
+            await self.target.chunks.upload_sealed()
+
+    def _stage(self, kind: str, oid: bytes, data: bytes) -> None:
+        size = self.target.chunks.stage(kind, oid, data)
+        key = kind.encode() + oid
+        self.sizes[key] = size
+        self.deltas.setdefault(key, 0)
+        self.staged += size
+        self.stats.sent_objects += 1
+        self.stats.sent_bytes += size
+        self.on_bytes(size)
+
+    def _push(self, oid: bytes) -> None:
+        """A complete subtree joins the frontier: the reference holds a count on it (one an
+        earlier run's pin already holds is taken over)."""
+        self.frontier.append(oid)
+        if self.old_pins[oid]:
+            self.old_pins[oid] -= 1
+        else:
+            self.target.refs.plan_add(self.deltas, K_NODE + oid)
+
+    def _pop(self) -> None:
+        """The newest subtree leaves the frontier: its parent counts it instead."""
+        oid = self.frontier.pop()
+        self.target.refs.plan_add(self.deltas, K_NODE + oid, -1)
+
+    async def _commit(self, stale: list[bytes]) -> None:
+        await self.target.commit_inbound(self.rid, self.deltas, self.sizes, self.frontier + stale)
+        self._reset_batch()
+        self.stats.batches += 1
+        if self.pause:
+            await trio.sleep(self.pause)
