@@ -541,6 +541,7 @@ class World:
                         now = trio.current_time()
                         self.refresh_cut = (now, now + self.knobs.grace * self.rng.uniform(1.5, 3))
                         self.note("the reader's refreshes fail from now")
+                        nursery.start_soon(self.gc_moves_blobs)
                     with self.watchdog.step("a reader op"):
                         await self.reader_op(ro)
         finally:
@@ -548,8 +549,23 @@ class World:
                 head.close()
             ro.catalog.close()
 
+    async def gc_moves_blobs(self) -> None:
+        """The writer's gc rewrites every pack with anything dead in it: the blobs it
+        moves are in new packs, and the old packs go a grace period later."""
+        WHO.set("writer")
+        await trio.sleep(self.rng.uniform(0.0, 0.2) * self.knobs.grace)
+        if self.engine is None or self.crashed or self.usurper is not None:
+            return
+        self.note("gc (every pack with a dead blob)")
+        try:
+            with self.watchdog.step("a gc during the reader's cut"):
+                await self.engine.gc(threshold=1.0)
+        except SnapfsError as exc:
+            self.expected(exc)
+
     async def reader_op(self, ro: Engine) -> None:
-        if self.rng.random() < 0.5:
+        cut = self.refresh_cut[0] + self.knobs.grace < trio.current_time() < self.refresh_cut[1]
+        if self.rng.random() < 0.5 and not cut:  # cut off past the grace: snapshots
             await self.reader_reads_a_head(ro)
             return
         known = sorted(k for k, s in self.snaps.items() if s.content is not None)
