@@ -435,6 +435,24 @@ class Catalog:
             "INSERT OR IGNORE INTO garbage(key, since) VALUES(?, ?)", ((k, since) for k in keys)
         )
 
+    def stamp_garbage(self, kinds: Iterable[bytes], since: float) -> bool:
+        """Give the store objects of `kinds` queued without a time the time `since`;
+        whether there were any."""
+        marks = ",".join("?" for _ in kinds)
+        cur = self.db.execute(
+            f"UPDATE garbage SET since=? WHERE since IS NULL AND substr(key, 1, 1) IN ({marks})",
+            (since, *kinds),
+        )
+        return cur.rowcount > 0
+
+    def unstamped_garbage(self, kinds: Iterable[bytes]) -> bool:
+        marks = ",".join("?" for _ in kinds)
+        row = self.db.execute(
+            f"SELECT 1 FROM garbage WHERE since IS NULL AND substr(key, 1, 1) IN ({marks}) LIMIT 1",
+            tuple(kinds),
+        ).fetchone()
+        return row is not None
+
     def forget_garbage(self, keys: Iterable[bytes]) -> None:
         self.db.executemany("DELETE FROM garbage WHERE key=?", ((k,) for k in keys))
 

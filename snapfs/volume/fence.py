@@ -74,6 +74,9 @@ def store_key(key: bytes) -> str:
     raise ValueError(f"not a store object: {key[:1]!r}")
 
 
+STORE_KINDS = (K_PACK, K_FRAG, K_CATALOG)
+
+
 def catalog_garbage(seq: int) -> bytes:
     return K_CATALOG + seq.to_bytes(8, "big")
 
@@ -317,10 +320,19 @@ class Fence:
         if not self.fenced:
             raise ReadOnly("not deleting before this writer has published its fence catalog")
 
-    def queue(self, keys: Iterable[bytes]) -> None:
+    def queue(self, keys: Iterable[bytes], published: bool = True) -> None:
         """Inside the caller's transaction: store objects (garbage keys of kind p, i, g)
-        that no catalog or index of this writer needs from now on; deleted after grace."""
-        self.catalog.add_garbage(keys, since=self.clock())
+        that no catalog or index of this writer needs from now on. Each goes a grace
+        period after the first catalog without it is out: now, if the change that drops
+        it is `published` already; else its time is set when every change is
+        (`published_now`): a reader that took the catalog before may read on for that
+        long."""
+        self.catalog.add_garbage(keys, since=self.clock() if published else None)
+
+    def published_now(self) -> None:
+        """Inside a transaction, with every local change published: the grace periods of
+        the store objects queued before their change was published start now."""
+        self.catalog.stamp_garbage(STORE_KINDS, self.clock())
 
     async def delete(self, keys: list[str]) -> None:
         """Delete store objects now, if this writer may. Before that, it checks that
@@ -384,7 +396,6 @@ class Fence:
         for key, since in cat.db.execute("SELECT key, since FROM garbage"):
             if key[:1] in BLOB_KINDS:
                 assert since is None, f"blob garbage {key.hex()} has a deletion time"
-            else:
-                assert since is not None, f"store garbage {key.hex()} has no deletion time"
+            else:  # no time yet: the change that queued it is not published yet
                 store_key(key)
         assert not (self.lost and self.may_delete())

@@ -17,6 +17,7 @@ from snapfs.volume.check import (
     K_NODE,
     K_PACK,
 )
+from snapfs.volume.fence import STORE_KINDS
 from snapfs.volume.files import BlockFile
 from snapfs.volume.head import Head
 
@@ -344,8 +345,9 @@ class Flusher(EngineBase):
             return
         garbage = self.catalog.garbage()
         blobs = [k for k in garbage if k[:1] in (K_CHUNK, K_NODE)]
-        if blobs:
+        if blobs or self.catalog.unstamped_garbage(STORE_KINDS):
             with self.catalog.transaction():
+                self.fence.published_now()
                 empty = self.chunks.release(blobs)
                 self.catalog.forget_garbage(blobs)
                 self.fence.queue(K_PACK + pid for pid in empty)

@@ -104,12 +104,16 @@ class Maintenance(Flusher):
                 self.chunks.discard_staged()
                 self.sweep_needed = True
                 raise
-            # The old packs stay in the store for the grace period: a reader that loaded
-            # the index before this transaction (a read-only mount) still finds its blobs.
+            # The index changed: a catalog naming the new fragment goes out, and the old
+            # packs stay in the store for the grace period after it: a reader that loaded
+            # the catalog before (a read-only mount) still finds its blobs.
             with self.catalog.transaction():
                 self.chunks.record()
                 self.chunks.forget_packs([pid for pid, _s, _l in sparse])
-                self.fence.queue(K_PACK + pid for pid, _s, _l in sparse)
+                self.fence.queue((K_PACK + pid for pid, _s, _l in sparse), published=False)
+                if sparse:
+                    self._bump_seq()
+            await self._publish()
             await self._collect()
             if self.chunks.statistics().fragments > 32:
                 old = await self.chunks.checkpoint()
@@ -117,7 +121,9 @@ class Maintenance(Flusher):
                 with self.catalog.transaction():
                     self.chunks.record()
                     self.chunks.forget_fragments(old)
-                    self.fence.queue(K_FRAG + _fragment_id(k) for k in old)
+                    self.fence.queue((K_FRAG + _fragment_id(k) for k in old), published=False)
+                    self._bump_seq()
+                await self._publish()
                 await self._collect()
             after = self.chunks.statistics()
             return {
