@@ -39,7 +39,8 @@ from dataclasses import dataclass
 
 import trio
 
-from snapfs.chunks import pack_key
+from snapfs import codec
+from snapfs.chunks import blob_key, pack_key
 from snapfs.errors import (
     CacheSyncFailed,
     CatalogFailed,
@@ -51,6 +52,7 @@ from snapfs.errors import (
     StoreError,
 )
 from snapfs.store import MemoryStore
+from snapfs.tree import TreeReader
 from snapfs.volume import publish
 from snapfs.volume.check import expected_refs, key_to_store_key
 from snapfs.volume.engine import Engine, EngineConfig
@@ -250,6 +252,7 @@ class World:
         self.auditor: Engine | None = None  # a read-only engine that walks the store
         self.audits = 0
         self.refresh_cut = (-1.0, -1.0)  # (from, until): the reader's refreshes fail
+        self.catalog_put_at: dict[int, float] = {}  # catalog seq → when it was published
         self.deleted_at: dict[str, tuple[float, str, int]] = {}  # key → (time, by whom, step)
         self.active = 0  # clients still at work
         self.idle = trio.Event()
@@ -261,6 +264,8 @@ class World:
     async def _store_fault(self, op: str, key: str, after: bool) -> None:
         if op == "delete" and after:
             self.deleted_at[key] = (trio.current_time(), WHO.get(), self.clock)
+        if op == "put_new" and after and key.startswith(publish.CATALOG_PREFIX):
+            self.catalog_put_at.setdefault(publish.catalog_seq_of(key), trio.current_time())
         if os.environ.get("SNAPFS_SIM_STORELOG") and after and op in ("put", "put_new", "delete"):
             print(f"STORE t={trio.current_time():.4f} c={self.clock} {WHO.get()} {op} {key}")
         if self.crashed and WHO.get() == "writer":
@@ -622,6 +627,7 @@ class World:
         finally:
             QUIET.reset(quiet)
             WHO.reset(who)
+        await self.audit_older_catalogs(where)
         if missing and trio.current_time() - began < self.knobs.grace:
             seqs = [
                 publish.catalog_seq_of(k)
@@ -634,6 +640,32 @@ class World:
                 f"the store's newest is {max(s for s in seqs if s is not None)} "
                 f"(audit began t={began:.3f})"
             )
+
+    async def audit_older_catalogs(self, where: str) -> None:
+        """The store keeps what every catalog younger than the grace references, not only
+        the newest: a reader that loaded an older one a moment ago reads on. Younger: one
+        replaced less than a grace period ago. Each is walked through the index fragments
+        it names, read from the store as it is (no faults, no lag)."""
+        store = self.store.inner
+        seqs = sorted(
+            publish.catalog_seq_of(k)
+            for k in list(store.objects)
+            if k.startswith(publish.CATALOG_PREFIX)
+        )
+        for seq in seqs[:-1]:
+            replaced = min((t for s, t in self.catalog_put_at.items() if s > seq), default=None)
+            if replaced is None or trio.current_time() >= replaced + self.knobs.grace:
+                continue
+            doc = await publish.read_catalog(store, seq)
+            if doc is None:
+                continue
+            missing = await walk_catalog(store, doc)
+            if missing and trio.current_time() < replaced + self.knobs.grace:
+                raise BugFound(
+                    f"catalog {seq}, replaced {trio.current_time() - replaced:.3f}s ago (grace "
+                    f"{self.knobs.grace}s), references what the store lacks ({where}): "
+                    f"{missing[:3]}"
+                )
 
     async def _audit_walk(self) -> list[str]:
         cat = self.auditor.catalog
@@ -1522,3 +1554,47 @@ def seeded_randomness(monkeypatch, seed: int) -> None:
 
     monkeypatch.setattr(snapfs.chunks, "secrets", Secrets)
     os.environ.setdefault("SNAPFS_LEASE_SECONDS", "60")
+
+
+class CatalogIndex:
+    """The blob → pack map of one published catalog: the index fragments it names (the
+    highest fragment seq wins), read from the store; enough for a TreeReader."""
+
+    def __init__(self, store, where: dict[bytes, tuple[bytes, int, int]]) -> None:
+        self.store, self.where = store, where
+
+    @classmethod
+    async def load(cls, store, doc: dict) -> CatalogIndex:
+        best: dict[bytes, tuple[int, bytes, int, int]] = {}
+        for key in doc.get("fragments") or ():
+            frag = codec.unpack(await store.get(key))
+            seq = int(frag.get("seq", -1))
+            for bkey, pid, off, length in frag["blobs"]:
+                if bytes(bkey) not in best or seq >= best[bytes(bkey)][0]:
+                    best[bytes(bkey)] = (seq, bytes(pid), off, length)
+        return cls(store, {k: v[1:] for k, v in best.items()})
+
+    async def get(self, kind: str, oid: bytes) -> bytes:
+        loc = self.where.get(blob_key(kind, oid))
+        if loc is None:
+            raise ObjectNotFound(f"{kind}/{oid.hex()}: not in the catalog's index")
+        pid, off, length = loc
+        return (await self.store.get(pack_key(pid), off, length))[1:]
+
+
+async def walk_catalog(store, doc: dict) -> list[str]:
+    """What a published catalog references that the store lacks: its index fragments,
+    its tree nodes, its chunks' packs."""
+    try:
+        index = await CatalogIndex.load(store, doc)
+        expected = await expected_refs(TreeReader(index), publish.doc_roots(doc))
+    except (ObjectNotFound, NotFound) as exc:
+        return [f"{exc.__class__.__name__}: {exc}"]
+    missing = []
+    for key in expected:
+        loc = index.where.get(key)
+        if loc is None:
+            missing.append(f"{key_to_store_key(key)}: not in the catalog's index")
+        elif pack_key(loc[0]) not in store.objects:
+            missing.append(f"{key_to_store_key(key)}: its pack {pack_key(loc[0])} is gone")
+    return missing
