@@ -14,6 +14,8 @@ Figures (names or numbers for --only):
   8 delete       time to delete 1 of 100 snapshots and what it frees; qcow2 commit
   9 trim         fstrim after deleting files (ext4); store bytes before and after gc
  10 images       snapfs import / export (raw, qcow2) beside qemu-img convert between files
+ 11 replication  snapfs replicate MB/s beside raw PUTs to the target store (local, Swift);
+                 bytes an incremental sends beside the changed data
 
 Every figure runs --repeat times (default 3, 1 with --quick; memory: once) and the median
 is printed; all runs go to the JSON file. Everything mounted, attached or started is torn

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from bench import rawstore
 from bench.images import fig_images
+from bench.replication import fig_replication
 from bench.report import Baseline, Row
 from bench.sysutil import (
     GiB,
@@ -57,6 +58,7 @@ def sizes(quick: bool) -> dict:
             "raw_swift_small": 16 * MiB,
             "raw_swift_pack": 64 * MiB,
             "trim_files": 256 * MiB,
+            "repl_size": 64 * MiB,
         }
     return {
         "fio_size": 1 * GiB,
@@ -74,6 +76,7 @@ def sizes(quick: bool) -> dict:
         "raw_swift_small": 64 * MiB,
         "raw_swift_pack": 256 * MiB,
         "trim_files": 1 * GiB,
+        "repl_size": 512 * MiB,
     }
 
 
@@ -1034,4 +1037,5 @@ FIGURES = {
     "delete": fig_delete,
     "trim": fig_trim,
     "images": fig_images,
+    "replication": fig_replication,
 }

@@ -248,6 +248,14 @@ USAGE = """usage: snapfs [--mount MOUNTPOINT] [--json] COMMAND ...
   replicate VOL@SNAP --to STORE_URL [--name NAME] [--description TEXT] [--from-store URL]
         [--cache-dir DIR]                 copy a snapshot into another store as a reference
                                           (only what that store lacks; resumes when rerun)
+  backup VOL --bank BANK_URL --name NAME [--description TEXT] [--cache-dir DIR]
+                                          a snapshot of VOL into a bank (another store)
+                                          as backup NAME: only what the bank lacks
+  backup list|show NAME|delete NAME --bank BANK_URL [--grace SECONDS]
+                                          the backups of a bank; delete frees what no
+                                          other backup needs, --grace seconds later
+  restore NAME --bank BANK_URL --as VOL   the mount's daemon copies backup NAME into its
+                                          store and makes the new volume VOL of it
   receive VOL[@SNAP] [-i FILE] [--force]  apply a stream (stdin by default): a full one
                                           creates VOL, an incremental one needs its base
                                           as VOL's newest snapshot (--force: roll back to
@@ -374,6 +382,10 @@ def main(argv: list[str] | None = None) -> int:
             from snapfs import replicate
 
             return replicate.main(words, mount, as_json)
+        if words[0] in ("backup", "restore"):
+            from snapfs import backup
+
+            return backup.main(words, mount, as_json)
         if words[0] in ("send", "receive"):
             return cmd_stream(words, mount, as_json)
         result = ctl(find_mount(mount), shlex.join(words))

@@ -20,6 +20,7 @@ from typing import Any
 from snapfs.access import check_owner, check_root, visible
 from snapfs.errors import AlreadyExists, Busy, InvalidArgument, PermissionDenied
 from snapfs.units import IMPORTING, check_name, parse_seconds, parse_size, split_snapshot_ref
+from snapfs.volume.bank import restore_backup
 from snapfs.volume.catalog import ReferenceRow, SnapshotRow, check_guid
 from snapfs.volume.engine import Engine
 
@@ -97,6 +98,12 @@ SPECS = [
         ("snapshot", "unmanaged", "delete"),
         ("reference",),
         help="drop a reference: frees what nothing else needs",
+    ),
+    Spec(
+        ("restore",),
+        ("name",),
+        {"bank": str, "as": _volume},
+        help="",  # `snapfs restore` (snapfs/backup.py) sends it; in the CLI's usage text
     ),
     Spec(
         ("diff",),
@@ -283,6 +290,17 @@ class Controller:
     async def do_snapshot_unmanaged_delete(self, uid, reference):
         await self.engine.delete_reference(reference, uid=uid)
         return {"deleted": reference}
+
+    async def do_restore(self, uid, name, bank=None, **kw):
+        """Copy a backup from a bank into this mount's store and make a volume of it, in
+        this daemon (it is the store's writer; volume/bank.py). Root's or the mounting
+        user's: the daemon opens the bank with its own rights and credentials."""
+        if not visible(os.getuid(), uid):
+            raise PermissionDenied("restore is for root and the user who mounted")
+        volume = kw.get("as")
+        if bank is None or volume is None:
+            raise InvalidArgument("usage: restore NAME --bank BANK_URL --as VOL")
+        return await restore_backup(self.engine, bank, name, volume, uid)
 
     async def do_diff(self, uid, a, b=None):
         """VOL@A VOL@B: blocks whose content differs; VOL@A VOL: blocks of the volume that

@@ -25,7 +25,6 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import AsyncIterator
 
@@ -33,7 +32,7 @@ import trio
 
 from snapfs import progress as progress_line
 from snapfs.ctlclient import CliError, ctl, find_mount
-from snapfs.errors import Busy, InvalidArgument, InvalidReference
+from snapfs.errors import Busy, InvalidArgument
 from snapfs.images import parse_words
 from snapfs.store import open_store
 from snapfs.store.base import Store
@@ -43,6 +42,7 @@ from snapfs.volume import lease, publish
 from snapfs.volume.catalog import SnapshotRow
 from snapfs.volume.engine import Engine, EngineConfig
 from snapfs.volume.references import check_reference_id
+from snapfs.volume.replicate import Replicator, read_only_engine, reference_snapshot
 
 USAGE = (
     "usage: snapfs replicate VOL@SNAP --to STORE_URL [--name NAME] [--description TEXT]"
@@ -114,6 +114,7 @@ class Job:
         self.cache_dir: str | None = None
         self.source_url = ""
         self.show = False
+        self.unique = False  # a backup: NAME is unique in the target (a bank)
 
     async def run(self) -> dict:
         source_store, target_store = open_store(self.source_url), open_store(self.to)
@@ -132,8 +133,6 @@ class Job:
         return os.path.abspath(self.cache_dir or os.path.join(cache_root(), uuid))
 
     async def _copy(self, source: Engine, row, target: Engine) -> dict:
-        from snapfs.volume.replicate import Replicator
-
         shown = progress_line.Progress(f"replicate {self.what}", None, self.show)
         replicator = Replicator(
             source,
@@ -145,7 +144,9 @@ class Job:
         )
         label = f"{self.source_url} {self.what}"
         try:
-            ref = await replicator.run(self.name or row.name, self.description, label)
+            ref = await replicator.run(
+                self.name or row.name, self.description, label, unique=self.unique
+            )
         finally:
             shown.close()
         stats = replicator.stats
@@ -167,24 +168,7 @@ def source_row(source: Engine, what: str) -> SnapshotRow:
     as the snapshot it keeps: same root, size, block size, guid)."""
     if "@" in what:
         return source.snapshot_row(*split_snapshot_ref(what))
-    ref = source.reference(what)
-    if ref.state != "available":
-        raise InvalidReference(f"reference {ref.id} of {source.store.url} is {ref.state}")
-    return SnapshotRow(
-        0,
-        "",
-        ref.name,
-        0,
-        "available",
-        ref.root,
-        ref.root_level,
-        ref.size,
-        ref.block_size,
-        ref.created,
-        0,
-        ref.owner,
-        ref.guid,
-    )
+    return reference_snapshot(source.reference(what))
 
 
 async def same_store(a: Store, b: Store) -> bool:
@@ -192,18 +176,9 @@ async def same_store(a: Store, b: Store) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def read_only_engine(store: Store) -> AsyncIterator[Engine]:
-    """A read-only engine of `store` in a temporary cache dir (the newest catalog)."""
-    with tempfile.TemporaryDirectory(prefix="snapfs-replicate-") as cache:
-        engine = await Engine.open(store, cache, EngineConfig(), read_only=True)
-        try:
-            yield engine
-        finally:
-            await engine.close()
-
-
-@contextlib.asynccontextmanager
-async def writer_session(store: Store, cache_for) -> AsyncIterator[Engine]:
+async def writer_session(
+    store: Store, cache_for, config: EngineConfig | None = None
+) -> AsyncIterator[Engine]:
     """A short-lived writer of `store`: refused (Busy, one line) while a writer is live on
     it; holds the lease while it runs and releases it at the end."""
     uuid = (await publish.read_manifest(store))["uuid"]
@@ -211,7 +186,7 @@ async def writer_session(store: Store, cache_for) -> AsyncIterator[Engine]:
     await refuse_live_writer(store)
     held = await lease.acquire(store, cache)
     try:
-        engine = await open_writer(store, cache)
+        engine = await open_writer(store, cache, config or EngineConfig())
         try:
             async with plain_errors_nursery() as nursery:
                 nursery.start_soon(lease.keep_renewed, store, held, engine.lost)
@@ -237,14 +212,14 @@ def has_catalog(cache: str) -> bool:
     return os.path.exists(os.path.join(cache, "catalog.sqlite3"))
 
 
-async def open_writer(store: Store, cache: str) -> Engine:
+async def open_writer(store: Store, cache: str, config: EngineConfig) -> Engine:
     """The target engine on its persistent cache dir; rebuilt from the store when another
     writer published since this cache dir did (nothing in it is needed then)."""
     existed = has_catalog(cache)
     try:
-        return await Engine.open(store, cache, EngineConfig())
+        return await Engine.open(store, cache, config)
     except Busy:
         if not existed:
             raise
     shutil.rmtree(cache, ignore_errors=True)
-    return await Engine.open(store, cache, EngineConfig())
+    return await Engine.open(store, cache, config)

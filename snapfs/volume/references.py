@@ -171,10 +171,17 @@ class Referencing(Flusher):
 
     # ------------------------------------------------------------------ inbound (replicate)
 
-    async def begin_inbound(self, snap: SnapshotRow, name: str, description: str, source: str):
+    async def begin_inbound(
+        self, snap: SnapshotRow, name: str, description: str, source: str, unique: bool = False
+    ) -> ReferenceRow:
         """The reference a replicate of `snap` fills: an existing one of the same guid and
         root (inbound: resumed; available: already complete), else a new inbound one,
-        published before anything is copied. Holds nothing yet."""
+        published before anything is copied. Holds nothing yet (a taken-over one: its pins).
+
+        `unique` (a backup: names are unique in a bank): another reference named `name` is
+        refused (AlreadyExists) when available; an inbound one (a backup that failed or was
+        killed) is taken over: it is retargeted to `snap` and keeps its pins, which the
+        walk takes over where the trees agree, so what it copied is not sent again."""
         self.writable()
         check_name(name, "reference name")
         check_guid(snap.guid)
@@ -182,42 +189,67 @@ class Referencing(Flusher):
             for ref in self.catalog.references():
                 if (ref.guid, ref.root) == (snap.guid, snap.root):
                     return ref
-            ref = ReferenceRow(
-                new_reference_id(),
-                name,
-                description,
-                "inbound",
-                snap.root,
-                snap.root_level,
-                snap.size,
-                snap.block_size,
-                source,
-                snap.guid,
-                snap.owner,
-                time.time(),
-                b"",
-            )
+            named = [r for r in self.catalog.references() if r.name == name] if unique else []
+            if any(r.state == "available" for r in named):
+                raise AlreadyExists(f"a backup named {name!r} already exists in {self.store.url}")
+            ref = self._inbound_row(snap, name, description, source, named)
             with self.catalog.transaction():
+                if named:
+                    self.catalog.delete_reference(ref.id)
                 self.catalog.add_reference(ref)
                 self._bump_seq()
             await self._publish()
         return ref
 
+    def _inbound_row(
+        self, snap: SnapshotRow, name: str, description: str, source: str, old: list
+    ) -> ReferenceRow:
+        """A new inbound reference for `snap`; one taken over (`old`) keeps its id and pins."""
+        rid, pins = (old[0].id, old[0].pins) if old else (new_reference_id(), b"")
+        return ReferenceRow(
+            rid,
+            name,
+            description,
+            "inbound",
+            snap.root,
+            snap.root_level,
+            snap.size,
+            snap.block_size,
+            source,
+            snap.guid,
+            snap.owner,
+            time.time(),
+            pins,
+        )
+
     async def commit_inbound(
-        self, rid: str, deltas: dict[bytes, int], sizes: dict[bytes, int], pins: list[bytes]
+        self,
+        rid: str,
+        deltas: dict[bytes, int],
+        sizes: dict[bytes, int],
+        pins: list[bytes],
+        locked: bool = False,
     ) -> None:
         """One batch of an inbound copy: make what was staged durable, then in one
         transaction index it, apply its counts and record the subtrees the reference now
-        holds; publish. A crash before the transaction leaves orphan packs (swept)."""
+        holds; publish. A crash before the transaction leaves orphan packs (swept).
+        `locked`: the caller holds commit_lock (a copy into a writer that serves a mount
+        holds it for the whole batch, see volume/replicate.py)."""
         self.writable()
+        if locked:
+            await self._commit_inbound(rid, deltas, sizes, pins)
+            return
         async with self.commit_lock:
-            await self._flush_staged(check_fence=True)
-            with self.catalog.transaction():
-                self.chunks.record()
-                self.refs.apply(deltas, sizes)
-                self.catalog.update_reference(rid, pins=b"".join(pins))
-                self._bump_seq()
-            await self._publish()
+            await self._commit_inbound(rid, deltas, sizes, pins)
+
+    async def _commit_inbound(self, rid, deltas, sizes, pins: list[bytes]) -> None:
+        await self._flush_staged(check_fence=True)
+        with self.catalog.transaction():
+            self.chunks.record()
+            self.refs.apply(deltas, sizes)
+            self.catalog.update_reference(rid, pins=b"".join(pins))
+            self._bump_seq()
+        await self._publish()
 
     async def finish_inbound(self, rid: str, stale: list[bytes]) -> ReferenceRow:
         """The copy is complete: the reference holds its root (its last pin) and becomes

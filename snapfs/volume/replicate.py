@@ -19,23 +19,34 @@ inbound reference of a target engine (a writer of the other store):
   inbound reference with its pins and sends that batch again, nothing committed before.
   Pins of an earlier run are taken over as the walk meets their subtrees again; those it
   does not meet (their subtree was completed by other means) are dropped at the end.
+- A target that serves a mount (`shared`: a restore runs inside the mount's daemon) is
+  changed by others meanwhile: its flusher, deletes, gc. Each batch then holds the
+  target's commit lock from its first lookup to its commit, so what the walk found present
+  stays counted until its own counts are applied, and nothing else stages into the
+  ChunkStore meanwhile; between batches everything copied is held by the pins. Others wait
+  for at most one batch.
 
-owns: the walk, the frontier, the batch's deltas and sizes, the statistics.
+owns: the walk, the frontier, the batch's deltas and sizes, the statistics; the source
+side helpers (`read_only_engine`, `reference_snapshot`).
 does not own: the reference rows and transactions (`Referencing` in the target engine),
-the stores, the lease (the caller's, snapfs/replicate.py).
+the stores, the lease (the caller's: snapfs/replicate.py, or the mount's daemon).
 """
 
+import contextlib
+import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 
 import trio
 
 from snapfs.chunks import CHUNK, NODE
+from snapfs.errors import InvalidReference
+from snapfs.store.base import Store
 from snapfs.tree import decode_node
 from snapfs.volume.catalog import ReferenceRow, SnapshotRow
 from snapfs.volume.check import K_CHUNK, K_NODE
-from snapfs.volume.engine import Engine
+from snapfs.volume.engine import Engine, EngineConfig
 
 FETCH_BYTES = 8 << 20  # chunks read from the source per request
 
@@ -59,8 +70,11 @@ class Replicator:
         batch_bytes: int = 64 << 20,
         pause: float = 0.0,
         on_bytes: Callable[[int], None] | None = None,
+        shared: bool = False,
     ) -> None:
         self.source, self.snap, self.target = source, snap, target
+        self.shared = shared  # the target serves a mount: a batch holds its commit lock
+        self._locked = False
         self.batch_bytes = batch_bytes
         self.pause = pause  # seconds after each batch (tests kill a replicate mid-way)
         self.on_bytes = on_bytes or (lambda n: None)
@@ -75,20 +89,43 @@ class Replicator:
         self.sizes: dict[bytes, int] = {}
         self.staged = 0
 
-    async def run(self, name: str, description: str, source: str) -> ReferenceRow:
+    async def run(
+        self, name: str, description: str, source: str, unique: bool = False
+    ) -> ReferenceRow:
         """Copy what the target lacks; returns the available reference. A rerun after an
-        interruption resumes the inbound reference of the same guid and root."""
-        ref = await self.target.begin_inbound(self.snap, name, description, source)
+        interruption resumes the inbound reference of the same guid and root (`unique`: a
+        backup; see `Referencing.begin_inbound`). On error or cancellation what this batch
+        staged is forgotten (its uploaded packs are orphans the target's sweep removes)."""
+        ref = await self.target.begin_inbound(self.snap, name, description, source, unique)
         if ref.state == "available":
             return ref
         self.rid = ref.id
         self.old_pins = Counter(ref.held())
-        if self.snap.root is not None:
-            await self._complete(self.snap.root)
-        assert self.frontier == ([] if self.snap.root is None else [self.snap.root])
-        stale = list(self.old_pins.elements())
-        await self._commit(stale)
+        await self._lock()
+        try:
+            if self.snap.root is not None:
+                await self._complete(self.snap.root)
+            assert self.frontier == ([] if self.snap.root is None else [self.snap.root])
+            stale = list(self.old_pins.elements())
+            await self._commit(stale)
+        except BaseException:
+            if self._locked or not self.shared:  # else nothing of ours is staged
+                self.target.chunks.discard_staged()
+                self.target.sweep_needed = True
+            raise
+        finally:
+            self._unlock()
         return await self.target.finish_inbound(ref.id, stale)
+
+    async def _lock(self) -> None:
+        if self.shared:
+            await self.target.commit_lock.acquire()
+            self._locked = True
+
+    def _unlock(self) -> None:
+        if self._locked:
+            self._locked = False
+            self.target.commit_lock.release()
 
     def _have(self, key: bytes) -> bool:
         return key in self.sizes or self.target.refs.has(key)
@@ -153,8 +190,45 @@ class Replicator:
         self.target.refs.plan_add(self.deltas, K_NODE + oid, -1)
 
     async def _commit(self, stale: list[bytes]) -> None:
-        await self.target.commit_inbound(self.rid, self.deltas, self.sizes, self.frontier + stale)
+        """Commit the batch; a shared target is let go between batches."""
+        pins = self.frontier + stale
+        await self.target.commit_inbound(self.rid, self.deltas, self.sizes, pins, self.shared)
         self._reset_batch()
         self.stats.batches += 1
+        self._unlock()
         if self.pause:
             await trio.sleep(self.pause)
+        await self._lock()
+
+
+@contextlib.asynccontextmanager
+async def read_only_engine(store: Store) -> AsyncIterator[Engine]:
+    """A read-only engine of `store` in a temporary cache dir (its newest catalog)."""
+    with tempfile.TemporaryDirectory(prefix="snapfs-replicate-") as cache:
+        engine = await Engine.open(store, cache, EngineConfig(), read_only=True)
+        try:
+            yield engine
+        finally:
+            await engine.close()
+
+
+def reference_snapshot(ref: ReferenceRow, owner: int | None = None) -> SnapshotRow:
+    """An available reference seen as the snapshot it keeps (same root, size, block size,
+    guid), to be copied like one; `owner`: whom the copy belongs to (default: the same)."""
+    if ref.state != "available":
+        raise InvalidReference(f"reference {ref.id} ({ref.name}) is {ref.state}")
+    return SnapshotRow(
+        0,
+        "",
+        ref.name,
+        0,
+        "available",
+        ref.root,
+        ref.root_level,
+        ref.size,
+        ref.block_size,
+        ref.created,
+        0,
+        ref.owner if owner is None else owner,
+        ref.guid,
+    )

@@ -122,3 +122,47 @@ async def test_a_cut_replicate_resumes_and_sends_committed_objects_once():
     finally:
         await target.close()
         await source.close()
+
+
+async def test_a_backup_takes_over_the_inbound_reference_of_its_name():
+    """A backup (unique name) cut after two batches whose snapshot is gone: the next
+    backup of that name, of another snapshot, takes the inbound reference over and does
+    not send the committed leaves again; then the name is taken (AlreadyExists). The run
+    after the cut holds the target's commit lock per batch (shared, as a restore does)."""
+    from snapfs.errors import AlreadyExists
+
+    source, dst = await two_stores()
+    target = await engine_on(dst)
+    try:
+        await source.create_volume("v", SIZE, BS)
+        await source.write("v", 0, os.urandom(SIZE))
+        await source.create_snapshot("v", "one")
+        await source.write("v", 1000 * BS, os.urandom(BS))  # in the fourth leaf
+        await source.create_snapshot("v", "two")
+        await source.sync()
+        one, two = source.snapshot_row("v", "one"), source.snapshot_row("v", "two")
+        want = await source.read_snapshot(two, 0, SIZE)
+        sent = []
+
+        def cut_after_two_batches(n: int) -> None:
+            sent.append(n)
+            if len(sent) > 600:
+                raise Cut()
+
+        cut = Replicator(source, one, target, batch_bytes=200 * BS, on_bytes=cut_after_two_batches)
+        with pytest.raises(Cut):
+            await cut.run("mon", "", "src", unique=True)
+        [inbound] = target.references()
+        rest = Replicator(source, two, target, batch_bytes=200 * BS, shared=True)
+        ref = await rest.run("mon", "", "src", unique=True)
+        assert (ref.id, ref.state, ref.guid) == (inbound.id, "available", two.guid)
+        assert rest.stats.sent_objects == 1100 + 5 + 1 - 2 * 257
+        assert not target.commit_lock.locked()
+        await clean(target)
+        with pytest.raises(AlreadyExists):
+            await Replicator(source, one, target).run("mon", "", "src", unique=True)
+        assert await adopted(target, ref.id, "x") == want
+        await clean(target)
+    finally:
+        await target.close()
+        await source.close()

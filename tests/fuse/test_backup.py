@@ -1,0 +1,106 @@
+"""snapfs backup / restore through real mounts: two backups of a volume into a bank (the
+second sends only its changes), each restored exactly on another site (a second mount with
+its own store and cache dir, nothing shared but the bank); the first backup deleted, the
+second still restores exactly; bad input refused with one line; a Swift bank."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Snapfs, refused, sha256
+from tests.fuse.test_replicate import MiB, write
+
+pytestmark = pytest.mark.fuse
+
+
+def site(workdir: Path, cleanup, name: str, url: str | None = None, mount=True) -> Snapfs:
+    (workdir / name).mkdir()
+    fs = Snapfs(workdir / name, cleanup, store_url=url)
+    fs.init()
+    if mount:
+        fs.mount()
+    return fs
+
+
+def backup(fs: Snapfs, vol: str, bank: str, name: str, cache: Path, *extra: str) -> dict:
+    args = ("backup", vol, "--bank", bank, "--name", name, "--cache-dir", str(cache), *extra)
+    return json.loads(fs.cli("--json", *args).stdout)
+
+
+def restore(fs: Snapfs, bank: str, name: str, vol: str) -> dict:
+    return json.loads(fs.cli("--json", "restore", name, "--bank", bank, "--as", vol).stdout)
+
+
+def test_backup_twice_restore_each_delete_the_first(snapfs: Snapfs, workdir: Path, cleanup):
+    fs = snapfs
+    fs.cli("volume", "create", "db", "--size", "24M", "--block-size", "64K")
+    write(fs, "db", 0, os.urandom(12 * MiB))
+    write(fs, "db", 20 * MiB, os.urandom(2 * MiB))
+    want = {"mon": sha256(fs.vol("db"))}
+    bank = site(workdir, cleanup, "bank", mount=False).store_url
+    cache = workdir / "bcache"
+    first = backup(fs, "db", bank, "mon", cache, "--description", "before the upgrade")
+    write(fs, "db", 5 * MiB, os.urandom(MiB))
+    want["tue"] = sha256(fs.vol("db"))
+    second = backup(fs, "db", bank, "tue", cache)
+    print(f"first: {first}\nsecond: {second}")
+    assert first["sent_bytes"] >= 14 * MiB
+    assert MiB <= second["sent_bytes"] < MiB + 256 * 1024, second
+    assert [s["name"] for s in fs.cli_json("snapshot", "list", "db")] == []
+    listed = fs.cli_json("backup", "list", "--bank", bank)
+    assert [(b["name"], b["state"]) for b in listed] == [("mon", "available"), ("tue", "available")]
+    assert listed[0]["description"] == "before the upgrade" and listed[0]["size"] == 24 * MiB
+    shown = fs.cli_json("backup", "show", "tue", "--bank", bank)
+    assert shown["name"] == "tue" and shown["block_size"] == 64 * 1024
+    other = site(workdir, cleanup, "site2")
+    got = {n: restore(other, bank, n, f"r{n}") for n in ("mon", "tue")}
+    print(f"restored: {got}")
+    assert got["tue"]["sent_bytes"] < 2 * MiB  # the second restore copies only the changes
+    for n in ("mon", "tue"):
+        assert sha256(other.vol(f"r{n}")) == want[n]
+    assert other.cli_json("fsck")["clean"]
+    fs.cli("backup", "delete", "mon", "--bank", bank, "--grace", "0", "--cache-dir", str(cache))
+    assert [b["name"] for b in fs.cli_json("backup", "list", "--bank", bank)] == ["tue"]
+    third = site(workdir, cleanup, "site3")
+    restore(third, bank, "tue", "db")
+    assert sha256(third.vol("db")) == want["tue"]
+    assert "no backup named 'mon'" in refused(third, "restore", "mon", "--bank", bank, "--as", "x")
+    assert "already exists" in refused(third, "restore", "tue", "--bank", bank, "--as", "db")
+    line = refused(fs, "backup", "db", "--bank", bank, "--name", "tue", "--cache-dir", str(cache))
+    assert "already exists" in line
+    assert fs.cli_json("snapshot", "list", "db") == []  # the refused backup's snapshot went
+    missing = f"file://{workdir}/none"
+    for bad in (
+        ("backup", "db", "--bank", bank, "--name", "../x", "--cache-dir", str(cache)),
+        ("backup", "../x", "--bank", bank, "--name", "x", "--cache-dir", str(cache)),
+        ("backup", "nope", "--bank", bank, "--name", "x", "--cache-dir", str(cache)),
+        ("backup", "db", "--bank", missing, "--name", "x", "--cache-dir", str(cache)),
+        ("backup", "db", "--name", "x"),
+        ("backup", "show", "nope", "--bank", bank),
+        ("backup", "delete", "nope", "--bank", bank, "--cache-dir", str(cache)),
+        ("backup", "list", "--bank", missing),
+        ("restore", "../x", "--bank", bank, "--as", "y"),
+        ("restore", "tue", "--bank", bank, "--as", "../y"),
+        ("restore", "tue", "--bank", missing, "--as", "y"),
+        ("restore", "nope", "--bank", bank, "--as", "y"),
+        ("restore", "tue", "--as", "y"),
+    ):
+        refused(third if bad[0] == "restore" else fs, *bad)
+    assert [v["name"] for v in third.cli_json("volume", "list")] == ["db"]
+    assert fs.cli_json("snapshot", "list", "db") == []
+    assert third.cli_json("fsck")["clean"]
+
+
+def test_swift_bank(swift_env, snapfs: Snapfs, workdir: Path, cleanup):
+    fs = snapfs
+    fs.cli("volume", "create", "db", "--size", "8M", "--block-size", "64K")
+    write(fs, "db", MiB, os.urandom(3 * MiB))
+    want = sha256(fs.vol("db"))
+    bank = site(workdir, cleanup, "bank", swift_env["new_container_url"](), mount=False)
+    done = backup(fs, "db", bank.store_url, "s", workdir / "bcache")
+    assert done["sent_bytes"] >= 3 * MiB
+    other = site(workdir, cleanup, "site2")
+    restore(other, bank.store_url, "s", "db")
+    assert sha256(other.vol("db")) == want
