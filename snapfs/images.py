@@ -29,7 +29,6 @@ import re
 import shlex
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -38,6 +37,7 @@ import trio
 
 from snapfs.ctlclient import CliError, ctl, find_mount
 from snapfs.errors import SnapfsError
+from snapfs.progress import Progress, wanted
 from snapfs.units import check_name, format_size, parse_size, split_snapshot_ref
 from snapfs.volume.base import DEFAULT_BLOCK_SIZE
 
@@ -81,34 +81,6 @@ def parse_words(args: list[str], options: set[str], flags: set[str], usage: str,
     if len(positional) != count:
         raise CliError(usage)
     return positional, values, seen
-
-
-class Progress:
-    """One line on stderr, rewritten in place (only when wanted: a tty, not --json)."""
-
-    def __init__(self, label: str, total: int, enabled: bool) -> None:
-        self.label, self.total, self.enabled = label, max(total, 1), enabled
-        self._shown = -1.0
-
-    def update(self, done: int) -> None:
-        percent = min(100.0, 100.0 * done / self.total)
-        if self.enabled and percent - self._shown >= 0.5:
-            self._shown = percent
-            sys.stderr.write(
-                f"\r{self.label}: {percent:5.1f}% ({format_size(done)} of "
-                f"{format_size(self.total)})\x1b[K"
-            )
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled and self._shown >= 0:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-
-
-def progress_wanted(flags: set[str], as_json: bool) -> bool:
-    """On by default on a terminal; never on a pipe or with --json."""
-    return not as_json and "no-progress" not in flags and sys.stderr.isatty()
 
 
 # ---------------------------------------------------------------------- qemu-img
@@ -259,7 +231,7 @@ def cmd_export(args: list[str], mount: str | None, as_json: bool) -> int:
     )
     vol, snap = split_snapshot_ref(ref)
     fmt = export_format(path, opts.get("format"))
-    show = progress_wanted(flags, as_json)
+    show = wanted(as_json, "no-progress" in flags)
     tmp = temp_beside(path, ".raw")
     try:
         if "store" in opts:
@@ -407,7 +379,9 @@ def cmd_import(args: list[str], mount: str | None, as_json: bool) -> int:
         raise CliError("--into writes into an existing volume: no --size or --block-size")
     fmt, virtual = image_info(src, opts.get("format"))
     mnt = find_mount(mount)
-    progress = Progress(f"import {os.path.basename(src)}", virtual, progress_wanted(flags, as_json))
+    progress = Progress(
+        f"import {os.path.basename(src)}", virtual, wanted(as_json, "no-progress" in flags)
+    )
     if "into" in flags:
         info = import_into(mnt, src, fmt, virtual, vol, snap, progress)
     else:

@@ -1,4 +1,5 @@
-"""A one-line progress report on stderr for long commands (send, receive).
+"""A one-line progress report on stderr for long commands (export, import, send, receive,
+replicate, backup).
 
 On by default when stderr is a terminal; never on a pipe or a file, nor with `--json`
 (`wanted`). The line is rewritten in place at most five times a second and ended with a
@@ -37,6 +38,10 @@ class Progress:
         if self.enabled and now - self._shown >= 0.2:
             self._shown = now
             self._draw(now)
+
+    def update(self, done: int) -> None:
+        """`done` bytes in all (a tool that reports its own progress: qemu-img -p)."""
+        self.add(done - self.done)
 
     def _draw(self, now: float) -> None:
         rate = self.done / max(now - self.started, 1e-3)
