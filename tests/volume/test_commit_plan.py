@@ -2,6 +2,7 @@
 over a MemoryStore, with no engine, and its refcount deltas checked. Planning reads tree
 nodes from the store and writes nothing to it."""
 
+import inspect
 from types import SimpleNamespace
 
 import pytest
@@ -13,6 +14,7 @@ from snapfs.volume import commit
 from snapfs.volume.cache import Dirty
 from snapfs.volume.catalog import Catalog, SnapshotRow, VolumeRow
 from snapfs.volume.check import K_CHUNK, K_NODE
+from snapfs.volume.flusher import Flusher
 from snapfs.volume.refcounts import Refcounts
 
 BS = 4096
@@ -219,3 +221,10 @@ def test_select_takes_a_snapshots_blocks_up_to_its_epoch_and_its_saves():
     head.pending = []
     selection = commit.select(head, None, [1, 3])
     assert selection.epoch == 2 and selection.cached == ((1, 4), (3, 6)) and not selection.saved
+
+
+def test_select_and_apply_cannot_await():
+    # "No await from the fence check to the change" is a structure: apply is a plain def.
+    assert not inspect.iscoroutinefunction(commit.select)
+    assert not inspect.iscoroutinefunction(Flusher._apply)
+    assert not inspect.iscoroutinefunction(commit.CommitPlan.cleaned)
