@@ -338,8 +338,12 @@ def fsck_status(report: dict) -> int:
     return 0 if report.get("clean") or report.get("repaired") else 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+class UsageError(CliError):
+    """A malformed command line (exit 2)."""
+
+
+def global_options(argv: list[str]) -> tuple[list[str], str | None, bool]:
+    """(words, --mount, --json) from the command line."""
     as_json = False
     mount = None
     words: list[str] = []
@@ -350,8 +354,7 @@ def main(argv: list[str] | None = None) -> int:
             as_json = True
         elif a == "--mount" and words[:1] != ["mount"]:
             if i + 1 >= len(argv):
-                print("snapfs: --mount needs a mount point", file=sys.stderr)
-                return 2
+                raise UsageError("--mount needs a mount point")
             mount = argv[i + 1]
             i += 1
         elif a.startswith("--mount="):
@@ -359,6 +362,44 @@ def main(argv: list[str] | None = None) -> int:
         else:
             words.append(a)
         i += 1
+    return words, mount, as_json
+
+
+def dispatch(words: list[str], mount: str | None, as_json: bool) -> int:
+    """Run one command: the local ones here, the rest through the daemon's ctl."""
+    if words[0] == "init":
+        return cmd_init(words[1:])
+    if words[0] == "mount":
+        return cmd_mount(words[1:])
+    if words[0] in ("umount", "unmount"):
+        return cmd_umount(words[1:])
+    if words[0] in ("export", "import"):
+        from snapfs import images
+
+        return images.main(words, mount, as_json)
+    if words[:1] == ["fsck"] and len(words) > 1 and "://" in words[1]:
+        return cmd_fsck_store(words[1:], as_json)
+    if words[0] == "replicate":
+        from snapfs import replicate
+
+        return replicate.main(words, mount, as_json)
+    if words[0] in ("backup", "restore"):
+        from snapfs import backup
+
+        return backup.main(words, mount, as_json)
+    if words[0] in ("send", "receive"):
+        return cmd_stream(words, mount, as_json)
+    result = ctl(find_mount(mount), shlex.join(words))
+    print(json.dumps(result, indent=2, default=str) if as_json else render(words, result))
+    return fsck_status(result) if words[0] == "fsck" else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        words, mount, as_json = global_options(list(sys.argv[1:] if argv is None else argv))
+    except UsageError as exc:
+        print(f"snapfs: {exc}", file=sys.stderr)
+        return 2
     if not words or words[0] in ("-h", "--help", "help"):
         print(usage())
         return 0 if words else 2
@@ -366,31 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"snapfs {__version__}")
         return 0
     try:
-        if words[0] == "init":
-            return cmd_init(words[1:])
-        if words[0] == "mount":
-            return cmd_mount(words[1:])
-        if words[0] in ("umount", "unmount"):
-            return cmd_umount(words[1:])
-        if words[0] in ("export", "import"):
-            from snapfs import images
-
-            return images.main(words, mount, as_json)
-        if words[:1] == ["fsck"] and len(words) > 1 and "://" in words[1]:
-            return cmd_fsck_store(words[1:], as_json)
-        if words[0] == "replicate":
-            from snapfs import replicate
-
-            return replicate.main(words, mount, as_json)
-        if words[0] in ("backup", "restore"):
-            from snapfs import backup
-
-            return backup.main(words, mount, as_json)
-        if words[0] in ("send", "receive"):
-            return cmd_stream(words, mount, as_json)
-        result = ctl(find_mount(mount), shlex.join(words))
-        print(json.dumps(result, indent=2, default=str) if as_json else render(words, result))
-        return fsck_status(result) if words[0] == "fsck" else 0
+        return dispatch(words, mount, as_json)
     except NotUploaded as exc:
         print(f"snapfs: {exc}", file=sys.stderr)
         return EXIT_NOT_UPLOADED

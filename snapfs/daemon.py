@@ -192,8 +192,9 @@ class Daemon:
                         await lease.release(self.store, held)
                 await self.store.aclose()
 
-    async def _serve(self, engine: Engine, ready, held) -> None:
-        status = {
+    def _status(self, engine: Engine) -> dict:
+        """What `snapfs status` shows of this mount (the ctl controller's record)."""
+        return {
             "pid": os.getpid(),
             "store": self.store.url,
             "store_url": self.opts.store,  # as given: what `snapfs replicate` opens again
@@ -205,6 +206,9 @@ class Daemon:
             "flush_max_age": engine.config.flush_max_age,
             "started": time.time(),
         }
+
+    async def _serve(self, engine: Engine, ready, held) -> None:
+        status = self._status(engine)
         controller = Controller(engine, status)
         ops = Operations(
             engine, controller, read_only=self.opts.read_only, only=self.only, notify=kernel.notify

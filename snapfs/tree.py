@@ -48,6 +48,20 @@ def decode_node(data: bytes, oid: bytes) -> tuple[int, dict[int, bytes]]:
     return level, entries
 
 
+def _reached(root: bytes | None, made: dict[bytes, tuple[int, dict[int, bytes]]]) -> set[bytes]:
+    """The nodes of `made` (id → decoded node) that `root` reaches through nodes of `made`."""
+    reached: set[bytes] = set()
+    stack = [root]
+    while stack:
+        oid = stack.pop()
+        if oid in made and oid not in reached:
+            reached.add(oid)
+            node_level, entries = made[oid]
+            if node_level:
+                stack.extend(entries.values())
+    return reached
+
+
 @dataclass
 class Update:
     """Result of an update: the new root and the nodes it created (id → encoded bytes),
@@ -149,15 +163,7 @@ class TreeReader:
         # Growing wraps the old root in new nodes that `apply` may then replace: only the
         # new nodes the new root reaches are part of it (the others would count their
         # children, the old root among them, once too often).
-        reached: set[bytes] = set()
-        stack = [root]
-        while stack:
-            oid = stack.pop()
-            if oid in made and oid not in reached:
-                reached.add(oid)
-                node_level, entries = made[oid]
-                if node_level:
-                    stack.extend(entries.values())
+        reached = _reached(root, made)
         out.new_nodes = {oid: data for oid, data in out.new_nodes.items() if oid in reached}
         return out
 

@@ -8,15 +8,10 @@ import trio.lowlevel
 from snapfs.chunks import CHUNK, NODE, digest
 from snapfs.errors import ReadOnly
 from snapfs.tasks import plain_errors_nursery
-from snapfs.tree import levels_for
-from snapfs.volume import publish
+from snapfs.volume import commit, publish
 from snapfs.volume.base import EngineBase
 from snapfs.volume.catalog import SnapshotRow
-from snapfs.volume.check import (
-    K_CHUNK,
-    K_NODE,
-    K_PACK,
-)
+from snapfs.volume.check import K_CHUNK, K_NODE, K_PACK
 from snapfs.volume.fence import STORE_KINDS
 from snapfs.volume.files import BlockFile
 from snapfs.volume.head import Head
@@ -121,109 +116,29 @@ class Flusher(EngineBase):
     async def _commit_inner(
         self, head: Head, snap: SnapshotRow | None, blocks: list[int] | None = None
     ):
-        """Upload blocks, derive the new tree, make it durable, then commit the catalog in one
-        transaction and publish it. Called with commit_lock held."""
-        # The cut of a pending snapshot: the committed tree never holds a block version
-        # newer than the epoch of a snapshot still pending on the volume (the snapshot's
-        # commit builds on that tree), so the head is committed only once none is pending.
-        assert snap is not None or not head.pending, f"{head.row.name}: commit under a cut"
-        target = head.row.epoch if snap is None else snap.epoch
-        reads = self._commit_reads(head, snap, target, blocks or [])
-        changes, uploads = await self._stage_blocks(head, snap, target, reads)
-        old_root, old_level = head.row.root, head.row.root_level
-        update = await self.tree.update(
-            old_root, old_level, max(levels_for(head.nblocks), old_level), changes
-        )
-        new_nodes = await self._stage_nodes(update.new_nodes)
-        keep_snapshot = snap is not None and snap.state != "deleting"
-        deltas, sizes = await self._commit_deltas(head.bs, uploads, new_nodes)
-        if update.root is not None:
-            self.refs.plan_add(deltas, K_NODE + update.root, 1 + keep_snapshot)
-        if old_root is not None:
-            await self.refs.plan_drop(deltas, K_NODE + old_root)
-        mapped_delta = 0
-        for blk, oid in changes.items():
-            was = await self.tree.lookup(old_root, old_level, blk)
-            mapped_delta += (oid is not None) - (was is not None)
+        """select → stage → plan → store the plan's nodes → fence check → apply → publish
+        (see snapfs/volume/commit.py). Called with commit_lock held."""
+        selection = commit.select(head, snap, blocks or ())
+        staged = await self._stage(head, selection)
+        plan = await commit.plan(self.tree, self.refs, head.row, selection, staged)
+        await self._store_nodes(plan)
+        # Another writer that fenced after our newest catalog means this writer lost: the
+        # blocks stay dirty (raises before anything is marked clean).
         await self.fence.check_current()
-        # From here to the end: no await until the publish.
-        cleaned = [
-            blk
-            for blk, _fd, _offset, gen in reads
-            if gen is not None
-            and (dirty := head.dirty.get(blk)) is not None
-            and dirty.gen == gen
-            and dirty.epoch <= target
-        ]
-        with self.catalog.transaction():
-            self.chunks.record()
-            self.refs.apply(deltas, sizes)
-            self.catalog.update_volume(head.row.id, root=update.root, root_level=update.level)
-            if snap is not None:
-                if keep_snapshot:
-                    self.catalog.update_snapshot(
-                        snap.id, root=update.root, root_level=update.level, state="available"
-                    )
-                else:
-                    self.catalog.delete_snapshot(snap.id)
-                head.saves.clear_rows(target)
-            self.catalog.clear_dirty(head.row.id, cleaned)
-            if update.root != old_root or (snap is not None and not snap.temporary):
-                self._bump_seq()
-        head.row.root, head.row.root_level = update.root, update.level
-        head.mapped += mapped_delta
-        for blk in cleaned:
-            head.blocks.mark_clean(blk, mapped=changes.get(blk) is not None)
-        for blk, oid in changes.items():
-            head.blocks.rebase(blk, mapped=oid is not None)  # those still dirty
-        if snap is not None:
-            self._release_saves(head, target)
-        self.space.evict()
+        self._apply(head, plan)  # a plain def: no await between the check and the change
         await self._publish()
         await self._collect()
 
-    @staticmethod
-    def _commit_reads(
-        head: Head, snap: SnapshotRow | None, target: int, blocks: list[int]
-    ) -> list[tuple[int, BlockFile, int, int | None]]:
-        """What a commit reads: (blk, file, offset, write generation or None for a save).
-        A snapshot commit takes every block dirty up to its epoch, from its save when the
-        block was overwritten since; a head commit takes `blocks`."""
+    async def _stage(self, head: Head, selection: commit.Selection) -> commit.Staged:
+        """Read, hash and stage the selected blocks a slice at a time, so that a commit
+        holds about slice_bytes of blocks in memory however big it is; full packs go up
+        meanwhile. Returns the tree changes and the chunks this commit stores."""
         bs = head.bs
-        frozen = {} if snap is None else head.saves.slots(target)
-        if snap is not None:
-            blocks = [b for b, d in head.dirty.items() if d.epoch <= target and b not in frozen]
         reads: list[tuple[int, BlockFile, int, int | None]]
-        reads = [(blk, head.cache, blk * bs, head.dirty[blk].gen) for blk in blocks]
-        reads += [(blk, head.saves.file, slot * bs, None) for blk, slot in frozen.items()]
-        return reads
-
-    async def _stage_blocks(
-        self, head: Head, snap: SnapshotRow | None, target: int, reads: list
-    ) -> tuple[dict[int, bytes | None], dict[bytes, None]]:
-        """Read, hash and stage the blocks a slice at a time, so that a commit holds about
-        slice_bytes of blocks in memory however big it is. Returns the tree changes (blk →
-        chunk id, None for zeros) and the chunk ids this commit stores (an ordered set)."""
-        bs = head.bs
-        zero = self._zeros(bs)
-
-        def load(todo, saved: dict[int, int]) -> list[tuple[int, bytes]]:
-            out = []
-            for blk, file, offset, gen in todo:
-                if gen is not None and blk in saved:  # overwritten since, saved before that
-                    file, offset = head.saves.file, saved[blk] * bs
-                data = file.pread(head.blen(blk), offset)
-                out.append((blk, data + bytes(bs - len(data)) if len(data) < bs else data))
-            return out
-
-        def hash_all(blocks: list[tuple[int, bytes]]) -> list[tuple[int, bytes | None, bytes]]:
-            return [(blk, None if data == zero else digest(data), data) for blk, data in blocks]
-
-        def load_and_hash(todo) -> list[tuple[int, bytes | None, bytes]]:
-            return hash_all(load(todo, {}))
-
+        reads = [(blk, head.cache, blk * bs, gen) for blk, gen in selection.cached]
+        reads += [(blk, head.saves.file, slot * bs, None) for blk, slot in selection.saved]
         changes: dict[int, bytes | None] = {}
-        uploads: dict[bytes, None] = {}
+        uploads: dict[bytes, None] = {}  # an ordered set
         per_slice = max(1, self.config.slice_bytes // bs)
         # Full packs go up in the background, up to `uploads / 2` at a time (more gained
         # nothing on either store and cost memory), while the next slice is read and
@@ -233,17 +148,7 @@ class Flusher(EngineBase):
         async with plain_errors_nursery() as uploading:
             for first in range(0, len(reads), per_slice):
                 todo = reads[first : first + per_slice]
-                if snap is None:
-                    # A head commit reads in the thread: a write racing with it bumps the
-                    # block's generation, so the block stays dirty.
-                    hashed = await trio.to_thread.run_sync(load_and_hash, todo)
-                else:
-                    # A snapshot needs exactly the content it froze: read here, with no await
-                    # since the check. A block overwritten since the commit began was copied
-                    # to the frozen file before that.
-                    loaded = load(todo, head.saves.slots(target))
-                    hashed = await trio.to_thread.run_sync(hash_all, loaded)
-                    del loaded
+                hashed = await self._read_slice(head, selection, todo)
                 for blk, oid, data in hashed:
                     changes[blk] = oid
                     if oid is None:
@@ -255,16 +160,43 @@ class Flusher(EngineBase):
                     self.chunks.stage(CHUNK, oid, data)
                 del hashed
                 await self.chunks.start_sealed(uploading, window)
-        return changes, uploads
+        return commit.Staged(changes, tuple(uploads))
 
-    async def _stage_nodes(self, nodes: dict[bytes, bytes]) -> dict[bytes, bytes]:
-        """Stage the tree nodes the store does not hold yet, then make everything this
-        commit staged durable (packs, their index fragment, the barrier). Returns them."""
-        new_nodes = {oid: data for oid, data in nodes.items() if not self.refs.has(K_NODE + oid)}
-        for oid, data in new_nodes.items():
+    async def _read_slice(
+        self, head: Head, selection: commit.Selection, todo: list
+    ) -> list[tuple[int, bytes | None, bytes]]:
+        """Read one slice of a commit's blocks and hash them: (blk, chunk id or None for
+        zeros, data)."""
+        bs = head.bs
+        zero = self._zeros(bs)
+
+        def load(saved: dict[int, int]) -> list[tuple[int, bytes]]:
+            out = []
+            for blk, file, offset, gen in todo:
+                if gen is not None and blk in saved:  # overwritten since, saved before that
+                    file, offset = head.saves.file, saved[blk] * bs
+                data = file.pread(head.blen(blk), offset)
+                out.append((blk, data + bytes(bs - len(data)) if len(data) < bs else data))
+            return out
+
+        def hash_all(blocks: list[tuple[int, bytes]]) -> list[tuple[int, bytes | None, bytes]]:
+            return [(blk, None if data == zero else digest(data), data) for blk, data in blocks]
+
+        if selection.snap is None:
+            # A head commit reads in the thread: a write racing with it bumps the block's
+            # generation, so the block stays dirty.
+            return await trio.to_thread.run_sync(lambda: hash_all(load({})))
+        # A snapshot needs exactly the content it froze: read here on the event loop, with
+        # no await since its saves were looked up. A block overwritten since the commit
+        # began was copied to the saves file before that.
+        return await trio.to_thread.run_sync(hash_all, load(head.saves.slots(selection.epoch)))
+
+    async def _store_nodes(self, plan: commit.CommitPlan) -> None:
+        """Stage the plan's new tree nodes, then make everything this commit staged durable
+        (packs, their index fragment, the barrier)."""
+        for oid, data in plan.nodes.items():
             self.chunks.stage(NODE, oid, data)
         await self._flush_staged()
-        return new_nodes
 
     async def _flush_staged(self, check_fence: bool = False) -> None:
         """Upload everything staged (packs, then their index fragment) and make it durable;
@@ -280,27 +212,43 @@ class Flusher(EngineBase):
             self.sweep_needed = True
             raise
 
-    async def _commit_deltas(
-        self, bs: int, uploads: dict[bytes, None], new_nodes: dict[bytes, bytes]
-    ) -> tuple[dict[bytes, int], dict[bytes, int]]:
-        """Refcount increments of what a commit stored (new nodes count their children) and
-        the sizes of the new objects; the roots' own counts are the caller's."""
-        deltas: dict[bytes, int] = {}
-        sizes: dict[bytes, int] = {}
-        for oid in uploads:
-            sizes[K_CHUNK + oid] = bs + 1
-            deltas.setdefault(K_CHUNK + oid, 0)
-        for oid, data in new_nodes.items():
-            sizes[K_NODE + oid] = len(data) + 1
-            deltas.setdefault(K_NODE + oid, 0)
-            level, entries = await self.tree.node(oid)
-            kind = K_NODE if level else K_CHUNK
-            for child in entries.values():
-                self.refs.plan_add(deltas, kind + child)
-        return deltas, sizes
+    def _apply(self, head: Head, plan: commit.CommitPlan) -> None:
+        """Make the plan true: one catalog transaction (index rows, refcounts, the volume's
+        root, the snapshot's row, the dirty rows of the blocks that turn clean, the frozen
+        rows, the change counter), then memory. A plain def: nothing can come between. A
+        failed transaction (CatalogFailed) changes no memory."""
+        plan.take()
+        assert head.row.id == plan.volume and head.row.root == plan.old_root, "tree moved"
+        cleaned = plan.cleaned(head.dirty)  # not those written again since they were read
+        snap = plan.snap
+        with self.catalog.transaction():
+            self.chunks.record()
+            self.refs.apply(plan.deltas, plan.sizes)
+            self.catalog.update_volume(head.row.id, root=plan.root, root_level=plan.level)
+            if snap is not None:
+                if plan.keep_snapshot:
+                    self.catalog.update_snapshot(
+                        snap.id, root=plan.root, root_level=plan.level, state="available"
+                    )
+                else:
+                    self.catalog.delete_snapshot(snap.id)
+                head.saves.clear_rows(plan.epoch)
+            self.catalog.clear_dirty(head.row.id, cleaned)
+            if plan.bump:
+                self._bump_seq()
+        head.row.root, head.row.root_level = plan.root, plan.level
+        head.mapped += plan.mapped_delta
+        for blk in cleaned:
+            head.blocks.mark_clean(blk, mapped=plan.changes.get(blk) is not None)
+        for blk, oid in plan.changes.items():
+            head.blocks.rebase(blk, mapped=oid is not None)  # those still dirty
+        if snap is not None:
+            self._release_saves(head, snap, plan.epoch)
+        self.space.evict()
 
-    def _release_saves(self, head: Head, epoch: int) -> None:
+    def _release_saves(self, head: Head, snap: SnapshotRow, epoch: int) -> None:
         """The snapshot of `epoch` is committed: its saves go, and it is no longer pending."""
+        assert head.pending and head.pending[0].id == snap.id, f"{snap.name}: not first"
         head.pending.pop(0)
         head.saves.release(epoch, pending=bool(head.pending))
 
