@@ -288,7 +288,9 @@ def cmd_fsck_store(args: list[str], as_json: bool) -> int:
     """snapfs fsck STORE_URL [--verify-data]: check a store without a mount. A read-only
     engine in a temporary cache dir takes the newest catalog, walks every tree and asks the
     store for every object it references (and with --verify-data reads each one and checks
-    its digest). Refcounts are the writer's: `snapfs fsck` on its mount checks those."""
+    its digest). Each finding names the root that needs the object. Refcounts, the block
+    cache and the copy-on-write saves are the writer's, in its cache dir: a `not checked`
+    line says so, and `snapfs fsck` on its mount checks those."""
     url, *rest = args
     unknown = [a for a in rest if a != "--verify-data"]
     if unknown:
@@ -316,11 +318,22 @@ def cmd_fsck_store(args: list[str], as_json: bool) -> int:
     return fsck_status(report)
 
 
+FSCK_KINDS = (
+    ("wrong_counts", "wrong refcount"),
+    ("missing", "missing"),
+    ("corrupt", "corrupt"),
+    ("state", "inconsistent"),
+)
+
+
 def render_fsck(report: dict) -> str:
-    """One line per finding (the object, and what is wrong with it), then a summary."""
-    lines = [f"wrong refcount: {w}" for w in report["wrong_counts"]]
-    lines += [f"missing: {m}" for m in report["missing"]]
-    lines += [f"corrupt: {c}" for c in report.get("corrupt", [])]
+    """One line per finding (the object, what is wrong with it and the root that needs
+    it), the checks that did not apply, then a summary."""
+    lines = [f"{label}: {f}" for key, label in FSCK_KINDS for f in report.get(key, [])]
+    shown = len(lines)
+    if report.get("findings", shown) > shown:
+        lines.append(f"... and {report['findings'] - shown} more (the first 50 of each kind shown)")
+    lines += [f"not checked: {n}" for n in report.get("not_checked", [])]
     verdict = "clean" if report["clean"] else "NOT clean"
     if report["repaired"]:
         verdict += ", refcounts repaired"
@@ -332,9 +345,10 @@ def render_fsck(report: dict) -> str:
 
 
 def fsck_status(report: dict) -> int:
-    """fsck exits 1 when it found something it did not repair (scripts can tell)."""
-    if report.get("missing") or report.get("corrupt"):
-        return 1  # nothing can repair a missing or damaged object
+    """fsck exits 1 when it found something it did not repair (scripts can tell): only
+    refcounts and orphan packs can be repaired."""
+    if report.get("missing") or report.get("corrupt") or report.get("state"):
+        return 1
     return 0 if report.get("clean") or report.get("repaired") else 1
 
 

@@ -18,7 +18,6 @@ from snapfs.store.base import Store
 from snapfs.tree import TreeReader
 from snapfs.volume.cache import CacheSpace
 from snapfs.volume.catalog import Catalog, SnapshotRow
-from snapfs.volume.check import K_NODE
 from snapfs.volume.chunkcache import ChunkCache
 from snapfs.volume.fence import Fence
 from snapfs.volume.files import Files
@@ -177,49 +176,6 @@ class EngineBase:
         if not self.fence.lost:
             self.fence.mark_lost(reason)
             self.last_error = reason
-
-    def assert_invariants(self) -> None:
-        """Check what the cache state must always satisfy (tests call it after every step;
-        it reads the local catalog, so it is not for the hot path):
-        - a block is dirty or clean-cached, never both, and only blocks of the volume;
-        - the byte counters equal the maps they count;
-        - a copy-on-write save exists only for a pending snapshot, in a slot of its own;
-        - the dirty rows on disk are the dirty blocks, less those not yet fsynced;
-        - a dirty block's record is of this volume's past (epoch, generation), never
-          discarded and newly mapped at once;
-        - the snapshot chunk cache counts its bytes and keeps within its limit;
-        - every reference is inbound or available, only an inbound one has pins, and (a
-          writer) every node a reference holds has a refcount."""
-        self.snap_cache.assert_invariants()
-        self.refs.assert_invariants()
-        self._assert_references()
-        self.space.assert_invariants()
-        heads = {h.row.id for h in self.heads.values()}
-        assert self.space.volume_ids() == heads, "the cache knows other volumes than the heads"
-        frozen = sum(h.saves.count() * h.bs for h in self.heads.values())
-        saved = self.space.saved_bytes
-        assert saved == frozen, f"saved bytes {saved} != {frozen} in copy-on-write saves"
-        for head in self.heads.values():
-            name = head.row.name
-            for blk, dirty in head.dirty.items():
-                assert dirty.epoch <= head.row.epoch, f"{name}: block {blk} in a later epoch"
-                assert dirty.gen <= self.gen, f"{name}: block {blk} from a later write"
-            epochs = [s.epoch for s in head.pending]
-            assert epochs == sorted(epochs), f"{name}: pending snapshots out of order"
-            assert all(e < head.row.epoch for e in epochs), f"{name}: pending in the future"
-            head.saves.assert_invariants(epochs, head.nblocks, name)
-            stored = self.catalog.dirty(head.row.id)
-            assert set(stored) <= set(head.dirty), f"{name}: dirty rows of clean blocks"
-            missing = {b for b, d in head.dirty.items() if d.synced} - set(stored)
-            assert not missing, f"{name}: fsynced dirty blocks without a row: {sorted(missing)}"
-
-    def _assert_references(self) -> None:
-        for ref in self.catalog.references():
-            assert ref.state in ("inbound", "available"), f"reference {ref.id}: {ref.state}"
-            assert ref.state == "inbound" or not ref.pins, f"reference {ref.id}: pins"
-            assert len(ref.pins) % 32 == 0, f"reference {ref.id}: malformed pins"
-            for node in [] if self.read_only else ref.held():
-                assert self.refs.count(K_NODE + node) >= 1, f"reference {ref.id}: root uncounted"
 
     def kick(self) -> None:
         self._kick.set()

@@ -11,9 +11,11 @@ they take (docs/design.md, "Cache").
           the cache file's ranges for them (filled when fetched, punched when evicted).
     does not own: the committed tree (the engine), the write lock (the head).
 
-Invariants (`assert_invariants`): a block is dirty or clean-cached, never both, and within
-its volume; each byte total equals the sum it stands for; a pinned block (a write waits for
-it) is not evicted. Nothing outside this module writes these fields.
+Invariants (`check`, which `assert_invariants` and fsck use): a block is dirty or
+clean-cached, never both, and within its volume; each byte total equals the sum it stands
+for; a dirty record is of its volume's past, and has its `dirty` row once `synced` (and a
+row is only for a dirty block); a pinned block (a write waits for it) is not evicted.
+Nothing outside this module writes these fields.
 """
 
 from __future__ import annotations
@@ -115,17 +117,50 @@ class CacheSpace:
             self._lru[key] = size
             self._lru.move_to_end(key, last=False)
 
-    def assert_invariants(self) -> None:
-        assert self.clean_bytes == sum(self._lru.values()), "clean bytes != the LRU"
-        dirty = sum(len(v.dirty) * v.bs for v in self._volumes.values())
-        assert self.dirty_bytes == dirty, f"dirty bytes {self.dirty_bytes} != {dirty}"
+    # ------------------------------------------------------------------ checks
+
+    def check(self, heads: set[int] | None = None, saved: int | None = None) -> list[str]:
+        """Its invariants, as findings (one line each, naming the block or the total):
+        each total is the sum it stands for (`saved`: the bytes the heads' saves hold),
+        a clean block is of a volume it knows (`heads`: the engine's), within it and not
+        dirty; then each volume's own check of its records."""
+        found = self._check_totals(saved)
+        if heads is not None and set(self._volumes) != heads:
+            found.append(
+                f"cache: knows volume ids {sorted(self._volumes)}, the heads {sorted(heads)}"
+            )
         for vid, blk in self._lru:
             volume = self._volumes.get(vid)
-            assert volume is not None, f"the LRU holds a block of unknown volume {vid}"
-            assert blk not in volume.dirty, f"volume {vid} block {blk}: dirty and clean"
-            assert 0 <= blk < volume.nblocks(), f"volume {vid} block {blk}: outside"
+            if volume is None:
+                found.append(f"volume id {vid} block {blk}: clean-cached, no such volume")
+            elif blk in volume.dirty:
+                found.append(f"volume {volume.row.name} block {blk}: dirty and clean-cached")
+            elif not 0 <= blk < volume.nblocks():
+                found.append(f"volume {volume.row.name} block {blk}: cached beyond the end")
+        return found
+
+    def _check_totals(self, saved: int | None) -> list[str]:
+        totals = [
+            ("clean", self.clean_bytes, sum(self._lru.values()), "its clean blocks"),
+            (
+                "dirty",
+                self.dirty_bytes,
+                sum(len(v.dirty) * v.bs for v in self._volumes.values()),
+                "its dirty records",
+            ),
+            ("saved", self.saved_bytes, saved, "the copy-on-write saves"),
+        ]
+        return [
+            f"cache: {what} bytes {total}, {sum_of} hold {actual}"
+            for what, total, actual, sum_of in totals
+            if actual is not None and total != actual
+        ]
+
+    def assert_invariants(self, heads: set[int] | None = None, saved: int | None = None) -> None:
+        found = self.check(heads, saved)
         for volume in self._volumes.values():
-            volume.assert_invariants()
+            found += volume.check()
+        assert not found, "; ".join(found)
 
 
 class VolumeCache:
@@ -267,7 +302,34 @@ class VolumeCache:
         if size is not None:
             self.space.clean_bytes -= size
 
-    def assert_invariants(self) -> None:
+    # ------------------------------------------------------------------ checks
+
+    def check(self, rows: dict[int, int] | None = None, gen: int | None = None) -> list[str]:
+        """Its records' invariants, as findings naming the block: within the volume, of its
+        past (epoch, and write generation below `gen`), not discarded and new at once; and
+        with `rows` (its `dirty` rows in the catalog, blk → epoch): a row only for a dirty
+        block, and one for every dirty block whose row was committed (`synced`)."""
+        found = []
         for blk, dirty in self.dirty.items():
-            assert 0 <= blk < self.nblocks(), f"volume {self.vid}: dirty block {blk} outside"
-            assert not (dirty.new and dirty.hole is not None), f"{blk}: discarded yet new"
+            why = self._wrong_record(blk, dirty, gen)
+            if why is None and rows is not None and dirty.synced and blk not in rows:
+                why = "dirty since a committed change, no dirty row"
+            if why is not None:
+                found.append(f"volume {self.row.name} block {blk}: {why}")
+        found += [
+            f"volume {self.row.name} block {blk}: a dirty row (epoch {epoch}), the block is clean"
+            for blk, epoch in sorted((rows or {}).items())
+            if blk not in self.dirty
+        ]
+        return found
+
+    def _wrong_record(self, blk: int, dirty: Dirty, gen: int | None) -> str | None:
+        if not 0 <= blk < self.nblocks():
+            return "dirty beyond the end"
+        if dirty.new and dirty.hole is not None:
+            return "discarded yet new"
+        if dirty.epoch > self.row.epoch:
+            return f"dirty in epoch {dirty.epoch}, after the volume's {self.row.epoch}"
+        if gen is not None and dirty.gen > gen:
+            return f"written in generation {dirty.gen}, after the engine's {gen}"
+        return None

@@ -1,11 +1,15 @@
 """The invariant oracle: refcounts recomputed from the roots, and the store checked against
-them. `snapfs fsck` uses it; so do the tests, at the end of each scenario; and a fresh cache
-dir rebuilds its refcounts with it (store-only restore).
+them. `snapfs fsck` uses it (with the components' own `check()`s, see
+`Maintenance.check`); so do the tests, at the end of each scenario; and a fresh cache dir
+rebuilds its refcounts with it (store-only restore).
 """
+
+from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from snapfs.chunks import CHUNK, NODE
+from snapfs.errors import IntegrityError, ObjectNotFound
 from snapfs.tree import TreeReader, encode_node
 
 K_CHUNK = CHUNK.encode()
@@ -24,58 +28,114 @@ def key_to_store_key(key: bytes) -> str:
     return f"{key[:1].decode()}/{key[1:].hex()}"
 
 
-async def expected_refs(
-    tree: TreeReader, roots: list[tuple[bytes | None, int]]
-) -> dict[bytes, tuple[int, int]]:
-    """{key: (count, stored size)} for every object reachable from `roots`
-    ((root, block_size) pairs, one per volume head or snapshot)."""
-    counts: dict[bytes, int] = {}
-    sizes: dict[bytes, int] = {}
+@dataclass(frozen=True)
+class Root:
+    """Something that keeps a tree alive, named as a finding names it: "volume db",
+    "snapshot db@nightly", "reference 0123abcd… (nightly)"."""
 
-    async def visit(oid: bytes, block_size: int) -> None:
-        level, entries = await tree.node(oid)
-        sizes[ref_key(K_NODE, oid)] = len(encode_node(level, entries)) + 1
+    name: str
+    node: bytes | None
+    block_size: int
+
+
+class Walk:
+    """One walk over the trees of `roots`: every object each reaches, counted as refcounts
+    count (a root counts one, a node one per child), each subtree visited once.
+
+    Strict (a restore): a node that cannot be read raises. Not strict (fsck): it is
+    remembered in `unreadable` (node key → (the error, the root being walked)) and the walk
+    goes on with the rest. `want`: the keys whose first root to remember in `needed_by`
+    (fsck's second walk, made only when something is wrong)."""
+
+    def __init__(self, tree: TreeReader, strict: bool = True, want: set[bytes] = frozenset()):
+        self.tree, self.strict, self.want = tree, strict, want
+        self.counts: dict[bytes, int] = {}
+        self.sizes: dict[bytes, int] = {}
+        self.unreadable: dict[bytes, tuple[Exception, Root]] = {}
+        self.needed_by: dict[bytes, Root] = {}
+
+    def refs(self) -> dict[bytes, tuple[int, int]]:
+        """{key: (count, stored size)}; an unreadable node's size is unknown (0)."""
+        return {k: (c, self.sizes.get(k, 0)) for k, c in self.counts.items()}
+
+    async def run(self, roots: list[Root]) -> Walk:
+        for root in roots:
+            if root.node is not None and self._count(ref_key(K_NODE, root.node), root):
+                await self._visit(root.node, root)
+        return self
+
+    def _count(self, key: bytes, root: Root) -> bool:
+        """Count one reference to `key`; whether it is the first (its subtree is new)."""
+        count = self.counts.get(key, 0)
+        self.counts[key] = count + 1
+        if not count and key in self.want:
+            self.needed_by[key] = root
+        return not count
+
+    async def _visit(self, oid: bytes, root: Root) -> None:
+        try:
+            level, entries = await self.tree.node(oid)
+        except (ObjectNotFound, IntegrityError) as exc:
+            if self.strict:
+                raise
+            self.unreadable[ref_key(K_NODE, oid)] = (exc, root)
+            return
+        self.sizes[ref_key(K_NODE, oid)] = len(encode_node(level, entries)) + 1
         kind = K_NODE if level else K_CHUNK
         for child in entries.values():
             key = ref_key(kind, child)
-            first = key not in counts
-            counts[key] = counts.get(key, 0) + 1
+            first = self._count(key, root)
             if level == 0:
-                sizes[key] = block_size + 1
+                self.sizes[key] = root.block_size + 1
             elif first:
-                await visit(child, block_size)
+                await self._visit(child, root)
 
-    for root, block_size in roots:
-        if root is None:
-            continue
-        key = ref_key(K_NODE, root)
-        first = key not in counts
-        counts[key] = counts.get(key, 0) + 1
-        if first:
-            await visit(root, block_size)
-    return {k: (c, sizes[k]) for k, c in counts.items()}
+
+async def expected_refs(
+    tree: TreeReader, roots: list[tuple[bytes | None, int]], strict: bool = True
+) -> dict[bytes, tuple[int, int]]:
+    """{key: (count, stored size)} for every object reachable from `roots`
+    ((root, block_size) pairs, one per volume head or snapshot). Raises ObjectNotFound or
+    IntegrityError when a node cannot be read; not `strict` (a restore for fsck), its
+    subtree is left out and the walk goes on."""
+    walk = await Walk(tree, strict).run([Root("", node, bs) for node, bs in roots])
+    return walk.refs()
+
+
+SHOWN = 50  # findings of each kind a report carries (the count says how many in all)
 
 
 @dataclass
 class CheckReport:
+    """What fsck found, one line per finding, each naming the object (and, for a stored
+    object, the first root that needs it)."""
+
     objects: int = 0
-    wrong_counts: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
+    wrong_counts: list[str] = field(default_factory=list)  # refcounts vs the roots
+    missing: list[str] = field(default_factory=list)  # referenced, not in the store
     corrupt: list[str] = field(default_factory=list)  # read back, not matching its digest
+    state: list[str] = field(default_factory=list)  # the local components' own checks
+    not_checked: list[str] = field(default_factory=list)  # checks that do not apply here
     orphan_packs: int = 0
     repaired: bool = False
 
     @property
     def clean(self) -> bool:
-        return not self.wrong_counts and not self.missing and not self.corrupt
+        return not (self.wrong_counts or self.missing or self.corrupt or self.state)
+
+    def findings(self) -> int:
+        return sum(map(len, (self.wrong_counts, self.missing, self.corrupt, self.state)))
 
     def as_dict(self) -> dict:
         return {
             "objects": self.objects,
             "clean": self.clean,
             "repaired": self.repaired,
-            "wrong_counts": self.wrong_counts[:50],
-            "missing": self.missing[:50],
-            "corrupt": self.corrupt[:50],
+            "findings": self.findings(),
+            "wrong_counts": self.wrong_counts[:SHOWN],
+            "missing": self.missing[:SHOWN],
+            "corrupt": self.corrupt[:SHOWN],
+            "state": self.state[:SHOWN],
+            "not_checked": self.not_checked,
             "orphan_packs": self.orphan_packs,
         }

@@ -46,6 +46,16 @@ class ChunkCache:
         self._chunks.clear()
         self.bytes = 0
 
+    def check(self) -> list[str]:
+        """Its invariants, as findings: it counts its chunks' bytes, within its limit."""
+        found = []
+        held = sum(map(len, self._chunks.values()))
+        if self.bytes != held:
+            found.append(f"chunk cache: counts {self.bytes} bytes, its chunks hold {held}")
+        if held > self.limit and len(self._chunks) > 1:
+            found.append(f"chunk cache: {held} bytes, over its limit of {self.limit}")
+        return found
+
     def assert_invariants(self) -> None:
-        assert self.bytes == sum(map(len, self._chunks.values())), "chunk cache bytes != chunks"
-        assert self.bytes <= self.limit or len(self._chunks) == 1, "chunk cache over its limit"
+        found = self.check()
+        assert not found, "; ".join(found)

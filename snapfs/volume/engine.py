@@ -91,6 +91,8 @@ class Engine(DataPath, Maintenance, Referencing):
         catalog = Catalog(os.path.join(cache_dir, "catalog.sqlite3"))
         engine = cls(store, catalog, cache_dir, config or EngineConfig(), read_only, files)
         engine.checking = checking and read_only
+        if engine.checking:  # a blob it cannot find is a finding (and the restore of the
+            engine.chunks.on_missing = None  # catalog must not reload it in its middle)
         try:
             await engine._load(manifest)
         except FenceConflict as exc:
@@ -177,7 +179,8 @@ class Engine(DataPath, Maintenance, Referencing):
                 temporary.append(snap)
         for head in self.heads.values():
             self._drop_stale_saves(head)
-            await self._count_mapped(head)
+            if not self.checking:  # fsck reports a node it cannot read, and goes on
+                await self._count_mapped(head)
         if not self.read_only:
             # The fence, before any delete, sweep or collect: from here on a writer that
             # this one displaced can publish nothing.
@@ -202,7 +205,7 @@ class Engine(DataPath, Maintenance, Referencing):
                 () if doc is None else doc.get("fragments", ()), keep_absent=self.checking
             )
         if doc is not None:
-            refs = await expected_refs(self.tree, publish.doc_roots(doc))
+            refs = await expected_refs(self.tree, publish.doc_roots(doc), strict=not self.checking)
         indexed = self.chunks.indexed_keys()
         missing = set(refs) - indexed
         if missing and not self.checking:

@@ -13,15 +13,16 @@ A change is planned as a dict of deltas (key → ±n): `plan_add` and `plan_drop
 cascades down a tree whose count reaches zero; every increment of the same change must be
 planned first), then `apply` inside the caller's transaction, with no await in between.
 
-Invariants (`assert_invariants`): every count is positive (a zero count is no row); no
-object has a row and a garbage row at once.
+Invariants (`check`, which `assert_invariants` and fsck use): every count is positive (a
+zero count is no row); no object has a row and a garbage row at once. fsck also compares
+every count with the one recomputed from the roots (`differences`).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from snapfs.volume.check import K_CHUNK, K_NODE
+from snapfs.volume.check import K_CHUNK, K_NODE, key_to_store_key
 
 if TYPE_CHECKING:
     from snapfs.tree import TreeReader
@@ -80,9 +81,35 @@ class Refcounts:
         fsck --repair)."""
         self.catalog.replace_refs(refs)
 
-    def assert_invariants(self) -> None:
+    # ------------------------------------------------------------------ checks
+
+    def check(self) -> list[str]:
+        """Its invariants, as findings naming the object: every count is positive (a zero
+        count is no row), no object has a row and a garbage row at once."""
         rows = self.all()
-        assert all(count > 0 for count, _size in rows.values()), "a refcount row at zero or less"
+        found = [
+            f"{key_to_store_key(key)}: a refcount row of {count}"
+            for key, (count, _size) in sorted(rows.items())
+            if count <= 0
+        ]
         garbage = {k for k in self.catalog.garbage() if k[:1] in (K_CHUNK, K_NODE)}
-        both = garbage & set(rows)
-        assert not both, f"{len(both)} objects are referenced and garbage at once"
+        found += [
+            f"{key_to_store_key(key)}: counted {rows[key][0]} and queued as garbage"
+            for key in sorted(garbage & set(rows))
+        ]
+        return found
+
+    def differences(self, expected: dict[bytes, tuple[int, int]]) -> dict[bytes, tuple[int, int]]:
+        """The counts that differ from `expected` (recomputed from the roots, see
+        `check.Walk`): key → (counted, referenced)."""
+        actual = self.all()
+        wrong = {}
+        for key in set(expected) | set(actual):
+            counted, referenced = actual.get(key, (0, 0))[0], expected.get(key, (0, 0))[0]
+            if counted != referenced:
+                wrong[key] = (counted, referenced)
+        return wrong
+
+    def assert_invariants(self) -> None:
+        found = self.check()
+        assert not found, "; ".join(found[:5])

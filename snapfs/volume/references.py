@@ -18,16 +18,21 @@ States:
           (`begin_inbound`, `commit_inbound`, `finish_inbound`).
     does not own: the refcounts (`Refcounts`), what an inbound copy stages (the
           replicator does, through the engine's ChunkStore), publishing (the fence).
+
+Invariants (`check_references`, which `assert_invariants` and fsck use): a reference is
+inbound or available, only an inbound one has pins (whole node ids), and every node it
+holds has a refcount (a writer's).
 """
 
 import secrets
 import time
+from collections.abc import Callable
 
 from snapfs.access import check_owner
 from snapfs.errors import AlreadyExists, Busy, InvalidArgument, InvalidReference
 from snapfs.units import check_name
 from snapfs.volume.catalog import ReferenceRow, SnapshotRow, check_guid
-from snapfs.volume.check import K_NODE
+from snapfs.volume.check import K_NODE, key_to_store_key
 from snapfs.volume.flusher import Flusher
 
 REFERENCE_ID_CHARS = 16  # hex digits of a reference id
@@ -43,6 +48,28 @@ def check_reference_id(text: str) -> str:
     if len(rid) != REFERENCE_ID_CHARS or any(c not in "0123456789abcdef" for c in rid):
         raise InvalidReference(f"invalid reference {str(text)[:40]!r}: 16 hex digits")
     return rid
+
+
+def check_references(rows: list[ReferenceRow], counted: Callable[[bytes], int] | None) -> list[str]:
+    """The references' invariants, as findings naming the reference: inbound or available,
+    pins (whole node ids) only while inbound, and (`counted`: a writer's refcount of a key)
+    a count on every node it holds."""
+    found = []
+    for ref in rows:
+        what = f"reference {ref.id} ({ref.name})"
+        if ref.state not in ("inbound", "available"):
+            found.append(f"{what}: in state {ref.state!r}")
+        elif len(ref.pins) % 32:
+            found.append(f"{what}: pins of {len(ref.pins)} bytes, not whole node ids")
+        elif ref.state == "available" and ref.pins:
+            found.append(f"{what}: available, yet it holds pins")
+        else:
+            found += [
+                f"{what}: holds {key_to_store_key(K_NODE + node)}, which has no refcount"
+                for node in ref.held()
+                if counted is not None and counted(K_NODE + node) < 1
+            ]
+    return found
 
 
 class Referencing(Flusher):

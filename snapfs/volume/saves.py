@@ -11,13 +11,15 @@ A block that a pending snapshot still needs is copied to a slot before it is ove
 the copy is durable (fdatasync) before its row is, and its row before the overwrite. The
 snapshot's commit reads the save instead of the cache; then the epoch's saves are released.
 
-Invariants (`assert_invariants`): no two saves share a slot, a used slot is not free and
-lies within the file; saves exist only for epochs of pending snapshots, for blocks of the
-volume; the rows in SQLite equal the saves in memory.
+Invariants (`check`, which `assert_invariants` and fsck use): no two saves share a slot, a
+used slot is not free and lies within the file; saves exist only for epochs of pending
+snapshots (else leaked), for blocks of the volume; the rows in SQLite equal the saves in
+memory.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -132,14 +134,55 @@ class CowSaves:
         self._slots.clear()
         self.file.close()
 
+    # ------------------------------------------------------------------ checks
+
+    def check(self, pending: list[int], nblocks: int, name: str) -> list[str]:
+        """Its invariants, as findings naming the save (or the slot): each save (in memory
+        or as a `frozen` row) is for an epoch in `pending` and a block below `nblocks`, and
+        its row and memory agree; no two saves share a slot, a used slot is not free and
+        lies in the file. A save no pending snapshot needs is a leaked save."""
+        rows = {(e, b): s for e, b, s in self.catalog.frozen(self.vid)}
+        saves = {(e, b): s for e, held in self._slots.items() for b, s in held.items()}
+        found = []
+        for epoch, blk in sorted(set(rows) | set(saves)):
+            row, mem = rows.get((epoch, blk)), saves.get((epoch, blk))
+            why = self._wrong_save(epoch, blk, row, mem, pending, nblocks)
+            if why:
+                slot = row if mem is None else mem
+                found.append(
+                    f"volume {name}: save of block {blk}, epoch {epoch}, slot {slot}: {why}"
+                )
+        return found + self._check_slots(list(saves.values()), name)
+
+    @staticmethod
+    def _wrong_save(
+        epoch: int, blk: int, row: int | None, mem: int | None, pending: list[int], nblocks: int
+    ) -> str | None:
+        if epoch not in pending:
+            return "leaked (no pending snapshot needs it)"
+        if not 0 <= blk < nblocks:
+            return f"beyond the volume's {nblocks} blocks"
+        if row is None:
+            return "in memory, no frozen row"
+        if mem is None:
+            return "a frozen row, not in memory"
+        if row != mem:
+            return f"its frozen row says slot {row}"
+        return None
+
+    def _check_slots(self, used: list[int], name: str) -> list[str]:
+        shared = Counter(used)
+        found = [f"volume {name}: slot {s} holds two saves" for s, n in shared.items() if n > 1]
+        found += [
+            f"volume {name}: slot {s} is used and free" for s in sorted(set(used) & set(self._free))
+        ]
+        found += [
+            f"volume {name}: slot {s} lies beyond the saves file ({self._next} slots)"
+            for s in sorted(set(used))
+            if not 0 <= s < self._next
+        ]
+        return found
+
     def assert_invariants(self, pending: list[int], nblocks: int, name: str) -> None:
-        slots = [s for saves in self._slots.values() for s in saves.values()]
-        assert len(slots) == len(set(slots)), f"{name}: two saves share a slot"
-        assert not set(slots) & set(self._free), f"{name}: a used slot is free"
-        assert all(0 <= s < self._next for s in slots), f"{name}: slot beyond the end"
-        for epoch, saves in self._slots.items():
-            assert epoch in pending, f"{name}: saves for epoch {epoch}, no snapshot needs"
-            assert all(0 <= b < nblocks for b in saves), f"{name}: save outside"
-        on_disk = {(e, b): s for e, b, s in self.catalog.frozen(self.vid)}
-        in_mem = {(e, b): s for e, saves in self._slots.items() for b, s in saves.items()}
-        assert on_disk == in_mem, f"{name}: frozen rows != saves in memory"
+        found = self.check(pending, nblocks, name)
+        assert not found, "; ".join(found)

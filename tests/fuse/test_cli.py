@@ -2,6 +2,7 @@
 delete rules."""
 
 import os
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -75,9 +76,9 @@ def test_show_resize_clone_rollback_delete(snapfs: Snapfs):
 
 def test_fsck_prints_each_finding_and_exits_nonzero(snapfs: Snapfs):
     """fsck said `clean False` and exited 0: a script could not tell. Now each finding is
-    a line naming the object, and the exit status is 1 while something is wrong; the same
-    online (the mount) and offline (`snapfs fsck STORE_URL`, no mount); --verify-data reads
-    every object and names the one whose bytes changed."""
+    a line naming the object and the root that needs it, and the exit status is 1 while
+    something is wrong; the same online (the mount) and offline (`snapfs fsck STORE_URL`,
+    no mount); --verify-data reads every object and names the one whose bytes changed."""
     fs = snapfs
     fs.cli("volume", "create", "v", "--size", "4M", "--block-size", "64K")
     for offset in (0, 2 * MiB):  # two syncs: two packs
@@ -100,15 +101,68 @@ def test_fsck_prints_each_finding_and_exits_nonzero(snapfs: Snapfs):
         f.write(bytes([byte[0] ^ 0xFF]))
     plain = fs.cli("fsck", fs.store_url, check=False, mount=False)
     assert plain.returncode == 0, plain  # without --verify-data the bytes are not read
-    verified = fs.cli("fsck", fs.store_url, "--verify-data", check=False, mount=False)
-    assert verified.returncode == 1, verified
-    assert any(line.startswith("corrupt: c/") for line in verified.stdout.splitlines()), verified
+    for where in (("--verify-data",), (fs.store_url, "--verify-data")):
+        verified = fs.cli("fsck", *where, check=False, mount=len(where) == 1)
+        assert verified.returncode == 1, verified
+        corrupt = [line for line in verified.stdout.splitlines() if line.startswith("corrupt: ")]
+        assert len(corrupt) == 1 and corrupt[0].startswith("corrupt: c/"), verified.stdout
+        assert packs[-1].name in corrupt[0] and "digest" in corrupt[0], corrupt
+        assert corrupt[0].endswith(", needed by volume v"), corrupt
     packs[0].unlink()  # a disk error, or a hand that deleted the wrong file
+    pack = f"p/{packs[0].parent.name}/{packs[0].name}"
     for where in ((), (fs.store_url,)):
         bad = fs.cli("fsck", *where, check=False, mount=not where)
         assert bad.returncode == 1, bad
         lines = bad.stdout.splitlines()
-        missing = [line for line in lines if line.startswith("missing: p/")]
-        assert missing and packs[0].name in missing[0], bad.stdout
+        missing = [line for line in lines if line.startswith("missing: ")]
+        assert missing, bad.stdout
+        for line in missing:  # every blob of the pack, with its pack and its root
+            assert line.startswith(("missing: c/", "missing: n/")), line
+            assert f"missing from the store (its pack {pack})" in line, line
+            assert line.endswith(", needed by volume v"), line
         assert "NOT clean" in lines[-1]
     assert fs.cli("--json", "fsck", check=False).returncode == 1
+
+
+def test_fsck_finds_a_wrong_refcount_and_a_leaked_save_online_only(snapfs: Snapfs):
+    """A refcount off by one and a leaked copy-on-write save (a `frozen` row no pending
+    snapshot needs) live in the writer's catalog: fsck on the mount names each, with the
+    root, and exits 1 (--repair fixes the count, not the save); `snapfs fsck STORE_URL`
+    says it does not check them."""
+    fs = snapfs
+    fs.cli("volume", "create", "v", "--size", "4M", "--block-size", "64K")
+    with open(fs.vol("v"), "r+b") as f:
+        f.write(os.urandom(1 * MiB))
+    fs.cli("sync")
+    db = sqlite3.connect(fs.cache_dir / "catalog.sqlite3", timeout=30, isolation_level=None)
+    try:
+        (vid,) = db.execute("SELECT id FROM volumes WHERE name='v'").fetchone()
+        key, count = db.execute(
+            "SELECT key, count FROM refs WHERE key > X'63' AND key < X'64' LIMIT 1"
+        ).fetchone()
+        db.execute("UPDATE refs SET count=count+1 WHERE key=?", (key,))
+        db.execute("INSERT INTO frozen VALUES(?, 99, 3, 0)", (vid,))
+    finally:
+        db.close()
+    bad = fs.cli("fsck", check=False)
+    assert bad.returncode == 1, bad
+    assert bad.stdout.splitlines()[:2] == [
+        f"wrong refcount: c/{key[1:].hex()}: counted {count + 1}, referenced {count}, "
+        "needed by volume v",
+        "inconsistent: volume v: save of block 3, epoch 99, slot 0: leaked (no pending "
+        "snapshot needs it)",
+    ], bad.stdout
+    assert "NOT clean" in bad.stdout.splitlines()[-1]
+    offline = fs.cli("fsck", fs.store_url, check=False, mount=False)
+    assert offline.returncode == 0, offline
+    skipped = [line for line in offline.stdout.splitlines() if line.startswith("not checked: ")]
+    assert len(skipped) == 1 and "refcounts" in skipped[0] and "saves" in skipped[0], offline
+    repaired = fs.cli("fsck", "--repair", check=False)
+    assert repaired.returncode == 1 and "refcounts repaired" in repaired.stdout, repaired
+    assert "wrong refcount" not in fs.cli("fsck", check=False).stdout
+    db = sqlite3.connect(fs.cache_dir / "catalog.sqlite3", timeout=30, isolation_level=None)
+    try:
+        db.execute("DELETE FROM frozen WHERE volume_id=? AND snap_epoch=99", (vid,))
+    finally:
+        db.close()
+    assert fs.cli_json("fsck")["clean"]

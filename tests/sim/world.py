@@ -1307,9 +1307,8 @@ class World:
     def fsck_clean(self, report, what: str) -> None:
         if report.clean:
             return
-        there = [
-            m.split(":")[0] for m in report.missing if m.split(":")[0] in self.store.inner.objects
-        ]
+        packs = [m.split("(its pack ", 1)[-1].split(")")[0] for m in report.missing]
+        there = [p for p in packs if p in self.store.inner.objects]
         why = (
             f" ({len(there)} of the {len(report.missing)} 'missing' objects are in the "
             f"store: fsck trusted a listing that lags {self.knobs.list_lag}s)"
