@@ -36,7 +36,7 @@ from snapfs import progress as progress_line
 from snapfs.control import reference_info
 from snapfs.ctlclient import CliError, ctl, find_mount
 from snapfs.images import parse_words
-from snapfs.replicate import Job, cache_root, synced_source, writer_session
+from snapfs.replicate import Job, adopted, cache_root, synced_source, writer_session
 from snapfs.store import open_store
 from snapfs.units import check_name, format_size, parse_seconds
 from snapfs.volume.bank import named_backup
@@ -112,7 +112,7 @@ def backup(mnt: str, vol: str, job: Job) -> dict:
 def describe(vol: str, r: dict) -> str:
     return (
         f"backed up {vol} to {r['bank']} as {r['name']}: sent {r['sent_objects']} objects "
-        f"({format_size(r['sent_bytes'])}), {r['present_objects']} already there"
+        f"({format_size(r['sent_bytes'])}), {r['present_objects']} already there{adopted(r)}"
     )
 
 
@@ -198,6 +198,6 @@ def restore(args: list[str], mount: str | None, as_json: bool) -> int:
         json.dumps(r)
         if as_json
         else f"restored {name} as {r['volume']}: copied {r['sent_objects']} objects "
-        f"({format_size(r['sent_bytes'])}), {r['present_objects']} already there"
+        f"({format_size(r['sent_bytes'])}), {r['present_objects']} already there{adopted(r)}"
     )
     return 0

@@ -269,9 +269,10 @@ class ChunkStore:
         live: dict[bytes, int] = {}
         for _key, pid, _off, length in self._pending_rows:
             live[pid] = live.get(pid, 0) + length
-        for pid, size in self._pending_packs.items():
+        for pid, size in self._pending_packs.items():  # an adopted pack may be known
             self.db.execute(
-                "INSERT OR REPLACE INTO packs VALUES(?,?,?)", (pid, size, live.get(pid, 0))
+                "INSERT INTO packs VALUES(?,?,?) ON CONFLICT(id) DO UPDATE SET live = live + ?",
+                (pid, size, live.get(pid, 0), live.get(pid, 0)),
             )
         self.db.executemany(
             "INSERT OR IGNORE INTO fragments VALUES(?)", ((k,) for k in self._pending_fragments)
@@ -279,6 +280,17 @@ class ChunkStore:
         self._pending_rows, self._pending_packs, self._pending_fragments = [], {}, []
         self._staged.clear()
         self._uploaded.clear()
+
+    def adopt(self, key: bytes, where: tuple[bytes, int, int], pack_size: int) -> None:
+        """Take a blob that a pack no index lists already holds (uploaded by a cycle that
+        never recorded it; see `orphan_blobs`) as if this cycle had uploaded it there: the
+        next flush's fragment lists it and record() indexes it. The caller makes sure the
+        pack stays until then."""
+        pid = where[0]
+        self._unindexed_packs[pid] = pack_size
+        self._unindexed_rows.append((key, *where))
+        self._uploaded[key] = where
+        self._staged.pop(key, None)
 
     def discard_staged(self) -> None:
         """Forget what was staged or flushed but not recorded (a failed commit)."""
@@ -428,6 +440,11 @@ class ChunkStore:
     async def read_trailer(self, pid: bytes) -> tuple[list[tuple[bytes, int, int]], int]:
         """What a pack holds, from its own trailer: ([(key, offset, length)], pack size).
         The whole pack is read and verified against its id."""
+        table, body = await self._read_pack(pid)
+        return table, len(body)
+
+    async def _read_pack(self, pid: bytes) -> tuple[list[tuple[bytes, int, int]], bytes]:
+        """A whole pack, verified against its id, and its trailer's table."""
         name = pack_key(pid)
         body = await self.store.get(name)
         if digest(body) != pid:
@@ -438,7 +455,33 @@ class ChunkStore:
         doc = codec.unpack(body[-8 - length : -8], f"{self.store.url}/{name}")
         if not isinstance(doc, dict) or not isinstance(doc.get("blobs"), list):
             raise IntegrityError(f"{name}: malformed pack trailer")
-        return [(bytes(k), int(o), int(n)) for k, o, n in doc["blobs"]], len(body)
+        return [(bytes(k), int(o), int(n)) for k, o, n in doc["blobs"]], body
+
+    async def unknown_packs(self, keep: set[bytes]) -> list[bytes]:
+        """The packs in the store (one LIST of `p/`) that the index does not know and that
+        are not in `keep` (the caller's: packs queued for deletion)."""
+        known = self.known_packs() | keep
+        pids = []
+        for key in await self.store.list("p/"):
+            try:
+                pid = bytes.fromhex(key.rsplit("/", 1)[1])
+            except ValueError:
+                continue  # not a name snapfs writes
+            if pid not in known:
+                pids.append(pid)
+        return sorted(pids)
+
+    async def orphan_blobs(self, pid: bytes) -> tuple[list[tuple[bytes, int, int]], int]:
+        """The blobs of a pack that no index lists, as `read_trailer`, keeping only those
+        whose body is intact (known codec, content matches the id): ones to `adopt`."""
+        table, body = await self._read_pack(pid)
+
+        def intact(entry: tuple[bytes, int, int]) -> bool:
+            key, off, n = entry
+            return body[off : off + 1] == _PLAIN and digest(body[off + 1 : off + n]) == key[1:]
+
+        kept = await trio.to_thread.run_sync(lambda: [e for e in table if intact(e)])
+        return kept, len(body)
 
     # ------------------------------------------------------------------ index publication
 

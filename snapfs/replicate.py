@@ -22,6 +22,7 @@ Errors are one line (CliError, SnapfsError); nothing here prints a traceback.
 """
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -101,8 +102,15 @@ def describe(ref: str, r: dict) -> str:
     return (
         f"replicated {ref} to {r['to']} as reference {r['reference']} ({r['state']}): "
         f"sent {r['sent_objects']} objects ({format_size(r['sent_bytes'])}), "
-        f"{r['present_objects']} already there"
+        f"{r['present_objects']} already there{adopted(r)}"
     )
+
+
+def adopted(r: dict) -> str:
+    """What a resumed run found uploaded by the one it resumes (not sent again)."""
+    if not r.get("adopted_objects"):
+        return ""
+    return f", {r['adopted_objects']} found uploaded by an interrupted run"
 
 
 class Job:
@@ -149,17 +157,13 @@ class Job:
             )
         finally:
             shown.close()
-        stats = replicator.stats
         return {
             "to": self.to,
             "reference": ref.id,
             "name": ref.name,
             "state": ref.state,
             "size": ref.size,
-            "sent_objects": stats.sent_objects,
-            "sent_bytes": stats.sent_bytes,
-            "present_objects": stats.present_objects,
-            "batches": stats.batches,
+            **dataclasses.asdict(replicator.stats),
         }
 
 

@@ -20,6 +20,8 @@ does not own: the bank's writer sessions (snapfs/backup.py), the copy (replicate
 reference rows (references.py).
 """
 
+import dataclasses
+
 from snapfs.errors import AlreadyExists, InvalidReference, NotFound
 from snapfs.store import open_store
 from snapfs.units import check_name
@@ -60,14 +62,11 @@ async def restore_backup(engine: Engine, bank_url: str, name: str, volume: str, 
     await engine.create_volume(volume, ref.size, ref.block_size, uid=uid)
     await engine.manage(volume, ref.id, name, uid=uid)
     await engine.rollback(volume, name, uid=uid)
-    stats = copy.stats
     return {
         "volume": volume,
         "backup": name,
         "bank": bank_url,
         "size": ref.size,
         "block_size": ref.block_size,
-        "sent_objects": stats.sent_objects,
-        "sent_bytes": stats.sent_bytes,
-        "present_objects": stats.present_objects,
+        **dataclasses.asdict(copy.stats),
     }

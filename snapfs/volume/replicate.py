@@ -14,9 +14,15 @@ inbound reference of a target engine (a writer of the other store):
   (their pin counts become its child counts: net zero) and is pushed in their place; at
   the end the stack is the root alone, which the available reference holds.
 - Batches: once `batch_bytes` were staged, the target commits them (packs, index fragment,
-  barrier, one transaction with the counts and the pins, publish). A kill loses at most the
-  batch in flight: its packs are orphans the target's sweep removes, and a rerun finds the
-  inbound reference with its pins and sends that batch again, nothing committed before.
+  barrier, one transaction with the counts and the pins, publish). A kill loses the
+  batch in flight's commit, not its uploads: a rerun finds the inbound reference with its
+  pins (nothing committed is sent again) and first lists the target's packs that its
+  index does not know (orphans: that batch's, or any failed cycle's). Each is read whole
+  and verified (pack digest, then each blob's digest); when the walk needs a blob one of
+  them holds, it is *adopted* instead of sent: indexed where it is (`ChunkStore.adopt`),
+  counted in the same batch as a sent one. What the walk does not need is never indexed:
+  a pack nothing was adopted from stays an orphan for the sweep, the rest of a pack
+  partly adopted is dead bytes for gc (its live bytes count the adopted blobs only).
   Pins of an earlier run are taken over as the walk meets their subtrees again; those it
   does not meet (their subtree was completed by other means) are dropped at the end.
 - A target that serves a mount (`shared`: a restore runs inside the mount's daemon) is
@@ -24,10 +30,12 @@ inbound reference of a target engine (a writer of the other store):
   target's commit lock from its first lookup to its commit, so what the walk found present
   stays counted until its own counts are applied, and nothing else stages into the
   ChunkStore meanwhile; between batches everything copied is held by the pins. Others wait
-  for at most one batch.
+  for at most one batch. The target's sweep may delete an orphan pack between batches, so
+  a batch adopts from a pack only after a HEAD found it (once per batch, under the lock:
+  the sweep takes it too; once the batch commits, the pack is indexed and kept).
 
-owns: the walk, the frontier, the batch's deltas and sizes, the statistics; the source
-side helpers (`read_only_engine`, `reference_snapshot`).
+owns: the walk, the frontier, the batch's deltas and sizes, the orphans found at a resume,
+the statistics; the source side helpers (`read_only_engine`, `reference_snapshot`).
 does not own: the reference rows and transactions (`Referencing` in the target engine),
 the stores, the lease (the caller's: snapfs/replicate.py, or the mount's daemon).
 """
@@ -40,12 +48,12 @@ from dataclasses import dataclass
 
 import trio
 
-from snapfs.chunks import CHUNK, NODE
-from snapfs.errors import InvalidReference
+from snapfs.chunks import CHUNK, NODE, pack_key
+from snapfs.errors import IntegrityError, InvalidReference, ObjectNotFound
 from snapfs.store.base import Store
 from snapfs.tree import decode_node
 from snapfs.volume.catalog import ReferenceRow, SnapshotRow
-from snapfs.volume.check import K_CHUNK, K_NODE
+from snapfs.volume.check import K_CHUNK, K_NODE, K_PACK
 from snapfs.volume.engine import Engine, EngineConfig
 
 FETCH_BYTES = 8 << 20  # chunks read from the source per request
@@ -56,6 +64,8 @@ class ReplicateStatistics:
     sent_objects: int = 0  # nodes and chunks staged into the target
     sent_bytes: int = 0  # their stored bytes
     present_objects: int = 0  # nodes and chunks the target had (not sent)
+    adopted_objects: int = 0  # found in packs an interrupted run uploaded (not sent)
+    adopted_bytes: int = 0
     batches: int = 0
 
 
@@ -76,18 +86,21 @@ class Replicator:
         self.shared = shared  # the target serves a mount: a batch holds its commit lock
         self._locked = False
         self.batch_bytes = batch_bytes
-        self.pause = pause  # seconds after each batch (tests kill a replicate mid-way)
+        self.pause = pause  # seconds before each commit, packs uploaded (tests kill then)
         self.on_bytes = on_bytes or (lambda n: None)
         self.stats = ReplicateStatistics()
         self.rid = ""  # the inbound reference, once begun
         self.frontier: list[bytes] = []
         self.old_pins: Counter[bytes] = Counter()
+        self.orphans: dict[bytes, tuple[bytes, int, int]] = {}  # key → pack, offset, length
+        self.orphan_packs: dict[bytes, int] = {}  # pack → size
         self._reset_batch()
 
     def _reset_batch(self) -> None:
         self.deltas: dict[bytes, int] = {}
         self.sizes: dict[bytes, int] = {}
         self.staged = 0
+        self.alive: set[bytes] = set()  # orphan packs this batch found in the store
 
     async def run(
         self, name: str, description: str, source: str, unique: bool = False
@@ -95,7 +108,8 @@ class Replicator:
         """Copy what the target lacks; returns the available reference. A rerun after an
         interruption resumes the inbound reference of the same guid and root (`unique`: a
         backup; see `Referencing.begin_inbound`). On error or cancellation what this batch
-        staged is forgotten (its uploaded packs are orphans the target's sweep removes)."""
+        staged is forgotten (its uploaded packs are orphans, which a rerun adopts)."""
+        known = {r.id for r in self.target.references()}
         ref = await self.target.begin_inbound(self.snap, name, description, source, unique)
         if ref.state == "available":
             return ref
@@ -103,6 +117,8 @@ class Replicator:
         self.old_pins = Counter(ref.held())
         await self._lock()
         try:
+            if ref.id in known:  # resumed
+                await self._find_orphans()
             if self.snap.root is not None:
                 await self._complete(self.snap.root)
             assert self.frontier == ([] if self.snap.root is None else [self.snap.root])
@@ -130,6 +146,43 @@ class Replicator:
     def _have(self, key: bytes) -> bool:
         return key in self.sizes or self.target.refs.has(key)
 
+    async def _find_orphans(self) -> None:
+        """The blobs of the target's packs that its index does not know (not those queued
+        for deletion), read whole and verified: those a blob of which fails its digest
+        are kept out, and so are packs that do not read back (deleted since the listing,
+        damaged, not a pack)."""
+        chunks = self.target.chunks
+        retired = {k[1:] for k in self.target.catalog.garbage() if k[:1] == K_PACK}
+        for pid in await chunks.unknown_packs(retired):
+            try:
+                blobs, size = await chunks.orphan_blobs(pid)
+            except (ObjectNotFound, IntegrityError, TypeError, ValueError):
+                continue
+            self.orphan_packs[pid] = size
+            for key, offset, length in blobs:
+                self.orphans.setdefault(key, (pid, offset, length))
+
+    async def _adopted(self, key: bytes) -> bool:
+        """Adopt `key` into this batch when an orphan pack holds it and is still in the
+        store (HEAD, once per pack and batch); False: it must be sent."""
+        where = self.orphans.get(key)
+        if where is None:
+            return False
+        pid = where[0]
+        if pid not in self.alive:
+            if await self.target.store.head(pack_key(pid)) is None:
+                self.orphans = {k: w for k, w in self.orphans.items() if w[0] != pid}
+                return False
+            self.alive.add(pid)
+        del self.orphans[key]
+        self.target.chunks.adopt(key, where, self.orphan_packs[pid])
+        self.sizes[key] = where[2]
+        self.deltas.setdefault(key, 0)
+        self.staged += where[2]
+        self.stats.adopted_objects += 1
+        self.stats.adopted_bytes += where[2]
+        return True
+
     async def _complete(self, oid: bytes) -> None:
         """Make the subtree of node `oid` complete in the target and push it."""
         if self._have(K_NODE + oid):
@@ -148,15 +201,18 @@ class Replicator:
         kind = K_NODE if level else K_CHUNK
         for child in entries.values():
             self.target.refs.plan_add(self.deltas, kind + child)
-        self._stage(NODE, oid, data)
+        if not await self._adopted(K_NODE + oid):
+            self._stage(NODE, oid, data)
         self._push(oid)
         if self.staged >= self.batch_bytes:
             await self._commit(list(self.old_pins.elements()))
 
     async def _copy_chunks(self, oids: Iterable[bytes]) -> None:
-        """The chunks of a leaf that the target lacks, read a few MiB at a time."""
-        missing = [o for o in dict.fromkeys(oids) if not self._have(K_CHUNK + o)]
-        self.stats.present_objects += len(set(oids)) - len(missing)
+        """The chunks of a leaf that the target lacks (and no orphan pack holds), read a
+        few MiB at a time."""
+        lacking = [o for o in dict.fromkeys(oids) if not self._have(K_CHUNK + o)]
+        self.stats.present_objects += len(set(oids)) - len(lacking)
+        missing = [o for o in lacking if not await self._adopted(K_CHUNK + o)]
         per = max(1, FETCH_BYTES // self.snap.block_size)
         for first in range(0, len(missing), per):
             group = missing[first : first + per]
@@ -191,13 +247,14 @@ class Replicator:
 
     async def _commit(self, stale: list[bytes]) -> None:
         """Commit the batch; a shared target is let go between batches."""
+        if self.pause:  # tests: a kill now leaves this batch's packs uploaded, not committed
+            await self.target.chunks.flush()
+            await trio.sleep(self.pause)
         pins = self.frontier + stale
         await self.target.commit_inbound(self.rid, self.deltas, self.sizes, pins, self.shared)
         self._reset_batch()
         self.stats.batches += 1
         self._unlock()
-        if self.pause:
-            await trio.sleep(self.pause)
         await self._lock()
 
 

@@ -1,7 +1,7 @@
 """snapfs replicate through the real mount: a snapshot and a later one go to another store
 (the second sends only its changes), a mount of that store adopts them (sha256 exact); a
-replicate killed mid-way resumes and ends exact; a target with a live writer and bad input
-are refused with one line; local → Swift → Swift → local."""
+replicate killed mid-way resumes, sends nothing twice and ends exact; a target with a live
+writer and bad input are refused with one line; local → Swift → Swift → local."""
 
 import json
 import os
@@ -82,6 +82,9 @@ def test_full_then_incremental_sends_only_changes(snapfs: Snapfs, workdir: Path,
 
 
 def test_killed_replicate_resumes_and_ends_exact(snapfs: Snapfs, workdir: Path, cleanup):
+    """Killed (-9) once its second batch is uploaded and before that batch commits: the
+    rerun sends neither the first batch (committed) nor the second (its packs are adopted
+    where they are): nothing twice."""
     fs = snapfs
     fs.cli("volume", "create", "db", "--size", "24M", "--block-size", "16K")
     write(fs, "db", 0, os.urandom(24 * MiB))  # 6 leaves of 4 MiB
@@ -90,23 +93,36 @@ def test_killed_replicate_resumes_and_ends_exact(snapfs: Snapfs, workdir: Path, 
     fs.cli("sync")
     target = target_store(workdir, cleanup, "b")
     cache = workdir / "rcache"
-    catalogs = Path(target.store_url.removeprefix("file://")) / "catalog"
-    env = {**fs.env, "SNAPFS_TEST_REPLICATE_BATCH": "1", "SNAPFS_TEST_REPLICATE_PAUSE": "30"}
+    env = {**fs.env, "SNAPFS_TEST_REPLICATE_BATCH": "1", "SNAPFS_TEST_REPLICATE_PAUSE": "4"}
     cmd = [*SNAPFS, "--mount", str(fs.mnt), "replicate", "db@full", "--to", target.store_url]
     proc = subprocess.Popen([*cmd, "--cache-dir", str(cache)], env=env, start_new_session=True)
     cleanup.push("replicate", lambda: proc.kill())
-    deadline = time.monotonic() + 120
-    while len(os.listdir(catalogs) if catalogs.exists() else []) < 3:
-        # the fence, the inbound reference, one batch: then it pauses for 30 s
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.1)
+    root = Path(target.store_url.removeprefix("file://"))
+    # catalogs: the fence, the inbound reference, one batch (a leaf and its chunks); then
+    # the next batch's index fragment (one per batch): it is uploaded and pausing for 4 s
+    wait_for(proc, lambda: count(root / "catalog") >= 3 and count(root / "i") >= 2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    assert count(root / "catalog") == 3, "the second batch committed before the kill"
     rest = replicate(fs, "db@full", target.store_url, cache)
     print(f"after the kill: {rest}")
-    assert rest["sent_objects"] <= 6 * 257 + 1 - 257  # at least one leaf was not sent again
+    # 6 * 257 + 1 objects: a leaf and its 256 chunks committed, one more uploaded
+    assert rest["sent_objects"] == 6 * 257 + 1 - 2 * 257, rest  # without adoption: - 257
+    assert rest["adopted_objects"] == 257
     adopt(target, {"full": rest["reference"]}, "24M", want, "16K")
     assert target.cli_json("snapshot", "unmanaged", "list") == []
+
+
+def count(path: Path) -> int:
+    """Objects under `path` (in subdirectories; not the temporary files of a put)."""
+    return sum(".tmp-" not in f for _dir, _dirs, files in os.walk(path) for f in files)
+
+
+def wait_for(proc: subprocess.Popen, done) -> None:
+    deadline = time.monotonic() + 120
+    while not done():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
 
 
 def test_local_to_swift_to_swift_to_local(swift_env, snapfs: Snapfs, workdir: Path, cleanup):

@@ -1,7 +1,8 @@
 """The replicator in-process, between two memory stores: a snapshot arrives as an available
 reference that manage adopts exactly; a later snapshot sends only its changes; a replicate
 cut after a committed batch resumes from its inbound reference without sending the
-committed objects again; the target's refcounts are right at every step (fsck clean), and
+committed objects again, nor what the cut run uploaded and never committed (adopted from
+its orphan packs); the target's refcounts are right at every step (fsck clean), and
 a store-only restore of the target mid-way keeps what the inbound reference holds."""
 
 import os
@@ -11,6 +12,7 @@ import pytest
 
 from snapfs.store import MemoryStore
 from snapfs.volume import publish
+from snapfs.volume.catalog import SnapshotRow
 from snapfs.volume.engine import Engine, EngineConfig
 from snapfs.volume.replicate import Replicator
 
@@ -40,6 +42,13 @@ async def adopted(target: Engine, rid: str, volume: str) -> bytes:
     await target.create_volume(volume, SIZE, BS)
     snap = await target.manage(volume, rid)
     return await target.read_snapshot(snap, 0, snap.size)
+
+
+async def ends_exact(target: Engine, rid: str, want: bytes) -> None:
+    """fsck clean, reference `rid` adopted into a new volume reads `want`, fsck clean."""
+    await clean(target)
+    assert await adopted(target, rid, "x") == want
+    await clean(target)
 
 
 class Cut(Exception):
@@ -116,7 +125,108 @@ async def test_a_cut_replicate_resumes_and_sends_committed_objects_once():
         ref = await rest.run("full", "", "src")
         assert ref.id == inbound.id and ref.state == "available"
         assert rest.stats.sent_objects == 1100 + 5 + 1 - 2 * 257  # two leaves were in
+        await ends_exact(target, ref.id, want)
+    finally:
+        await target.close()
+        await source.close()
+
+
+async def one_then_two(source: Engine, changed: int) -> tuple[SnapshotRow, SnapshotRow, bytes]:
+    """Snapshots v@one (all random) and v@two (block `changed` rewritten), synced; and
+    what v@two reads."""
+    await source.create_volume("v", SIZE, BS)
+    await source.write("v", 0, os.urandom(SIZE))
+    await source.create_snapshot("v", "one")
+    await source.write("v", changed * BS, os.urandom(BS))
+    await source.create_snapshot("v", "two")
+    await source.sync()
+    one, two = source.snapshot_row("v", "one"), source.snapshot_row("v", "two")
+    return one, two, await source.read_snapshot(two, 0, SIZE)
+
+
+class CutBeforeThirdCommit(Replicator):
+    """Killed as the third batch commits: its packs (and index fragment) are in the store,
+    its transaction never happens."""
+
+    async def _commit(self, stale: list[bytes]) -> None:
+        if self.stats.batches == 2:
+            await self.target.chunks.flush()
+            raise Cut()
+        await super()._commit(stale)
+
+
+async def stored_blobs(engine: Engine) -> list[bytes]:
+    """The key of every blob every pack in the engine's store holds (a repeat: twice)."""
+    keys = []
+    for name in await engine.store.list("p/"):
+        table, _size = await engine.chunks.read_trailer(bytes.fromhex(name.rsplit("/", 1)[1]))
+        keys += [key for key, _offset, _length in table]
+    return keys
+
+
+@pytest.mark.parametrize("shared", [False, True])
+async def test_a_rerun_adopts_what_the_cut_run_uploaded_and_sends_nothing_twice(shared):
+    """Cut after its third batch's packs were uploaded and before their commit, then run
+    again on the same cache dir (as after kill -9): the rerun finds those packs (no index
+    lists them), adopts their blobs instead of sending them, and every blob ends up stored
+    exactly once; fsck clean, the copy exact. Shared: as a restore into a mount does."""
+    source, dst = await two_stores()
+    target = await engine_on(dst)
+    cache = target.cache_dir
+    try:
+        await source.create_volume("v", SIZE, BS)
+        await source.write("v", 0, os.urandom(SIZE))
+        await source.create_snapshot("v", "full")
+        await source.sync()
+        snap = source.snapshot_row("v", "full")
+        want = await source.read_snapshot(snap, 0, SIZE)
+        cut = CutBeforeThirdCommit(source, snap, target, batch_bytes=200 * BS)
+        with pytest.raises(Cut):
+            await cut.run("full", "", "src")
+        assert cut.stats.sent_objects == 3 * 257
+        uploaded = await stored_blobs(target)
+        assert len(uploaded) == len(set(uploaded)) == 3 * 257
+        await clean(target)  # the third batch's packs are orphans, known to no index
+        await target.close()
+        target = await Engine.open(dst, cache, EngineConfig(grace=0))
+        rest = Replicator(source, snap, target, batch_bytes=200 * BS, shared=shared)
+        ref = await rest.run("full", "", "src")
+        print(f"cut: {cut.stats}\nrerun: {rest.stats}")
+        assert ref.state == "available"
+        assert rest.stats.sent_objects == 1106 - 3 * 257  # without adoption: 1106 - 2 * 257
+        stored = await stored_blobs(target)
+        assert len(stored) == len(set(stored)) == 1106  # nothing sent twice
+        assert rest.stats.adopted_objects == 257
+        await ends_exact(target, ref.id, want)
+    finally:
+        await target.close()
+        await source.close()
+
+
+async def test_a_pack_partly_adopted_is_dead_bytes_for_gc():
+    """A backup cut before its third commit, taken over by a backup of a snapshot that
+    changed one block of that third leaf: the rerun adopts the 255 chunks it shares with
+    the orphan pack, not the old chunk and leaf, which stay unindexed in a pack that is
+    partly live; fsck clean, and gc rewrites it (its live blobs move, it goes)."""
+    source, dst = await two_stores()
+    target = await engine_on(dst)
+    try:
+        one, two, want = await one_then_two(source, 600)  # block 600: leaf 3
+        with pytest.raises(Cut):
+            await CutBeforeThirdCommit(source, one, target, batch_bytes=200 * BS).run(
+                "mon", "", "src", unique=True
+            )
+        rest = Replicator(source, two, target, batch_bytes=200 * BS, shared=True)
+        ref = await rest.run("mon", "", "src", unique=True)
+        assert rest.stats.adopted_objects == 255
+        assert rest.stats.sent_objects == 1106 - 2 * 257 - 255
         await clean(target)
+        _pid, size, live = target.chunks.sparse_packs(1.0)[0]  # the least live first
+        assert live == rest.stats.adopted_bytes
+        assert (await target.gc(threshold=live / size + 0.001))["rewritten_packs"] == 1
+        await clean(target)
+        stored = await stored_blobs(target)
+        assert len(stored) == len(set(stored)) == 1106
         assert await adopted(target, ref.id, "x") == want
         await clean(target)
     finally:
@@ -134,14 +244,7 @@ async def test_a_backup_takes_over_the_inbound_reference_of_its_name():
     source, dst = await two_stores()
     target = await engine_on(dst)
     try:
-        await source.create_volume("v", SIZE, BS)
-        await source.write("v", 0, os.urandom(SIZE))
-        await source.create_snapshot("v", "one")
-        await source.write("v", 1000 * BS, os.urandom(BS))  # in the fourth leaf
-        await source.create_snapshot("v", "two")
-        await source.sync()
-        one, two = source.snapshot_row("v", "one"), source.snapshot_row("v", "two")
-        want = await source.read_snapshot(two, 0, SIZE)
+        one, two, want = await one_then_two(source, 1000)  # block 1000: leaf 4
         sent = []
 
         def cut_after_two_batches(n: int) -> None:
