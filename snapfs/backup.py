@@ -29,6 +29,8 @@ import json
 import os
 import shlex
 import sys
+import threading
+from collections.abc import Iterator
 
 import trio
 
@@ -48,7 +50,7 @@ USAGE = (
     " [--cache-dir DIR]; backup list --bank BANK_URL; backup show NAME --bank BANK_URL;"
     " backup delete NAME --bank BANK_URL [--grace SECONDS] [--cache-dir DIR]"
 )
-RESTORE_USAGE = "usage: snapfs restore NAME --bank BANK_URL --as VOL"
+RESTORE_USAGE = "usage: snapfs restore NAME --bank BANK_URL --as VOL [--no-progress]"
 SNAPSHOT_PREFIX = "backup:"
 GRACE = 600.0
 
@@ -183,17 +185,50 @@ def show(r: dict) -> str:
     return "\n".join(f"{k}: {v}" for k, v in r.items())
 
 
+@contextlib.contextmanager
+def watched_restore(mnt: str, volume: str, show: bool) -> Iterator[progress_line.Progress]:
+    """While the daemon restores (one blocking ctl call), a thread asks its status for the
+    bytes copied and draws the progress line (only when `show`)."""
+    line = progress_line.Progress(f"restore {volume}", None, show)
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.wait(0.25):
+            with contextlib.suppress(CliError, OSError):
+                running = ctl(mnt, "status").get("restores", {})  # type: ignore[union-attr]
+                if volume in running:
+                    line.update(int(running[volume]["copied_bytes"]))
+
+    thread = threading.Thread(target=poll, daemon=True)
+    if show:
+        thread.start()
+    try:
+        yield line
+    finally:
+        done.set()
+        if show:
+            thread.join()
+        line.close()
+
+
 def restore(args: list[str], mount: str | None, as_json: bool) -> int:
     """The mount's daemon copies the backup from the bank and makes the volume."""
-    (name,), opts, _flags = parse_words(args, {"bank", "as"}, set(), RESTORE_USAGE, count=1)
+    (name,), opts, flags = parse_words(
+        args, {"bank", "as"}, {"progress", "no-progress"}, RESTORE_USAGE, count=1
+    )
     if "bank" not in opts or "as" not in opts:
         raise CliError(RESTORE_USAGE)
     check_name(name, "backup name")
     check_name(opts["as"], "volume name")
     open_store(opts["bank"])
     line = shlex.join(["restore", name, "--bank", opts["bank"], "--as", opts["as"]])
-    r = ctl(find_mount(mount), line)
-    assert isinstance(r, dict)
+    mnt = find_mount(mount)
+    with watched_restore(
+        mnt, opts["as"], progress_line.wanted(as_json, "no-progress" in flags)
+    ) as shown:
+        r = ctl(mnt, line)
+        assert isinstance(r, dict)
+        shown.update(r["sent_bytes"] + r.get("adopted_bytes", 0))
     print(
         json.dumps(r)
         if as_json

@@ -300,7 +300,18 @@ class Controller:
         volume = kw.get("as")
         if bank is None or volume is None:
             raise InvalidArgument("usage: restore NAME --bank BANK_URL --as VOL")
-        return await restore_backup(self.engine, bank, name, volume, uid)
+        running = self.status.setdefault("restores", {})
+        if volume in running:
+            raise Busy(f"a restore into {volume!r} is under way")
+        running[volume] = {"backup": name, "copied_bytes": 0}
+
+        def copied(n: int) -> None:
+            running[volume]["copied_bytes"] += n
+
+        try:
+            return await restore_backup(self.engine, bank, name, volume, uid, copied)
+        finally:
+            del running[volume]
 
     async def do_diff(self, uid, a, b=None):
         """VOL@A VOL@B: blocks whose content differs; VOL@A VOL: blocks of the volume that

@@ -21,6 +21,7 @@ reference rows (references.py).
 """
 
 import dataclasses
+from collections.abc import Callable
 
 from snapfs.errors import AlreadyExists, InvalidReference, NotFound
 from snapfs.store import open_store
@@ -43,10 +44,18 @@ def named_backup(bank: Engine, name: str) -> ReferenceRow:
     return done[-1]
 
 
-async def restore_backup(engine: Engine, bank_url: str, name: str, volume: str, uid: int) -> dict:
+async def restore_backup(
+    engine: Engine,
+    bank_url: str,
+    name: str,
+    volume: str,
+    uid: int,
+    on_bytes: Callable[[int], None] | None = None,
+) -> dict:
     """Copy backup `name` of the bank at `bank_url` into `engine`'s store (only what it
     lacks) and make volume `volume` of it, owned by `uid`; an existing volume is refused
-    (AlreadyExists) before anything is copied. Returns the report."""
+    (AlreadyExists) before anything is copied. `on_bytes(n)` as bytes are copied (the
+    progress the daemon's status shows). Returns the report."""
     engine.writable()
     check_name(volume, "volume name")
     if any(v.name == volume for v in engine.volumes()):
@@ -55,7 +64,8 @@ async def restore_backup(engine: Engine, bank_url: str, name: str, volume: str, 
     try:
         async with read_only_engine(bank) as source:
             backup = named_backup(source, name)
-            copy = Replicator(source, reference_snapshot(backup, uid), engine, shared=True)
+            snap = reference_snapshot(backup, uid)
+            copy = Replicator(source, snap, engine, shared=True, on_bytes=on_bytes)
             ref = await copy.run(name, backup.description, f"{bank.url} {backup.id}")
     finally:
         await bank.aclose()

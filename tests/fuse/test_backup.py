@@ -5,11 +5,13 @@ second still restores exactly; bad input refused with one line; a Swift bank."""
 
 import json
 import os
+import pty
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Snapfs, refused, sha256
+from tests.conftest import SNAPFS, Snapfs, refused, sha256
 from tests.fuse.test_replicate import MiB, write
 
 pytestmark = pytest.mark.fuse
@@ -104,3 +106,29 @@ def test_swift_bank(swift_env, snapfs: Snapfs, workdir: Path, cleanup):
     other = site(workdir, cleanup, "site2")
     restore(other, bank.store_url, "s", "db")
     assert sha256(other.vol("db")) == want
+
+
+def test_restore_shows_its_progress_on_a_terminal_only(snapfs: Snapfs, workdir: Path, cleanup):
+    """The restore runs in the mount's daemon (one blocking ctl call): the CLI asks the
+    daemon's status for the bytes copied and draws one line on a terminal; on a pipe or
+    with --json, nothing."""
+    fs = snapfs
+    fs.cli("volume", "create", "db", "--size", "8M", "--block-size", "64K")
+    write(fs, "db", 0, os.urandom(6 * MiB))
+    bank = site(workdir, cleanup, "bank", mount=False).store_url
+    backup(fs, "db", bank, "b1", workdir / "bcache")
+    other = site(workdir, cleanup, "site2")
+    master, slave = pty.openpty()
+    try:
+        cmd = [*SNAPFS, "--mount", str(other.mnt), "restore", "b1", "--bank", bank, "--as", "r"]
+        proc = subprocess.run(cmd, stderr=slave, stdout=subprocess.PIPE, timeout=300)
+        assert proc.returncode == 0, proc
+        os.set_blocking(master, False)
+        shown = os.read(master, 65536).decode()
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert "restore r: 6" in shown and "\r" in shown, shown
+    piped = other.cli("restore", "b1", "--bank", bank, "--as", "r2")
+    assert "\r" not in piped.stderr and piped.stderr == ""
+    assert sha256(other.vol("r")) == sha256(fs.vol("db")) == sha256(other.vol("r2"))
