@@ -153,9 +153,6 @@ class EngineBase:
         """Drop every clean cached block (tests use it to force reads from the store)."""
         self.space.evict(limit=0)
 
-    def _bump_seq(self) -> None:
-        self.catalog.set_meta("seq", int(self.catalog.get_meta("seq", 0)) + 1)
-
     def writable(self) -> None:
         """Raise ReadOnly on a read-only mount, or after this writer lost the store."""
         if self.read_only:

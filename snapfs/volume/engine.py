@@ -117,7 +117,7 @@ class Engine(DataPath, Maintenance, Referencing):
         dirty = [(v.name, len(cat.dirty(v.id)) * v.block_size) for v in cat.volumes()]
         dirty = [(n, b) for n, b in dirty if b]
         unpublished = [f"{s.volume}@{s.name}" for s in cat.snapshots() if s.state != "available"]
-        behind = int(cat.get_meta("seq", 0)) - int(cat.get_meta("published", 0))
+        behind = self.fence.changes() - self.fence.covers
         held = []
         if dirty:
             held.append(
@@ -226,7 +226,7 @@ class Engine(DataPath, Maintenance, Referencing):
                     cat.add_reference(ref)
                 self.refs.replace(refs)
             seq = doc["seq"] if doc else 0
-            cat.set_meta("seq", 0)
+            self.fence.reset_changes()
             if self.read_only:
                 self.fence.record_loaded(seq)
             cat.set_meta("store_uuid", store_uuid)
@@ -445,7 +445,7 @@ class Engine(DataPath, Maintenance, Referencing):
                 vid = self.catalog.add_volume(name, size, block_size, root, root_level, uid, parent)
                 if root is not None:
                     self.refs.apply({K_NODE + root: 1})
-                self._bump_seq()
+                self.fence.changed()
             row = self.catalog.volume(name)
             assert row is not None and row.id == vid
             await self._count_mapped(self._add_head(row))
@@ -465,7 +465,7 @@ class Engine(DataPath, Maintenance, Referencing):
             head.cache.truncate(size)
             with self.catalog.transaction():
                 self.catalog.update_volume(head.row.id, size=size)
-                self._bump_seq()
+                self.fence.changed()
             head.row.size = size
             await self._publish()
         return head.row
@@ -491,7 +491,7 @@ class Engine(DataPath, Maintenance, Referencing):
             with self.catalog.transaction():
                 self.refs.apply(deltas)
                 self.catalog.delete_volume(head.row.id)
-                self._bump_seq()
+                self.fence.changed()
             del self.heads[name]
             head.close()  # its dirty, clean and saved blocks take no room any more
             head.remove_files()
@@ -516,7 +516,7 @@ class Engine(DataPath, Maintenance, Referencing):
                 raise AlreadyExists(f"volume {new!r} already exists")
             with self.catalog.transaction():
                 self.catalog.update_volume(head.row.id, name=new)
-                self._bump_seq()
+                self.fence.changed()
             del self.heads[name]
             head.row.name = new
             self.heads[new] = head
@@ -649,7 +649,7 @@ class Engine(DataPath, Maintenance, Referencing):
         with self.catalog.transaction():
             self.refs.apply(deltas)
             self.catalog.delete_snapshot(snap.id)
-            self._bump_seq()
+            self.fence.changed()
         await self._publish()
         await self._collect()
 
@@ -668,7 +668,7 @@ class Engine(DataPath, Maintenance, Referencing):
                 self.catalog.update_volume(
                     head.row.id, root=snap.root, root_level=snap.root_level, size=snap.size
                 )
-                self._bump_seq()
+                self.fence.changed()
             head.blocks.forget()
             head.row.root, head.row.root_level = snap.root, snap.root_level
             await self._count_mapped(head)
@@ -735,7 +735,7 @@ class Engine(DataPath, Maintenance, Referencing):
             uploading_objects=self.chunks.staged_blobs,
             deduplicated_blocks=self.deduplicated,
             fetched_blocks=self.fetched,
-            catalog_seq=int(self.catalog.get_meta("seq", 0)),
+            catalog_seq=self.fence.changes(),
             published_seq=int(self.catalog.get_meta("published", 0)),
             flush_errors=self.flush_errors,
             last_error=self.last_error,

@@ -124,7 +124,17 @@ class Fence:
         return int(self.catalog.get_meta("published", 0))
 
     def changes(self) -> int:
+        """The local change counter: every change a catalog must carry counts one."""
         return int(self.catalog.get_meta("seq", 0))
+
+    def changed(self) -> None:
+        """Inside the caller's transaction: one more change for the next catalog to carry
+        (the fence alone writes the counter; `publish` compares it with what is out)."""
+        self.catalog.set_meta("seq", self.changes() + 1)
+
+    def reset_changes(self) -> None:
+        """Inside a restore's transaction: the catalog just loaded is all there is."""
+        self.catalog.set_meta("seq", 0)
 
     def up_to_date(self) -> bool:
         """This writer's fence is out and its newest catalog covers every local change."""

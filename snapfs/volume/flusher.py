@@ -235,7 +235,7 @@ class Flusher(EngineBase):
                 head.saves.clear_rows(plan.epoch)
             self.catalog.clear_dirty(head.row.id, cleaned)
             if plan.bump:
-                self._bump_seq()
+                self.fence.changed()
         head.row.root, head.row.root_level = plan.root, plan.level
         head.mapped += plan.mapped_delta
         for blk in cleaned:

@@ -120,7 +120,7 @@ class Maintenance(Flusher):
                 self.chunks.forget_packs([pid for pid, _s, _l in sparse])
                 self.fence.queue((K_PACK + pid for pid, _s, _l in sparse), published=False)
                 if sparse:
-                    self._bump_seq()
+                    self.fence.changed()
             await self._publish()
             await self._collect()
             if self.chunks.statistics().fragments > 32:
@@ -130,7 +130,7 @@ class Maintenance(Flusher):
                     self.chunks.record()
                     self.chunks.forget_fragments(old)
                     self.fence.queue((K_FRAG + _fragment_id(k) for k in old), published=False)
-                    self._bump_seq()
+                    self.fence.changed()
                 await self._publish()
                 await self._collect()
             after = self.chunks.statistics()

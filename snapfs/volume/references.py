@@ -113,7 +113,7 @@ class Referencing(Flusher):
             with self.catalog.transaction():  # the root's count moves: same value
                 self.catalog.add_reference(ref)
                 self.catalog.delete_snapshot(snap.id)
-                self._bump_seq()
+                self.fence.changed()
             await self._publish()
         return ref
 
@@ -159,7 +159,7 @@ class Referencing(Flusher):
                     ref.guid,
                 )
                 self.catalog.delete_reference(ref.id)
-                self._bump_seq()
+                self.fence.changed()
             await self._publish()
         snap = self.catalog.snapshot(volume, name)
         assert snap is not None
@@ -192,7 +192,7 @@ class Referencing(Flusher):
             with self.catalog.transaction():
                 self.refs.apply(deltas)
                 self.catalog.delete_reference(ref.id)
-                self._bump_seq()
+                self.fence.changed()
             await self._publish()
             await self._collect()
 
@@ -224,7 +224,7 @@ class Referencing(Flusher):
                 if named:
                     self.catalog.delete_reference(ref.id)
                 self.catalog.add_reference(ref)
-                self._bump_seq()
+                self.fence.changed()
             await self._publish()
         return ref
 
@@ -275,7 +275,7 @@ class Referencing(Flusher):
             self.chunks.record()
             self.refs.apply(deltas, sizes)
             self.catalog.update_reference(rid, pins=b"".join(pins))
-            self._bump_seq()
+            self.fence.changed()
         await self._publish()
 
     async def finish_inbound(self, rid: str, stale: list[bytes]) -> ReferenceRow:
@@ -292,7 +292,7 @@ class Referencing(Flusher):
             with self.catalog.transaction():
                 self.refs.apply(deltas)
                 self.catalog.update_reference(rid, state="available", pins=b"")
-                self._bump_seq()
+                self.fence.changed()
             await self._publish()
             await self._collect()
         return self.reference(rid)
