@@ -183,13 +183,14 @@ class Daemon:
                 with trio.CancelScope(shield=True), contextlib.suppress(Exception):
                     await lease.release(self.store, held)
             raise
+        engine.fence.hold_lease(held)  # the fence owns it from here on
         try:
-            await self._serve(engine, ready, held)
+            await self._serve(engine, ready)
         finally:
             with trio.CancelScope(shield=True):
-                if held is not None and not engine.lease_lost and not self._keep_cache():
+                if not self._keep_cache():
                     with trio.move_on_after(LEASE_RELEASE_TIMEOUT), contextlib.suppress(Exception):
-                        await lease.release(self.store, held)
+                        await engine.fence.release_lease()
                 await self.store.aclose()
 
     def _status(self, engine: Engine) -> dict:
@@ -207,7 +208,7 @@ class Daemon:
             "started": time.time(),
         }
 
-    async def _serve(self, engine: Engine, ready, held) -> None:
+    async def _serve(self, engine: Engine, ready) -> None:
         status = self._status(engine)
         controller = Controller(engine, status)
         ops = Operations(
@@ -233,7 +234,7 @@ class Daemon:
             async with trio.open_nursery() as nursery:
                 if not self.opts.read_only:
                     await nursery.start(engine.run_flusher)
-                    await nursery.start(lease.keep_renewed, self.store, held, engine.lost)
+                    await nursery.start(engine.fence.keep_lease, engine.lost)
                 else:  # follow the writer: new snapshots appear, deleted ones go
                     await nursery.start(engine.run_refresher, ops.update_kernel)
                 await nursery.start(engine.readahead.run)

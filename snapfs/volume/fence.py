@@ -40,12 +40,14 @@ import uuid
 from collections.abc import Callable, Iterable
 from typing import NoReturn
 
+import trio
+
 from snapfs import codec
 from snapfs.chunks import fragment_key, pack_key
 from snapfs.errors import AlreadyExists, Busy, ReadOnly, StoreError
 from snapfs.store.base import Store
 from snapfs.tasks import run_all
-from snapfs.volume import publish
+from snapfs.volume import lease, publish
 from snapfs.volume.catalog import BLOB_KINDS, Catalog
 from snapfs.volume.check import K_CATALOG, K_FRAG, K_PACK
 
@@ -100,6 +102,7 @@ class Fence:
         self.fenced = False
         self.lost: str | None = None
         self.deleted = 0  # store objects this engine deleted
+        self.lease: lease.Lease | None = None  # the daemon's advisory lease (hold_lease)
 
     # ------------------------------------------------------------------ state
 
@@ -316,6 +319,30 @@ class Fence:
             return
         with self.catalog.transaction():
             self.queue(catalog_garbage(s) for s in old)
+
+    # ------------------------------------------------------------------ the lease
+
+    def hold_lease(self, held: lease.Lease | None) -> None:
+        """The advisory lease the daemon took before it opened this writer (None: a
+        read-only mount, or tests): renewed by `keep_lease`, given back by
+        `release_lease`."""
+        self.lease = held
+
+    async def keep_lease(
+        self, on_lost: Callable[[str], None], task_status=trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Background task: renew the lease; `on_lost(reason)` once another writer holds
+        it or it expired while the store was out of reach."""
+        if self.lease is None:
+            task_status.started()
+            return
+        await lease.keep_renewed(self.store, self.lease, on_lost, task_status=task_status)
+
+    async def release_lease(self) -> None:
+        """Give the lease back (a clean unmount of a writer that did not lose the store)."""
+        held, self.lease = self.lease, None
+        if held is not None and self.lost is None:
+            await lease.release(self.store, held)
 
     # ------------------------------------------------------------------ deleting
 
