@@ -47,6 +47,11 @@ class EngineConfig:
     slice_bytes: int = 16 << 20  # a commit holds two slices in memory (one hashed, one uploading)
     pack_size: int = 4 << 20
     gc_threshold: float = 0.5  # rewrite packs whose live share fell below this
+    # Dropped trees are expanded a batch of `drop_batch` nodes per transaction (each holds
+    # at most drop_batch * 256 decrements in memory), up to `drop_batches` batches per
+    # collect; the flusher comes back for the rest (sync expands them all).
+    drop_batch: int = 256
+    drop_batches: int = 16
     readahead_bytes: int = 4 << 20  # fetched ahead of a sequential reader (0: off)
     # Store objects no longer needed are deleted this long after the catalog or index that
     # stopped needing them was published (read-only mounts and reads in flight finish).

@@ -7,7 +7,11 @@ Tables (all in one file, <cache-dir>/catalog.sqlite3):
     snapshots(id, volume, name, epoch, state, root, root_level, size, block_size,
               created, temporary, owner, guid)   guid: the snapshot's identity (32 hex
                                            digits), kept by send/receive (snapfs/stream.py)
-    refs(key, count, size)                 key = kind byte (b'c' | b'n') + 32-byte digest
+    refs(key, count, size)                 key = kind byte (b'c' | b'n') + 32-byte digest;
+                                           count 0 only for a node in `drops`
+    drops(key)                             tree nodes whose count reached zero and whose
+                                           children still hold a count from them: collect
+                                           expands them in batches (volume/refcounts.py)
     dirty(volume_id, blk, epoch)           blocks of a head not yet in its committed tree
     frozen(volume_id, snap_epoch, blk, slot)  copy-on-write saves for snapshots in `creating`
     present(volume_id, blk)                clean cached blocks, written only at clean shutdown
@@ -26,7 +30,7 @@ Tables (all in one file, <cache-dir>/catalog.sqlite3):
                                            complete subtrees copied so far, 32-byte node ids
                                            back to back) or 'available' (holds its root)
 
-refs, the present list and garbage are derived or transient: a fresh machine rebuilds refs
+refs, drops, the present list and garbage are derived or transient: a fresh machine rebuilds refs
 from the published catalog by walking every root (see volume/check.py).
 """
 
@@ -64,6 +68,7 @@ CREATE TABLE IF NOT EXISTS frozen(volume_id INTEGER, snap_epoch INTEGER, blk INT
     slot INTEGER NOT NULL, PRIMARY KEY(volume_id, snap_epoch, blk)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS present(volume_id INTEGER, blk INTEGER,
     PRIMARY KEY(volume_id, blk)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS drops(key BLOB PRIMARY KEY) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS garbage(key BLOB PRIMARY KEY, since REAL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS orphans(key TEXT PRIMARY KEY, seen REAL NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS snaprefs(
@@ -378,8 +383,10 @@ class Catalog:
         return self.db.execute("SELECT 1 FROM refs WHERE key=?", (key,)).fetchone() is not None
 
     def apply_refs(self, deltas: dict[bytes, int], sizes: dict[bytes, int]) -> list[bytes]:
-        """Add deltas to counts (creating rows with `sizes`); rows that reach zero are removed
-        and queued as garbage. Returns the keys that became garbage."""
+        """Add deltas to counts (creating rows with `sizes`). A chunk whose count reaches
+        zero loses its row and is queued as garbage; a node keeps a row of count 0 and goes
+        on the `drops` queue (its children still hold a count from it), and leaves the
+        queue when counted again. Returns the chunks that became garbage."""
         dead = []
         for key, delta in deltas.items():
             if delta == 0 and key not in sizes:
@@ -388,29 +395,53 @@ class Catalog:
             count = (r[0] if r else 0) + delta
             if count < 0:
                 raise AssertionError(f"refcount of {key.hex()} would drop below zero")
-            if count == 0:
+            if count == 0 and key[:1] != b"n":
                 if r:
                     self.db.execute("DELETE FROM refs WHERE key=?", (key,))
                 self.db.execute("INSERT OR IGNORE INTO garbage(key) VALUES(?)", (key,))
                 dead.append(key)
-            elif r:
+                continue
+            if r:
                 self.db.execute("UPDATE refs SET count=? WHERE key=?", (count, key))
             else:
                 self.db.execute(
                     "INSERT INTO refs(key, count, size) VALUES(?,?,?)", (key, count, sizes[key])
                 )
                 self.db.execute("DELETE FROM garbage WHERE key=?", (key,))
+            if count == 0:
+                self.db.execute("INSERT OR IGNORE INTO drops(key) VALUES(?)", (key,))
+            elif r and r[0] == 0:
+                self.db.execute("DELETE FROM drops WHERE key=?", (key,))
         return dead
+
+    def drops(self, limit: int | None = None) -> list[bytes]:
+        """Queued nodes (count 0, children not yet decremented), `limit` of them."""
+        sql = "SELECT key FROM drops" + ("" if limit is None else " LIMIT ?")
+        return [r[0] for r in self.db.execute(sql, () if limit is None else (limit,))]
+
+    def expanded(self, keys: Iterable[bytes]) -> None:
+        """Queued nodes whose children were decremented: their zero rows go, and they are
+        garbage (they leave the index once a catalog without them is out)."""
+        for key in keys:
+            r = self.db.execute("SELECT count FROM refs WHERE key=?", (key,)).fetchone()
+            assert r is not None and r[0] == 0, f"expanding {key.hex()}: count {r}"
+            self.db.execute("DELETE FROM refs WHERE key=?", (key,))
+            self.db.execute("DELETE FROM drops WHERE key=?", (key,))
+            self.db.execute("INSERT OR IGNORE INTO garbage(key) VALUES(?)", (key,))
 
     def all_refs(self) -> dict[bytes, tuple[int, int]]:
         return {k: (c, s) for k, c, s in self.db.execute("SELECT key, count, size FROM refs")}
 
     def replace_refs(self, refs: dict[bytes, tuple[int, int]]) -> None:
+        """The counts recomputed from the roots (and the queue, when they include it: a
+        queued node's count is 0); a queue entry without a zero count goes."""
+        old = {k: s for k, _c, s in self.db.execute("SELECT key, count, size FROM refs")}
         self.db.execute("DELETE FROM refs")
         self.db.executemany(
             "INSERT INTO refs(key, count, size) VALUES(?,?,?)",
-            ((k, c, s) for k, (c, s) in refs.items()),
+            ((k, c, s or old.get(k, 0)) for k, (c, s) in refs.items()),
         )
+        self.db.execute("DELETE FROM drops WHERE key NOT IN (SELECT key FROM refs WHERE count=0)")
 
     def referenced_bytes(self, kind: bytes | None = None) -> int:
         if kind is None:
@@ -425,8 +456,14 @@ class Catalog:
         return int(self.db.execute("SELECT COUNT(*) FROM refs").fetchone()[0])
 
     # garbage
-    def garbage(self) -> list[bytes]:
-        return [r[0] for r in self.db.execute("SELECT key FROM garbage")]
+    def garbage(self, kinds: Iterable[bytes] = (), limit: int = -1) -> list[bytes]:
+        """Garbage keys (of `kinds` only, when given; `limit` of them)."""
+        if not kinds:
+            return [r[0] for r in self.db.execute("SELECT key FROM garbage LIMIT ?", (limit,))]
+        kinds = tuple(kinds)
+        marks = ",".join("?" for _ in kinds)
+        sql = f"SELECT key FROM garbage WHERE substr(key, 1, 1) IN ({marks}) LIMIT ?"
+        return [r[0] for r in self.db.execute(sql, (*kinds, limit))]
 
     def add_garbage(self, keys: Iterable[bytes], since: float | None = None) -> None:
         """Queue blobs (since None) or store objects to delete (since: when the last

@@ -36,6 +36,7 @@ class Root:
     name: str
     node: bytes | None
     block_size: int
+    queued: bool = False  # a node on the queue of dropped trees: its own count is 0
 
 
 class Walk:
@@ -62,6 +63,9 @@ class Walk:
         for root in roots:
             if root.node is not None and self._count(ref_key(K_NODE, root.node), root):
                 await self._visit(root.node, root)
+        for root in roots:  # after the walk: a count of 0 must not make a subtree new
+            if root.queued and root.node is not None:
+                self.counts[ref_key(K_NODE, root.node)] -= 1
         return self
 
     def _count(self, key: bytes, root: Root) -> bool:
@@ -86,7 +90,8 @@ class Walk:
             key = ref_key(kind, child)
             first = self._count(key, root)
             if level == 0:
-                self.sizes[key] = root.block_size + 1
+                if not root.queued:  # a queued node's block size is unknown
+                    self.sizes[key] = root.block_size + 1
             elif first:
                 await self._visit(child, root)
 

@@ -131,7 +131,7 @@ async def plan(
     if update.root is not None:
         refs.plan_add(deltas, K_NODE + update.root, 1 + keep)
     if old_root is not None:
-        await refs.plan_drop(deltas, K_NODE + old_root)
+        refs.plan_drop(deltas, K_NODE + old_root)
     mapped_delta = 0
     for blk, oid in staged.changes.items():
         was = await tree.lookup(old_root, old_level, blk)

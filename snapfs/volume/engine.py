@@ -645,7 +645,7 @@ class Engine(DataPath, Maintenance, Referencing):
     async def _drop_snapshot(self, snap: SnapshotRow) -> None:
         deltas: dict[bytes, int] = {}
         if snap.root is not None:
-            await self.refs.plan_drop(deltas, K_NODE + snap.root)
+            self.refs.plan_drop(deltas, K_NODE + snap.root)
         with self.catalog.transaction():
             self.refs.apply(deltas)
             self.catalog.delete_snapshot(snap.id)

@@ -10,13 +10,15 @@ from snapfs.errors import ReadOnly
 from snapfs.tasks import plain_errors_nursery
 from snapfs.volume import commit, publish
 from snapfs.volume.base import EngineBase
-from snapfs.volume.catalog import SnapshotRow
+from snapfs.volume.catalog import BLOB_KINDS, SnapshotRow
 from snapfs.volume.check import K_CHUNK, K_NODE, K_PACK
 from snapfs.volume.fence import STORE_KINDS
 from snapfs.volume.files import BlockFile
 from snapfs.volume.head import Head
 
 log = logging.getLogger("snapfs.engine")
+
+RELEASE_SLICE = 16384  # dead blobs released from the index per transaction
 
 
 class Flusher(EngineBase):
@@ -46,7 +48,7 @@ class Flusher(EngineBase):
             # not in the store, and sync must not say it is.
             self.writable()
             await self._publish()
-            await self._collect()
+            await self._collect(drain=True)
 
     async def flush_once(
         self,
@@ -265,7 +267,7 @@ class Flusher(EngineBase):
                 await self._commit(head, head.pending[0])
             deltas = {} if root is None else {K_NODE + root: 1}
             if head.row.root is not None:
-                await self.refs.plan_drop(deltas, K_NODE + head.row.root)
+                self.refs.plan_drop(deltas, K_NODE + head.row.root)
             if not head.pending:
                 return deltas
 
@@ -284,19 +286,59 @@ class Flusher(EngineBase):
                 self.last_error = self.fence.lost
             raise
 
-    async def _collect(self) -> None:
-        """Once a catalog without them is out: drop dead blobs from the index (their packs
-        lose live bytes) and queue packs with nothing live left; then delete the queued
-        store objects whose grace period is over. Both steps go through the `garbage`
-        table, so a crash in between only repeats them."""
+    async def _collect(self, drain: bool = False) -> None:
+        """Once a catalog without them is out: expand up to `drop_batches` batches of the
+        queue of dropped trees (all of it with `drain`; the flusher is kicked for the rest)
+        and release the garbage each round makes, then delete the queued store objects
+        whose grace period is over (`_release_garbage`). Every step goes through a table
+        (`drops`, `garbage`), so a crash in between only repeats or continues it. Called
+        with commit_lock held."""
         if self.read_only or not self.fence.up_to_date():
             return
-        garbage = self.catalog.garbage()
-        blobs = [k for k in garbage if k[:1] in (K_CHUNK, K_NODE)]
-        if blobs or self.catalog.unstamped_garbage(STORE_KINDS):
+        while True:
+            left = await self._expand_drops(self.config.drop_batches)
+            if not (left and drain):
+                break
+            self._release_blobs()
+        if left:
+            self.kick()
+        await self._release_garbage()
+
+    async def _release_garbage(self) -> None:
+        """Release the dead blobs (`_release_blobs`), then delete the queued store objects
+        whose grace period is over. Only once every change is published (`_collect`'s
+        guard)."""
+        self._release_blobs()
+        await self.fence.delete_due()
+
+    def _release_blobs(self) -> None:
+        """Drop dead blobs from the index (their packs lose live bytes) and queue packs with
+        nothing live left, `RELEASE_SLICE` blobs a transaction (a dropped tree's garbage can
+        be large); the first also stamps the store objects queued before their change was
+        published."""
+        while True:
+            blobs = self.catalog.garbage(BLOB_KINDS, RELEASE_SLICE)
+            if not blobs and not self.catalog.unstamped_garbage(STORE_KINDS):
+                return
             with self.catalog.transaction():
                 self.fence.published_now()
                 empty = self.chunks.release(blobs)
                 self.catalog.forget_garbage(blobs)
                 self.fence.queue(K_PACK + pid for pid in empty)
-        await self.fence.delete_due()
+            if len(blobs) < RELEASE_SLICE:
+                return
+
+    async def _expand_drops(self, batches: int | None) -> bool:
+        """Expand the queue of dropped nodes, `batches` batches of `drop_batch` nodes (None:
+        until it is empty), each one transaction that decrements the children and takes the
+        nodes off the queue. Returns whether nodes are left. Called with commit_lock held.
+        A node read that fails raises; what was expanded before stays."""
+        done = 0
+        while batches is None or done < batches:
+            keys, deltas = await self.refs.plan_expand(self.config.drop_batch)
+            if not keys:
+                return False
+            with self.catalog.transaction():
+                self.refs.apply_expand(keys, deltas)
+            done += 1
+        return bool(self.refs.queued(1))

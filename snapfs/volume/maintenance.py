@@ -61,7 +61,7 @@ class Maintenance(Flusher):
                     and self._backlog
                 ):
                     await trio.lowlevel.checkpoint()
-                if not self.lease_lost and not self.fence.up_to_date():
+                if not self.lease_lost and (not self.fence.up_to_date() or self.refs.queued(1)):
                     async with self.commit_lock:
                         await self._publish()
                         await self._collect()
@@ -87,6 +87,19 @@ class Maintenance(Flusher):
                     log.exception("flush failed unexpectedly, retrying in %.0fs", backoff)
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
+
+    async def expand_drops(self, batches: int | None = 1) -> int:
+        """Expand `batches` batches of the queue of dropped trees now (None: all of it;
+        the flusher does it in the background), once every change is published, and
+        release the garbage. Returns how many nodes are left on the queue. Store errors
+        propagate (what was expanded stays)."""
+        self.writable()
+        async with self.commit_lock:
+            await self._publish()
+            if self.fence.up_to_date():
+                await self._expand_drops(batches)
+                await self._release_garbage()
+            return len(self.refs.queued())
 
     async def gc(self, threshold: float | None = None) -> dict:
         """Rewrite packs whose live share fell below `threshold` (their live blobs move to new
@@ -190,10 +203,21 @@ class Maintenance(Flusher):
         counted = None if self.read_only else self.refs.count
         if counted is not None:
             found += self.refs.check()
+            found += self._check_queue()
         found += check_references(self.catalog.references(), counted)
         for head in heads:
             found += self._check_head(head)
         return found
+
+    def _check_queue(self) -> list[str]:
+        """No root is on the queue of dropped nodes (a queued node has count 0: nothing
+        may hold it)."""
+        queued = set(self.refs.queued())
+        return [
+            f"{key_to_store_key(K_NODE + root.node)}: the root of {root.name}, and queued"
+            for root in self._roots()
+            if root.node is not None and K_NODE + root.node in queued
+        ]
 
     def _check_head(self, head: Head) -> list[str]:
         name, epoch = head.row.name, head.row.epoch
@@ -232,7 +256,7 @@ class Maintenance(Flusher):
             report = CheckReport(not_checked=self._not_checked())
             if not self._offline():
                 report.state = self.check_state()
-            roots = self._roots()
+            roots = self._roots() + self._queue_roots()
             walk = await Walk(self.tree, strict=False).run(roots)
             expected = walk.refs()
             report.objects = len(expected)
@@ -252,6 +276,13 @@ class Maintenance(Flusher):
                     self.chunks.recount_live()
                 report.repaired = True
             return report
+
+    def _queue_roots(self) -> list[Root]:
+        """The queue of dropped nodes (a writer's), as roots: until expanded, a queued node
+        still holds a count on each child, and its own count is 0 (the block size of its
+        chunks is unknown: their rows keep theirs)."""
+        queued = [] if self.read_only else self.refs.queued()
+        return [Root("the queue of dropped trees", key[1:], 0, queued=True) for key in queued]
 
     def _offline(self) -> bool:
         """A read-only engine in a temporary cache dir (`snapfs fsck STORE_URL`)."""

@@ -1,21 +1,32 @@
-"""Reference counts of the stored objects (docs/design.md, "The flush cycle", step 6).
+"""Reference counts of the stored objects (docs/design.md, "The flush cycle", step 6, and
+"Streaming decrements").
 
 `Refcounts` (one per engine)
     owns: the `refs` table: for every chunk and tree node that a root reaches, how many
           references it has (a volume head or a snapshot root counts one; a node counts
-          one for each child) and its size; and the rule that a count that reaches zero
-          turns its row into a garbage row (collect then drops the blob from the index,
-          and the fence deletes its pack after the grace).
-    does not own: the trees (`TreeReader`, read to cascade a drop), the garbage's
-          deletion (`_collect` and the fence), the transaction (the caller's).
+          one for each child) and its size; the `drops` queue: nodes whose count reached
+          zero and whose children still hold the count they gave them; and the rules that a
+          chunk whose count reaches zero turns into a garbage row (collect then drops the
+          blob from the index, and the fence deletes its pack after the grace), and a node
+          whose count reaches zero keeps a row of count 0 and is queued, until `expand`
+          decrements its children (then it is garbage) or it is counted again (then it
+          leaves the queue: its children's counts were never taken back).
+    does not own: the trees (`TreeReader`, read to expand the queue), the garbage's
+          deletion (`_collect` and the fence), the transaction (the caller's), when the
+          queue is expanded (`_collect`, a bounded number of batches at a time).
 
-A change is planned as a dict of deltas (key → ±n): `plan_add` and `plan_drop` (which
-cascades down a tree whose count reaches zero; every increment of the same change must be
-planned first), then `apply` inside the caller's transaction, with no await in between.
+A change is planned as a dict of deltas (key → ±n): `plan_add` and `plan_drop` (the root's
+own decrement; what is under it is the queue's), then `apply` inside the caller's
+transaction, with no await in between. The queue is expanded the same way, a batch at a
+time: `plan_expand` (reads the nodes) then `apply_expand` in one transaction, which takes
+the nodes off the queue with their children's decrements: a crash between batches only
+repeats or continues the work. The walk of a dropped tree is thus spread over batches of
+`drop_batch` nodes, and no change holds a whole tree's decrements in memory.
 
-Invariants (`check`, which `assert_invariants` and fsck use): every count is positive (a
-zero count is no row); no object has a row and a garbage row at once. fsck also compares
-every count with the one recomputed from the roots (`differences`).
+Invariants (`check`, which `assert_invariants` and fsck use): every count is positive but a
+queued node's, which is 0; a queued key is a node; no object has a row and a garbage row at
+once. fsck also compares every count with the one recomputed from the roots and the queue
+(`differences`); the engine checks that no root is queued.
 """
 
 from __future__ import annotations
@@ -59,15 +70,35 @@ class Refcounts:
     def plan_add(deltas: dict[bytes, int], key: bytes, n: int = 1) -> None:
         deltas[key] = deltas.get(key, 0) + n
 
-    async def plan_drop(self, deltas: dict[bytes, int], key: bytes) -> None:
-        """Drop one reference to `key`; when its count reaches zero, drop the references it
-        holds (cascading down the tree). The increments of the change must be in."""
+    @staticmethod
+    def plan_drop(deltas: dict[bytes, int], key: bytes) -> None:
+        """Drop one reference to `key`. A node whose count reaches zero is queued by
+        `apply`: what it holds is dropped later, by `plan_expand`."""
         deltas[key] = deltas.get(key, 0) - 1
-        if key[:1] == K_NODE and self.count(key) + deltas[key] == 0:
+
+    def queued(self, limit: int | None = None) -> list[bytes]:
+        """The nodes waiting for their children's decrements (`limit` of them)."""
+        return self.catalog.drops(limit)
+
+    async def plan_expand(self, limit: int) -> tuple[list[bytes], dict[bytes, int]]:
+        """Up to `limit` queued nodes and the decrements of their children (reads the
+        nodes; writes nothing). Called with commit_lock held: nothing may count or queue
+        between this and `apply_expand`. A node that cannot be read raises (and stays)."""
+        keys = self.queued(limit)
+        deltas: dict[bytes, int] = {}
+        for key in keys:
             level, entries = await self.tree.node(key[1:])
             kind = K_NODE if level else K_CHUNK
             for child in entries.values():
-                await self.plan_drop(deltas, kind + child)
+                self.plan_add(deltas, kind + child, -1)
+        return keys, deltas
+
+    def apply_expand(self, keys: list[bytes], deltas: dict[bytes, int]) -> None:
+        """Inside the caller's transaction: the children's decrements (a chunk reaching zero
+        is garbage, a node is queued in turn), and the expanded nodes leave the queue as
+        garbage."""
+        self.catalog.apply_refs(deltas, {})
+        self.catalog.expanded(keys)
 
     # ------------------------------------------------------------------ changes
 
@@ -77,20 +108,33 @@ class Refcounts:
         self.catalog.apply_refs(deltas, sizes or {})
 
     def replace(self, refs: dict[bytes, tuple[int, int]]) -> None:
-        """Inside the caller's transaction: the counts recomputed from the roots (a restore,
-        fsck --repair)."""
+        """Inside the caller's transaction: the counts recomputed from the roots (a restore)
+        or from the roots and the queue (fsck --repair: a queued node 0); a queue entry
+        without a zero count leaves the queue. A size of 0 (unknown) keeps the row's."""
         self.catalog.replace_refs(refs)
 
     # ------------------------------------------------------------------ checks
 
     def check(self) -> list[str]:
-        """Its invariants, as findings naming the object: every count is positive (a zero
-        count is no row), no object has a row and a garbage row at once."""
+        """Its invariants, as findings naming the object: every count is positive but a
+        queued node's, which is 0; a queued key is a node; no object has a row and a
+        garbage row at once."""
         rows = self.all()
+        queued = set(self.queued())
         found = [
             f"{key_to_store_key(key)}: a refcount row of {count}"
+            + (" and queued" if key in queued else "")
             for key, (count, _size) in sorted(rows.items())
-            if count <= 0
+            if count < 0 or (count == 0) != (key in queued)
+        ]
+        found += [
+            f"{key_to_store_key(key)}: queued without a refcount row"
+            for key in sorted(queued - set(rows))
+        ]
+        found += [
+            f"{key_to_store_key(key)}: queued, not a tree node"
+            for key in sorted(queued)
+            if key[:1] != K_NODE
         ]
         garbage = {k for k in self.catalog.garbage() if k[:1] in (K_CHUNK, K_NODE)}
         found += [

@@ -188,7 +188,7 @@ class Referencing(Flusher):
             ref = self.reference(rid)
             deltas: dict[bytes, int] = {}
             for node in ref.held():
-                await self.refs.plan_drop(deltas, K_NODE + node)
+                self.refs.plan_drop(deltas, K_NODE + node)
             with self.catalog.transaction():
                 self.refs.apply(deltas)
                 self.catalog.delete_reference(ref.id)
@@ -288,7 +288,7 @@ class Referencing(Flusher):
             assert sorted(ref.held()) == sorted(want + stale), f"reference {rid}: pins differ"
             deltas: dict[bytes, int] = {}
             for node in stale:
-                await self.refs.plan_drop(deltas, K_NODE + node)
+                self.refs.plan_drop(deltas, K_NODE + node)
             with self.catalog.transaction():
                 self.refs.apply(deltas)
                 self.catalog.update_reference(rid, state="available", pins=b"")

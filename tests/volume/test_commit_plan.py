@@ -120,14 +120,23 @@ async def test_an_overwritten_block_drops_its_old_chunk_to_zero(world):
     assert plan.deltas == {
         K_CHUNK + chunk("c"): 1,
         K_NODE + plan.root: 1,
-        K_NODE + old_leaf: -1,  # the old root, which nothing else holds:
-        K_CHUNK + chunk("a"): -1,  # its chunks go with it
-        K_CHUNK + chunk("b"): 0,  # (b: the new leaf holds it too)
+        K_NODE + old_leaf: -1,  # the old root, which nothing else holds: queued
+        K_CHUNK + chunk("b"): 1,  # the new leaf holds b too
     }
-    assert world.count(K_CHUNK + chunk("a")) + plan.deltas[K_CHUNK + chunk("a")] == 0
     assert plan.mapped_delta == 0
     with world.catalog.transaction():
         world.refs.apply(plan.deltas, plan.sizes)
+    # The old leaf is queued with a count of 0: its chunks keep their counts until the
+    # queue is expanded, and then a goes (b: the new leaf holds it).
+    assert world.refs.queued() == [K_NODE + old_leaf] and world.count(K_NODE + old_leaf) == 0
+    assert world.count(K_CHUNK + chunk("a")) == 1 and world.count(K_CHUNK + chunk("b")) == 2
+    world.refs.assert_invariants()
+    keys, deltas = await world.refs.plan_expand(10)
+    assert keys == [K_NODE + old_leaf]
+    assert deltas == {K_CHUNK + chunk("a"): -1, K_CHUNK + chunk("b"): -1}
+    with world.catalog.transaction():
+        world.refs.apply_expand(keys, deltas)
+    assert not world.refs.queued() and world.count(K_CHUNK + chunk("b")) == 1
     assert K_CHUNK + chunk("a") in world.catalog.garbage()
     assert K_NODE + old_leaf in world.catalog.garbage()
     world.refs.assert_invariants()
@@ -191,9 +200,10 @@ async def test_a_resize_across_a_tree_level_keeps_the_old_root_as_a_child(world)
 
 async def test_zeros_unmap_a_block_and_a_plan_is_applied_once(world):
     row = volume(16)
-    await world.commit(row, {0: "a", 1: "b"})
+    first = await world.commit(row, {0: "a", 1: "b"})
     plan = await world.plan(row, {0: None, 1: "b"}, gens={0: 4, 1: 5})
-    assert plan.mapped_delta == -1 and plan.deltas[K_CHUNK + chunk("a")] == -1
+    assert plan.mapped_delta == -1 and plan.deltas[K_NODE + first.root] == -1
+    assert K_CHUNK + chunk("a") not in plan.deltas  # the old leaf's, when it is expanded
     assert plan.changes == {0: None, 1: chunk("b")}
     # Only blocks not written again since they were read (same generation), nor in a
     # later epoch, turn clean.

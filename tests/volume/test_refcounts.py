@@ -1,5 +1,5 @@
 """Refcounts on their own (snapfs/volume/refcounts.py): planning a change as deltas, the
-cascade down a tree whose count reaches zero, garbage rows, and the invariants. No store:
+queue of dropped nodes expanded a batch at a time, garbage rows, and the invariants. No store:
 the tree is a dict."""
 
 import pytest
@@ -23,8 +23,11 @@ def refcounts(tmp_path, nodes) -> Refcounts:
     return Refcounts(Catalog(str(tmp_path / "catalog.sqlite3")), Tree(nodes))
 
 
-async def test_dropping_a_root_cascades_only_through_what_nothing_else_holds(tmp_path):
-    # Two roots share leaf L1: dropping root A frees A and L0 (and chunk a), not L1.
+async def test_dropping_a_root_queues_it_and_expanding_frees_only_what_nothing_else_holds(
+    tmp_path,
+):
+    # Two roots share leaf L1: dropping root A queues A (count 0); expanding the queue
+    # frees A and L0 (and chunk a), not L1.
     nodes = {
         b"A": (1, {0: b"L0", 1: b"L1"}),
         b"B": (1, {1: b"L1"}),
@@ -42,14 +45,55 @@ async def test_dropping_a_root_cascades_only_through_what_nothing_else_holds(tmp
         refs.apply(add, {key: 1 for key in add})
     assert refs.count(K_NODE + b"L1") == 2
     drop: dict[bytes, int] = {}
-    await refs.plan_drop(drop, K_NODE + b"A")
-    assert drop == {K_NODE + b"A": -1, K_NODE + b"L0": -1, K_CHUNK + b"a": -1, K_NODE + b"L1": -1}
+    refs.plan_drop(drop, K_NODE + b"A")
+    assert drop == {K_NODE + b"A": -1}  # the root's own decrement only
     with refs.catalog.transaction():
         refs.apply(drop)
+    assert refs.queued() == [K_NODE + b"A"] and refs.count(K_NODE + b"A") == 0
+    assert refs.has(K_NODE + b"A") and refs.catalog.garbage() == []
+    refs.assert_invariants()
+    keys, deltas = await refs.plan_expand(1)
+    assert keys == [K_NODE + b"A"] and deltas == {K_NODE + b"L0": -1, K_NODE + b"L1": -1}
+    with refs.catalog.transaction():
+        refs.apply_expand(keys, deltas)
+    assert refs.queued() == [K_NODE + b"L0"] and refs.catalog.garbage() == [K_NODE + b"A"]
+    refs.assert_invariants()
+    keys, deltas = await refs.plan_expand(1)
+    with refs.catalog.transaction():
+        refs.apply_expand(keys, deltas)
+    assert refs.queued() == [] and await refs.plan_expand(1) == ([], {})
     assert not refs.has(K_NODE + b"A") and not refs.has(K_CHUNK + b"a")
     assert refs.count(K_NODE + b"L1") == 1 and refs.has(K_CHUNK + b"b")
     assert set(refs.catalog.garbage()) == {K_NODE + b"A", K_NODE + b"L0", K_CHUNK + b"a"}
     refs.assert_invariants()
+
+
+async def test_a_queued_node_counted_again_leaves_the_queue_with_its_children(tmp_path):
+    # Its children's counts were never taken back: counting it again only dequeues it.
+    refs = refcounts(tmp_path, {b"L": (0, {0: b"a"})})
+    with refs.catalog.transaction():
+        refs.apply({K_NODE + b"L": 1, K_CHUNK + b"a": 1}, {K_NODE + b"L": 5, K_CHUNK + b"a": 9})
+        refs.apply({K_NODE + b"L": -1})
+    assert refs.queued() == [K_NODE + b"L"]
+    with refs.catalog.transaction():
+        refs.apply({K_NODE + b"L": 1})  # a commit whose tree holds the same leaf again
+    assert refs.queued() == [] and refs.count(K_CHUNK + b"a") == 1
+    assert refs.all() == {K_NODE + b"L": (1, 5), K_CHUNK + b"a": (1, 9)}
+    refs.assert_invariants()
+
+
+async def test_the_queue_invariants_name_the_object(tmp_path):
+    refs = refcounts(tmp_path, {})
+    with refs.catalog.transaction():
+        refs.apply({K_NODE + b"L": 1, K_CHUNK + b"a": 1}, {K_NODE + b"L": 5, K_CHUNK + b"a": 9})
+        refs.catalog.db.execute("INSERT INTO drops VALUES(?)", (K_NODE + b"L",))
+        refs.catalog.db.execute("INSERT INTO drops VALUES(?)", (K_CHUNK + b"z",))
+    found = refs.check()
+    assert found == [
+        f"n/{b'L'.hex()}: a refcount row of 1 and queued",
+        f"c/{b'z'.hex()}: queued without a refcount row",
+        f"c/{b'z'.hex()}: queued, not a tree node",
+    ], found
 
 
 async def test_a_count_below_zero_is_refused_and_nothing_changes(tmp_path):
