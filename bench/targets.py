@@ -3,7 +3,6 @@ pass-through, s3backer --test and a loopback Swift. Each registers its teardown 
 `Cleanup` before it can leave anything behind."""
 
 import contextlib
-import json
 import os
 import shutil
 import subprocess
@@ -21,6 +20,7 @@ from bench.sysutil import (
     wait_for,
     wait_pid_gone,
 )
+from snapfs import ctlclient
 
 SNAPFS = [PY, "-m", "snapfs.cli"]
 
@@ -86,23 +86,10 @@ class Snapfs:
 
     def ctl(self, line: str):
         """One command through the ctl file (what the CLI does, without a Python start)."""
-        fd = os.open(self.mnt / ".snapfs" / "ctl", os.O_RDWR)
         try:
-            os.write(fd, (line + "\n").encode())
-            chunks = []
-            off = 0
-            while True:
-                got = os.pread(fd, 1 << 20, off)
-                if not got:
-                    break
-                chunks.append(got)
-                off += len(got)
-        finally:
-            os.close(fd)
-        reply = json.loads(b"".join(chunks))
-        if not reply.get("ok"):
-            raise CommandError(f"snapfs {line}: {reply.get('error')}")
-        return reply.get("result")
+            return ctlclient.ctl(str(self.mnt), line)
+        except ctlclient.CliError as exc:
+            raise CommandError(f"snapfs {line}: {exc}") from None
 
     def stats(self) -> dict:
         return self.ctl("stats")
