@@ -1,6 +1,6 @@
 """Backups in a bank, and their restore into a running writer (docs/design.md, "Backup").
 
-A *bank* is a store that holds backups: references with unique names (`Referencing.
+A *bank* is a store that holds backups: references with unique names (`References.
 begin_inbound(unique=True)`), copied there by `snapfs backup` (snapfs/backup.py) as
 replicate copies a snapshot. Nothing else distinguishes a bank from any store.
 

@@ -1,33 +1,12 @@
-"""Engine state shared by its parts: configuration, statistics record, caches and helpers."""
+"""What the engine's components share: configuration, the statistics record, the wake-up
+call of the background flusher."""
 
-import logging
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
-import trio.lowlevel
-
-from snapfs.chunks import ChunkStore
-from snapfs.errors import (
-    CatalogFailed,
-    NotFound,
-    ReadOnly,
-)
-from snapfs.store.base import Store
-from snapfs.tree import TreeReader
-from snapfs.volume.cache import CacheSpace
-from snapfs.volume.catalog import Catalog, SnapshotRow
-from snapfs.volume.chunkcache import ChunkCache
-from snapfs.volume.fence import Fence
-from snapfs.volume.files import Files
-from snapfs.volume.head import Head
-from snapfs.volume.inflight import InFlight
-from snapfs.volume.readahead import ReadAhead
-from snapfs.volume.refcounts import Refcounts
-
-log = logging.getLogger("snapfs.engine")
-
 
 DEFAULT_BLOCK_SIZE = 128 << 10
 
@@ -88,96 +67,25 @@ class EngineStatistics:
     lease_lost: str | None
 
 
-class EngineBase:
-    """The engine's state and the small helpers every part of it uses. The parts are
-    mixins over it: `Flusher` (commits to the store), `Maintenance` (background loop, gc,
-    checks), `DataPath` (reads, writes, discards) and `Engine` (lifecycle, volumes,
-    snapshots)."""
+class Wakeup:
+    """The background flusher's wake-up call: any component that leaves work for it
+    (dirty room wanted, a snapshot taken, a queue of dropped trees left) calls `kick`;
+    the flusher waits on it between its rounds."""
 
-    def __init__(
-        self,
-        store: Store,
-        catalog: Catalog,
-        cache_dir: str,
-        config: EngineConfig,
-        read_only: bool = False,
-        files: Files | None = None,
-    ):
-        self.read_only = read_only
-        self.files = files or Files()
-        self.fence = Fence(store, catalog, read_only, config.grace, config.clock, config.uploads)
-        self.store = store
-        self.chunks = ChunkStore(store, catalog.db, config.pack_size, config.uploads)
-        self.tree = TreeReader(self.chunks)
-        self.refs = Refcounts(catalog, self.tree)  # counts of stored objects
-        self.catalog = catalog
-        self.cache_dir = cache_dir
-        self.config = config
-        self.heads: dict[str, Head] = {}
-        self.space = CacheSpace(config.cache_size, config.dirty_fraction)  # the block cache
-        self.commit_lock = trio.Lock()
-        self.gen = 0
-        self.snap_opens: dict[int, int] = {}
-        self.discarded_bytes = 0
-        self.orphans_removed = 0
-        self.sweep_needed = False  # a cycle failed after uploading, or a crash: sweep
-        self.deduplicated = 0
-        self.fetched = 0
-        self.flush_errors = 0
-        self.last_error: str | None = None
-        self._kick = trio.Event()
-        self._backlog = False  # the last flush cycle left work behind (a full batch)
-        self._zero: dict[int, bytes] = {}
-        self.readahead = ReadAhead(config.readahead_bytes, config.uploads)
-        self.snap_cache = ChunkCache(2 * config.readahead_bytes + (4 << 20))
-        self._snap_fetching = InFlight()
-
-    # ------------------------------------------------------------------ helpers
-
-    def head(self, name: str) -> Head:
-        head = self.heads.get(name)
-        if head is None:
-            raise NotFound(f"volume {name!r} not found")
-        return head
-
-    def snapshot_row(self, volume: str, name: str) -> SnapshotRow:
-        snap = self.catalog.snapshot(volume, name)
-        if snap is None or snap.state == "deleting":
-            if volume not in self.heads and not self.catalog.snapshots(volume):
-                raise NotFound(f"volume {volume!r} not found")
-            raise NotFound(f"snapshot {volume}@{name} not found")
-        return snap
-
-    def _zeros(self, n: int) -> bytes:
-        z = self._zero.get(n)
-        if z is None:
-            z = self._zero[n] = bytes(n)
-        return z
-
-    def evict_all(self) -> None:
-        """Drop every clean cached block (tests use it to force reads from the store)."""
-        self.space.evict(limit=0)
-
-    def writable(self) -> None:
-        """Raise ReadOnly on a read-only mount, or after this writer lost the store."""
-        if self.read_only:
-            raise ReadOnly("this mount is read-only")
-        if self.lease_lost:
-            raise ReadOnly(f"this writer lost the store ({self.lease_lost}): remount")
-        if self.catalog.failed:
-            raise CatalogFailed(f"the local catalog failed ({self.catalog.failed}): remount")
-
-    @property
-    def lease_lost(self) -> str | None:
-        """Why this writer lost the store (the fence owns it), or None."""
-        return self.fence.lost
-
-    def lost(self, reason: str) -> None:
-        """This writer no longer owns the store: keep the cache, publish and delete nothing,
-        refuse snapshots until remounted."""
-        if not self.fence.lost:
-            self.fence.mark_lost(reason)
-            self.last_error = reason
+    def __init__(self) -> None:
+        self._event = trio.Event()
 
     def kick(self) -> None:
-        self._kick.set()
+        self._event.set()
+
+    async def wait(self, at_most: float) -> None:
+        """Until kicked or `at_most` seconds passed; then the next kick is a new one."""
+        with trio.move_on_after(at_most):
+            await self._event.wait()
+        self._event = trio.Event()
+
+
+@functools.lru_cache(maxsize=64)
+def zeros(n: int) -> bytes:
+    """`n` zero bytes, shared (reads of holes, the all-zero block test)."""
+    return bytes(n)

@@ -79,6 +79,13 @@ class CacheSpace:
     def clean_count(self, vid: int) -> int:
         return sum(1 for v, _b in self._lru if v == vid)
 
+    def statistics(self) -> dict:
+        return {
+            "dirty_bytes": self.dirty_bytes,
+            "cached_bytes": self.clean_bytes + self.dirty_bytes,
+            "frozen_bytes": self.saved_bytes,
+        }
+
     # ------------------------------------------------------------------ changes
 
     def saves_changed(self, delta_bytes: int) -> None:

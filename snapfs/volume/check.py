@@ -1,6 +1,6 @@
 """The invariant oracle: refcounts recomputed from the roots, and the store checked against
 them. `snapfs fsck` uses it (with the components' own `check()`s, see
-`Maintenance.check`); so do the tests, at the end of each scenario; and a fresh cache dir
+`Checker.check`); so do the tests, at the end of each scenario; and a fresh cache dir
 rebuilds its refcounts with it (store-only restore).
 """
 

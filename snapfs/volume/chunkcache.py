@@ -3,7 +3,7 @@
 owns: the chunks that snapshot reads and their read-ahead fetched (verified, by chunk
 id), their byte count and their LRU order. does not own: fetching them (DataPath's
 `_snap_chunk` and `_prefetch_snap`, with `InFlight` sharing concurrent fetches), the cached
-blocks of volumes (their cache files and `EngineBase.lru`), nor what a snapshot maps.
+blocks of volumes (their cache files and `CacheSpace`), nor what a snapshot maps.
 """
 
 from collections import OrderedDict

@@ -4,18 +4,18 @@ A commit goes select → stage → plan → apply → publish:
 
 `select` (here, pure: no await)
     which blocks of which head a commit takes, up to which epoch: a `Selection`.
-`stage` (`Flusher._stage`: reads the cache file or the saves, hashes, uploads full packs)
+`stage` (`Committer._stage`: reads the cache file or the saves, hashes, uploads full packs)
     → `Staged`: block → chunk id (None for zeros) and the chunks this commit stores.
 `plan` (here: awaits only to read tree nodes, writes nothing anywhere)
     → `CommitPlan`: the new root, the nodes to store, the refcount deltas and the sizes
     of the new objects, the blocks that may turn clean with their write generations, the
     saves to release. Then the flusher stores the plan's nodes and makes everything
-    durable (`Flusher._store_nodes`), and asks the fence whether it still owns the store.
-`apply` (`Flusher._apply`, a plain `def`: no await is possible)
+    durable (`Committer._store_nodes`), and asks the fence whether it still owns the store.
+`apply` (`Committer._apply`, a plain `def`: no await is possible)
     one catalog transaction (index rows, refs, volume and snapshot rows, dirty and frozen
     rows, the change counter), then memory (root, marks clean, saves released). A plan is
     applied once.
-`publish` (`Flusher._publish` and `_collect`, through the fence).
+`publish` (`Committer.publish`, then `Collector.collect`, through the fence).
 
 owns: nothing that outlives a commit: these are the values one commit passes on.
 does not own: the dirty records (`VolumeCache`), the saves (`CowSaves`), the counts

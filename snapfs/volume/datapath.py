@@ -2,26 +2,70 @@
 
 import logging
 import os
+from collections.abc import Callable
 
 import trio
 import trio.lowlevel
 
-from snapfs.chunks import CHUNK
+from snapfs.chunks import CHUNK, ChunkStore
 from snapfs.errors import (
     BeyondEnd,
     InvalidArgument,
     NotFound,
     SnapfsError,
 )
+from snapfs.tree import TreeReader
+from snapfs.volume.base import EngineConfig, zeros
+from snapfs.volume.cache import CacheSpace
 from snapfs.volume.catalog import SnapshotRow
-from snapfs.volume.flusher import Flusher
-from snapfs.volume.head import Head
+from snapfs.volume.chunkcache import ChunkCache
+from snapfs.volume.fence import Fence
+from snapfs.volume.flusher import Committer
+from snapfs.volume.head import Head, find_head
+from snapfs.volume.inflight import InFlight
+from snapfs.volume.readahead import ReadAhead
 
 log = logging.getLogger("snapfs.engine")
 
 
-class DataPath(Flusher):
-    """Reads, writes, discards and fsync of volume heads, and reads of snapshots."""
+class DataPath:
+    """Reads, writes, discards and fsync of volume heads, and reads of snapshots.
+
+    owns: the read-ahead, the chunk cache of snapshot reads and their fetches in flight,
+    and its counters (blocks fetched, bytes discarded).
+    does not own: a head's blocks, saves and write generation (`Head`), the room in the
+    cache (`CacheSpace`), the tree and the store (`TreeReader`, `ChunkStore`), whether
+    this engine may write (`Fence`), the flush a writer waits for (`Committer`)."""
+
+    def __init__(
+        self,
+        heads: dict[str, Head],
+        chunks: ChunkStore,
+        tree: TreeReader,
+        fence: Fence,
+        space: CacheSpace,
+        config: EngineConfig,
+        committer: Committer,
+        kick: Callable[[], None],
+    ) -> None:
+        self.heads = heads
+        self.chunks = chunks
+        self.tree = tree
+        self.fence = fence
+        self.space = space
+        self.committer = committer
+        self.kick = kick
+        self.readahead = ReadAhead(config.readahead_bytes, config.uploads)
+        self.snap_cache = ChunkCache(2 * config.readahead_bytes + (4 << 20))
+        self._snap_fetching = InFlight()
+        self.fetched = 0
+        self.discarded_bytes = 0
+
+    def statistics(self) -> dict:
+        return {"fetched_blocks": self.fetched, "discarded_bytes": self.discarded_bytes}
+
+    def check(self) -> list[str]:
+        return self.snap_cache.check()
 
     async def read(self, name: str, offset: int, size: int) -> bytes:
         got = await self.read_ref(name, offset, size)
@@ -35,7 +79,7 @@ class DataPath(Flusher):
         (fd, offset, length) of the cache file instead of bytes, for the FUSE layer to
         splice into its reply. The caller must read it before its next await: a write,
         discard or eviction may change those bytes after that."""
-        head = self.head(name)
+        head = find_head(self.heads, name)
         end = min(offset + size, head.row.size)
         if offset >= end:
             return b""
@@ -71,7 +115,7 @@ class DataPath(Flusher):
                 pos = run_end
                 continue
             data = await self._fetch_block(head, blk)
-            out.append(data[boff : boff + n] if data is not None else self._zeros(n))
+            out.append(data[boff : boff + n] if data is not None else zeros(n))
             pos += n
         return out[0] if len(out) == 1 else b"".join(out)
 
@@ -122,8 +166,8 @@ class DataPath(Flusher):
         head.blocks.fill(blk, data)
 
     async def write(self, name: str, offset: int, data: bytes) -> int:
-        head = self.head(name)
-        self.writable()  # read-only, or this writer lost the store: EROFS
+        head = find_head(self.heads, name)
+        self.fence.writable()  # read-only, or this writer lost the store: EROFS
         if offset < 0 or offset + len(data) > head.row.size:
             raise BeyondEnd(f"write beyond the end of volume {name!r}")
         lock = head.write_lock
@@ -153,8 +197,7 @@ class DataPath(Flusher):
             head.cache.pwrite(view, offset)
             now = trio.current_time()
             for blk in range(first, last + 1):
-                self.gen += 1
-                head.blocks.mark_dirty(blk, epoch, self.gen, now)
+                head.blocks.mark_dirty(blk, epoch, head.next_gen(), now)
             return
         pos = 0
         while pos < len(view):
@@ -171,8 +214,8 @@ class DataPath(Flusher):
                 new = not was.hole  # a discarded block that the tree does not map
             else:
                 new = was.new
-            self.gen += 1
-            head.blocks.mark_written(blk, head.row.epoch, self.gen, trio.current_time(), new)
+            gen = head.next_gen()
+            head.blocks.mark_written(blk, head.row.epoch, gen, trio.current_time(), new)
             pos += n
 
     async def _settle_for_write(self, head: Head, blk: int, partial: bool) -> bool:
@@ -203,8 +246,8 @@ class DataPath(Flusher):
         instead of uploaded, and the next flush maps them to nothing. Partial blocks at the
         edges are zeroed. A snapshot taken before keeps the old data (copy-on-write, as for
         a write). Durable like a write: at the next fsync, snapshot or flush."""
-        head = self.head(name)
-        self.writable()
+        head = find_head(self.heads, name)
+        self.fence.writable()
         if offset < 0 or length < 0:
             raise InvalidArgument("discard: negative offset or length")
         end = min(offset + length, head.row.size)
@@ -249,9 +292,8 @@ class DataPath(Flusher):
                     if run and blk != run[-1] + 1:
                         self._punch_run(head, run)
                     run.append(blk)
-                    self.gen += 1
                     head.blocks.mark_discarded(
-                        blk, head.row.epoch, self.gen, trio.current_time(), blk in mapped
+                        blk, head.row.epoch, head.next_gen(), trio.current_time(), blk in mapped
                     )
                 self._punch_run(head, run)
         self.discarded_bytes += end - offset
@@ -303,7 +345,7 @@ class DataPath(Flusher):
         clean = blk not in head.dirty  # then the tree says what it holds
         if clean and await self.tree.lookup(head.row.root, head.row.root_level, blk) is None:
             return
-        await self._write_locked(head, start, memoryview(self._zeros(end - start)))
+        await self._write_locked(head, start, memoryview(zeros(end - start)))
 
     async def _freeze(self, head: Head, blk: int) -> None:
         """Save a block that a pending snapshot still needs before it is overwritten: copy to
@@ -325,9 +367,9 @@ class DataPath(Flusher):
         ):
             head.saves.give_back(slot)  # overtaken by the commit: nothing to save
             return
-        with self.catalog.transaction():
+        with head.catalog.transaction():
             head.saves.record(target, blk, slot)
-            self.catalog.set_dirty(head.row.id, [(blk, head.row.epoch)])
+            head.catalog.set_dirty(head.row.id, [(blk, head.row.epoch)])
         head.saves.recorded(target, blk, slot)
         head.blocks.move_to_epoch(blk, head.row.epoch, synced=True)
 
@@ -337,10 +379,10 @@ class DataPath(Flusher):
         background flusher does; a writer that lost the store fails at once (EROFS): its
         dirty blocks can never leave."""
         while not self.space.dirty_room():
-            self.writable()
+            self.fence.writable()
             self.kick()
             try:
-                if await self.flush_once():
+                if await self.committer.flush_once():
                     continue
             except SnapfsError as exc:
                 log.warning("waiting for dirty room: %s", exc)
@@ -351,20 +393,8 @@ class DataPath(Flusher):
         the machine: the cache file is synced, then its dirty map committed. A writer that
         lost the store still keeps what it has on disk (for `snapfs recover`), then fails:
         nothing it holds can reach the store any more."""
-        await self._persist_dirty(self.head(name))
-        self.writable()
-
-    async def _persist_dirty(self, head: Head) -> None:
-        """Sync the cache file, then commit the rows of the dirty blocks that have none yet.
-        A block is `synced` only once its row is in: at every await, each dirty block has
-        a row or is not synced. A block written again during the sync keeps the row (it is
-        dirty, in the same epoch); its new bytes wait for the next sync."""
-        todo = head.blocks.unsynced()
-        await head.datasync()
-        rows = [(blk, head.dirty[blk].epoch) for blk in todo if blk in head.dirty]
-        with self.catalog.transaction():
-            self.catalog.set_dirty(head.row.id, rows)
-        head.blocks.mark_synced(todo)
+        await find_head(self.heads, name).persist_dirty()
+        self.fence.writable()
 
     async def read_snapshot(self, snap: SnapshotRow, offset: int, size: int) -> bytes:
         end = min(offset + size, snap.size)
@@ -386,7 +416,7 @@ class DataPath(Flusher):
             n = min(bs - boff, end - pos)
             oid = await self.tree.lookup(snap.root, snap.root_level, blk)
             if oid is None:
-                out.append(self._zeros(n))
+                out.append(zeros(n))
             else:
                 data = await self._snap_chunk(oid)
                 out.append(data[boff : boff + n])

@@ -23,6 +23,7 @@ import trio
 import trio.lowlevel
 
 from snapfs.access import check_owner
+from snapfs.chunks import ChunkStore
 from snapfs.errors import (
     AlreadyExists,
     Busy,
@@ -34,39 +35,151 @@ from snapfs.errors import (
     SnapfsError,
 )
 from snapfs.store.base import Store
+from snapfs.tree import TreeReader
 from snapfs.units import MAX_VOLUME_SIZE, check_name, check_volume_name, format_size
 from snapfs.volume import publish
-from snapfs.volume.base import DEFAULT_BLOCK_SIZE, EngineConfig, EngineStatistics
-from snapfs.volume.catalog import Catalog, SnapshotRow, VolumeRow, check_guid, legacy_guid
-from snapfs.volume.check import (
-    K_CHUNK,
-    K_NODE,
-    expected_refs,
+from snapfs.volume.background import Background
+from snapfs.volume.base import DEFAULT_BLOCK_SIZE, EngineConfig, EngineStatistics, Wakeup
+from snapfs.volume.cache import CacheSpace
+from snapfs.volume.catalog import (
+    Catalog,
+    ReferenceRow,
+    SnapshotRow,
+    VolumeRow,
+    check_guid,
+    legacy_guid,
 )
+from snapfs.volume.check import K_NODE, CheckReport, expected_refs
+from snapfs.volume.collector import Collector
 from snapfs.volume.datapath import DataPath
-from snapfs.volume.fence import FenceConflict
+from snapfs.volume.fence import Fence, FenceConflict
 from snapfs.volume.files import Files
-from snapfs.volume.head import Head
-from snapfs.volume.maintenance import Maintenance
-from snapfs.volume.references import Referencing
+from snapfs.volume.flusher import Committer
+from snapfs.volume.fsck import Checker
+from snapfs.volume.head import Head, find_head, find_snapshot
+from snapfs.volume.refcounts import Refcounts
+from snapfs.volume.references import References
 
 __all__ = ["DEFAULT_BLOCK_SIZE", "Engine", "EngineConfig", "EngineStatistics", "Head"]
 
 log = logging.getLogger("snapfs.engine")
 
 
-class Engine(DataPath, Maintenance, Referencing):
-    """Volumes and snapshots over the cache, the tree and the store."""
+class Engine:
+    """Volumes and snapshots over the cache, the tree and the store: the wiring of the
+    components (see docs/design.md, "The components") and the engine's public interface.
+
+    owns: the heads (which volumes exist, and their runtime state), the opens of snapshot
+    files, the lifecycle (open, restore, recover, follow, close), and the volume and
+    snapshot operations that change roots (create, clone, resize, rename, delete,
+    snapshot, rollback). The rest is delegated: `DataPath` (reads, writes, discards,
+    fsync), `Committer` (flush cycles, publish), `Collector` (collect, gc, sweep),
+    `Background` (the flusher loop), `References` (manage, unmanage, inbound copies),
+    `Checker` (invariants and fsck)."""
 
     # ------------------------------------------------------------------ lifecycle
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        store: Store,
+        catalog: Catalog,
+        cache_dir: str,
+        config: EngineConfig,
+        read_only: bool = False,
+        files: Files | None = None,
+    ) -> None:
+        self.read_only = read_only
+        self.files = files or Files()
+        self.store = store
+        self.catalog = catalog
+        self.cache_dir = cache_dir
+        self.config = config
+        self.fence = Fence(store, catalog, read_only, config.grace, config.clock, config.uploads)
+        self.chunks = ChunkStore(store, catalog.db, config.pack_size, config.uploads)
+        self.tree = TreeReader(self.chunks)
+        self.refs = Refcounts(catalog, self.tree)  # counts of stored objects
+        self.space = CacheSpace(config.cache_size, config.dirty_fraction)  # the block cache
+        self.heads: dict[str, Head] = {}
+        self.snap_opens: dict[int, int] = {}
+        self.commit_lock = trio.Lock()
+        self.wake = Wakeup()
+        self._wire_commits(catalog, config)
+        self._wire_users(catalog, config)
+        self.readahead = self.data.readahead  # the daemon runs its task
+        self.snap_cache = self.data.snap_cache
         self._refresh_lock = trio.Lock()
         self._index_loads = 0  # full index reloads of a read-only engine
         self.checking = False  # opened for fsck: a restore goes on past missing objects
         if self.read_only:
             self.chunks.on_missing = self._reload_index
+
+    def _wire_commits(self, catalog: Catalog, config: EngineConfig) -> None:
+        """Make the components that change the store, each given the collaborators it uses
+        (and nothing else): collector, committer, the background flusher."""
+        self.collector = Collector(
+            catalog,
+            self.chunks,
+            self.refs,
+            self.fence,
+            config,
+            self.commit_lock,
+            self.wake.kick,
+        )
+        self.committer = Committer(
+            self.heads,
+            catalog,
+            self.chunks,
+            self.refs,
+            self.fence,
+            self.space,
+            config,
+            self.commit_lock,
+            self.collector,
+        )
+
+        self.background = Background(
+            self.committer,
+            self.collector,
+            self.chunks,
+            self.refs,
+            self.fence,
+            config,
+            self.commit_lock,
+            self.wake,
+        )
+
+    def _wire_users(self, catalog: Catalog, config: EngineConfig) -> None:
+        """The components that use the committer: the data path, references, the checker."""
+        self.data = DataPath(
+            self.heads,
+            self.chunks,
+            self.tree,
+            self.fence,
+            self.space,
+            config,
+            self.committer,
+            self.wake.kick,
+        )
+        self.referencing = References(
+            self.heads,
+            catalog,
+            self.refs,
+            self.fence,
+            self.commit_lock,
+            self.committer,
+            self.collector,
+            self.snap_opens,
+        )
+        self.checker = Checker(
+            self.heads,
+            catalog,
+            self.chunks,
+            self.refs,
+            self.fence,
+            self.space,
+            self.data,
+            self.commit_lock,
+        )
 
     @classmethod
     async def open(
@@ -90,7 +203,7 @@ class Engine(DataPath, Maintenance, Referencing):
         os.makedirs(cache_dir, mode=0o700, exist_ok=True)
         catalog = Catalog(os.path.join(cache_dir, "catalog.sqlite3"))
         engine = cls(store, catalog, cache_dir, config or EngineConfig(), read_only, files)
-        engine.checking = checking and read_only
+        engine.checking = engine.checker.offline = checking and read_only
         if engine.checking:  # a blob it cannot find is a finding (and the restore of the
             engine.chunks.on_missing = None  # catalog must not reload it in its middle)
         try:
@@ -185,11 +298,12 @@ class Engine(DataPath, Maintenance, Referencing):
             # The fence, before any delete, sweep or collect: from here on a writer that
             # this one displaced can publish nothing.
             async with self.commit_lock:
-                await self._publish()
+                await self.committer.publish()
         for snap in temporary:  # dropped on unmount; after a crash, dropped now
             await self._drop_snapshot(snap)
         if not clean:
-            self.sweep_needed = not self.read_only
+            if not self.read_only:
+                self.collector.cycle_failed()
             log.warning(
                 "recovering after an unclean shutdown: %d dirty blocks to upload",
                 sum(len(h.dirty) for h in self.heads.values()),
@@ -368,8 +482,7 @@ class Engine(DataPath, Maintenance, Referencing):
     def _add_head(self, row: VolumeRow) -> Head:
         head = Head(row, self.cache_dir, self.files, self.space, self.catalog)
         for blk, epoch in self.catalog.dirty(row.id).items():
-            self.gen += 1
-            head.blocks.load_dirty(blk, epoch, self.gen)
+            head.blocks.load_dirty(blk, epoch, head.next_gen())
         head.saves.load()
         self.heads[row.name] = head
         return head
@@ -394,7 +507,7 @@ class Engine(DataPath, Maintenance, Referencing):
                 clean = self.catalog.failed is None
                 for head in self.heads.values():
                     try:
-                        await self._persist_dirty(head)
+                        await head.persist_dirty()
                     except (CacheSyncFailed, CatalogFailed):
                         clean = False  # the next open recovers as after a crash
                 with contextlib.suppress(CatalogFailed):
@@ -449,7 +562,7 @@ class Engine(DataPath, Maintenance, Referencing):
             row = self.catalog.volume(name)
             assert row is not None and row.id == vid
             await self._count_mapped(self._add_head(row))
-            await self._publish()
+            await self.committer.publish()
         return row
 
     async def resize_volume(self, name: str, size: int, uid: int = 0) -> VolumeRow:
@@ -467,7 +580,7 @@ class Engine(DataPath, Maintenance, Referencing):
                 self.catalog.update_volume(head.row.id, size=size)
                 self.fence.changed()
             head.row.size = size
-            await self._publish()
+            await self.committer.publish()
         return head.row
 
     async def delete_volume(self, name: str, recursive: bool = False, uid: int = 0) -> None:
@@ -485,7 +598,7 @@ class Engine(DataPath, Maintenance, Referencing):
         for snap in snaps:
             await self.delete_snapshot(name, snap.name, uid=uid)
         async with self.commit_lock:
-            deltas = await self._replace_tree(head, None)
+            deltas = await self.committer.replace_tree(head, None)
             if any(s.state != "deleting" for s in self.catalog.snapshots(name)):
                 raise Busy(f"volume {name!r} has a snapshot taken meanwhile: delete it first")
             with self.catalog.transaction():
@@ -495,8 +608,8 @@ class Engine(DataPath, Maintenance, Referencing):
             del self.heads[name]
             head.close()  # its dirty, clean and saved blocks take no room any more
             head.remove_files()
-            await self._publish()
-            await self._collect()
+            await self.committer.publish()
+            await self.collector.collect()
 
     async def rename_volume(self, name: str, new: str, uid: int = 0) -> VolumeRow:
         """Give a closed volume without snapshots another name: how an import's hidden
@@ -520,7 +633,7 @@ class Engine(DataPath, Maintenance, Referencing):
             del self.heads[name]
             head.row.name = new
             self.heads[new] = head
-            await self._publish()
+            await self.committer.publish()
         return head.row
 
     async def _count_mapped(self, head: Head) -> None:
@@ -581,7 +694,7 @@ class Engine(DataPath, Maintenance, Referencing):
         check_name(name, "snapshot name")
         guid = None if guid is None else check_guid(guid)
         self._check_new_snapshot(volume, name, guid)
-        await self._persist_dirty(head)
+        await head.persist_dirty()
         self._check_new_snapshot(volume, name, guid)
         row = head.row
         with self.catalog.transaction():
@@ -621,7 +734,7 @@ class Engine(DataPath, Maintenance, Referencing):
             if snap.state != "creating":
                 raise SnapfsError(f"snapshot {volume}@{name} is {snap.state}")
             self.writable()  # lost the store: it stays creating here for ever
-            if not await self.flush_once():
+            if not await self.committer.flush_once():
                 await trio.sleep(0.05)  # another task's cycle holds the work: let it run
 
     async def delete_snapshot(self, volume: str, name: str, uid: int = 0) -> None:
@@ -650,8 +763,8 @@ class Engine(DataPath, Maintenance, Referencing):
             self.refs.apply(deltas)
             self.catalog.delete_snapshot(snap.id)
             self.fence.changed()
-        await self._publish()
-        await self._collect()
+        await self.committer.publish()
+        await self.collector.collect()
 
     async def rollback(self, volume: str, name: str, uid: int = 0) -> None:
         self.writable()
@@ -661,7 +774,7 @@ class Engine(DataPath, Maintenance, Referencing):
             raise Busy(f"volume {volume!r} is open: close it (detach its loop device) first")
         snap = await self.wait_available(volume, name)
         async with head.write_lock, self.commit_lock:
-            deltas = await self._replace_tree(head, snap.root)
+            deltas = await self.committer.replace_tree(head, snap.root)
             with self.catalog.transaction():
                 self.refs.apply(deltas)
                 self.catalog.clear_dirty(head.row.id, list(head.dirty))
@@ -675,8 +788,8 @@ class Engine(DataPath, Maintenance, Referencing):
             head.row.size = snap.size
             head.cache.truncate(0)
             head.cache.truncate(snap.size)
-            await self._publish()
-            await self._collect()
+            await self.committer.publish()
+            await self.collector.collect()
 
     async def diff(self, volume: str, a: str, b: str) -> list[int]:
         sa, sb = await self.wait_available(volume, a), await self.wait_available(volume, b)
@@ -718,33 +831,134 @@ class Engine(DataPath, Maintenance, Referencing):
         return extents
 
     def statistics(self) -> EngineStatistics:
+        """Assembled from the components' own statistics."""
         packs = self.chunks.statistics()
         return EngineStatistics(
             volumes=len(self.heads),
             snapshots=len(self.catalog.snapshots()),
-            dirty_bytes=self.space.dirty_bytes,
-            cached_bytes=self.space.clean_bytes + self.space.dirty_bytes,
-            frozen_bytes=self.space.saved_bytes,
-            stored_bytes=self.refs.referenced_bytes(),
-            stored_data_bytes=self.refs.referenced_bytes(K_CHUNK),
-            stored_objects=self.refs.rows(),
             uploaded_bytes=self.chunks.uploaded_bytes,
-            discarded_bytes=self.discarded_bytes,
-            orphans_removed=self.orphans_removed,
             uploaded_objects=self.chunks.uploaded_blobs,
             uploading_objects=self.chunks.staged_blobs,
-            deduplicated_blocks=self.deduplicated,
-            fetched_blocks=self.fetched,
-            catalog_seq=self.fence.changes(),
-            published_seq=int(self.catalog.get_meta("published", 0)),
-            flush_errors=self.flush_errors,
-            last_error=self.last_error,
             packs=packs.packs,
             pack_bytes=packs.pack_bytes,
             live_bytes=packs.live_bytes,
             index_fragments=packs.fragments,
-            lease_lost=self.lease_lost,
+            **self.space.statistics(),
+            **self.refs.statistics(),
+            **self.data.statistics(),
+            **self.committer.statistics(),
+            **self.collector.statistics(),
+            **self.background.statistics(),
+            **self.fence.statistics(),
         )
+
+    # ------------------------------------------------------------------ delegated
+
+    def head(self, name: str) -> Head:
+        return find_head(self.heads, name)
+
+    def snapshot_row(self, volume: str, name: str) -> SnapshotRow:
+        return find_snapshot(self.catalog, self.heads, volume, name)
+
+    def writable(self) -> None:
+        """Raise ReadOnly on a read-only mount, or after this writer lost the store."""
+        self.fence.writable()
+
+    @property
+    def lease_lost(self) -> str | None:
+        """Why this writer lost the store (the fence owns it), or None."""
+        return self.fence.lost
+
+    def lost(self, reason: str) -> None:
+        """This writer no longer owns the store: keep the cache, publish and delete nothing,
+        refuse snapshots until remounted."""
+        self.fence.mark_lost(reason)
+
+    def kick(self) -> None:
+        self.wake.kick()
+
+    def evict_all(self) -> None:
+        """Drop every clean cached block (tests use it to force reads from the store)."""
+        self.space.evict(limit=0)
+
+    @property
+    def sweep_needed(self) -> bool:
+        return self.collector.sweep_needed
+
+    async def read(self, name: str, offset: int, size: int) -> bytes:
+        return await self.data.read(name, offset, size)
+
+    async def read_ref(self, name: str, offset: int, size: int) -> bytes | tuple[int, int, int]:
+        return await self.data.read_ref(name, offset, size)
+
+    async def write(self, name: str, offset: int, data: bytes) -> int:
+        return await self.data.write(name, offset, data)
+
+    async def discard(self, name: str, offset: int, length: int) -> None:
+        await self.data.discard(name, offset, length)
+
+    async def fsync(self, name: str) -> None:
+        await self.data.fsync(name)
+
+    async def read_snapshot(self, snap: SnapshotRow, offset: int, size: int) -> bytes:
+        return await self.data.read_snapshot(snap, offset, size)
+
+    async def sync(self) -> None:
+        await self.committer.sync()
+
+    async def flush_once(self, want=None, min_age: float = 0.0, max_age: float = 0.0) -> bool:
+        return await self.committer.flush_once(want, min_age, max_age)
+
+    async def run_flusher(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        await self.background.run_flusher(task_status=task_status)
+
+    async def gc(self, threshold: float | None = None) -> dict:
+        return await self.collector.gc(threshold)
+
+    async def sweep_orphans(self) -> int:
+        return await self.collector.sweep_orphans()
+
+    async def expand_drops(self, batches: int | None = 1) -> int:
+        return await self.collector.expand_drops(batches)
+
+    def check_state(self) -> list[str]:
+        return self.checker.check_state()
+
+    def assert_invariants(self) -> None:
+        self.checker.assert_invariants()
+
+    async def check(
+        self, repair: bool = False, verify_store: bool = True, verify_data: bool = False
+    ) -> CheckReport:
+        return await self.checker.check(repair, verify_store, verify_data)
+
+    def references(self) -> list[ReferenceRow]:
+        return self.referencing.references()
+
+    def reference(self, rid: str) -> ReferenceRow:
+        return self.referencing.reference(rid)
+
+    async def unmanage(self, volume: str, name: str, uid: int = 0) -> ReferenceRow:
+        return await self.referencing.unmanage(volume, name, uid)
+
+    async def manage(
+        self, volume: str, rid: str, name: str | None = None, uid: int = 0
+    ) -> SnapshotRow:
+        return await self.referencing.manage(volume, rid, name, uid)
+
+    async def delete_reference(self, rid: str, uid: int = 0) -> None:
+        await self.referencing.delete_reference(rid, uid)
+
+    async def begin_inbound(
+        self, snap: SnapshotRow, name: str, description: str, source: str, unique: bool = False
+    ) -> ReferenceRow:
+        return await self.referencing.begin_inbound(snap, name, description, source, unique)
+
+    async def commit_inbound(self, rid, deltas, sizes, pins, locked: bool = False) -> None:
+        await self.referencing.commit_inbound(rid, deltas, sizes, pins, locked)
+
+    async def finish_inbound(self, rid: str, stale: list[bytes]) -> ReferenceRow:
+        return await self.referencing.finish_inbound(rid, stale)
 
     # ------------------------------------------------------------------ for the FUSE layer
     # What snapfs/fuse/ops.py, snapfs/control.py and the daemon may ask of the engine. They

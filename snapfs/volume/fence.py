@@ -44,7 +44,7 @@ import trio
 
 from snapfs import codec
 from snapfs.chunks import fragment_key, pack_key
-from snapfs.errors import AlreadyExists, Busy, ReadOnly, StoreError
+from snapfs.errors import AlreadyExists, Busy, CatalogFailed, ReadOnly, StoreError
 from snapfs.store.base import Store
 from snapfs.tasks import run_all
 from snapfs.volume import lease, publish
@@ -142,6 +142,23 @@ class Fence:
     def up_to_date(self) -> bool:
         """This writer's fence is out and its newest catalog covers every local change."""
         return self.fenced and self.lost is None and self.covers == self.changes()
+
+    def writable(self) -> None:
+        """Raise ReadOnly on a read-only mount or once this writer lost the store, and
+        CatalogFailed once the local catalog failed: nothing may change then."""
+        if self.read_only:
+            raise ReadOnly("this mount is read-only")
+        if self.lost:
+            raise ReadOnly(f"this writer lost the store ({self.lost}): remount")
+        if self.catalog.failed:
+            raise CatalogFailed(f"the local catalog failed ({self.catalog.failed}): remount")
+
+    def statistics(self) -> dict:
+        return {
+            "catalog_seq": self.changes(),
+            "published_seq": self.covers,
+            "lease_lost": self.lost,
+        }
 
     def mark_lost(self, reason: str) -> None:
         if self.lost is None:

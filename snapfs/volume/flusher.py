@@ -1,36 +1,74 @@
-"""Flush cycles and publication (see docs/design.md, "The flush cycle")."""
+"""The committer: flush cycles and publication (see docs/design.md, "The flush cycle")."""
 
 import logging
 
 import trio
 import trio.lowlevel
 
-from snapfs.chunks import CHUNK, NODE, digest
+from snapfs.chunks import CHUNK, NODE, ChunkStore, digest
 from snapfs.errors import ReadOnly
 from snapfs.tasks import plain_errors_nursery
-from snapfs.volume import commit, publish
-from snapfs.volume.base import EngineBase
-from snapfs.volume.catalog import BLOB_KINDS, SnapshotRow
-from snapfs.volume.check import K_CHUNK, K_NODE, K_PACK
-from snapfs.volume.fence import STORE_KINDS
+from snapfs.volume import commit
+from snapfs.volume.base import EngineConfig, zeros
+from snapfs.volume.cache import CacheSpace
+from snapfs.volume.catalog import Catalog, SnapshotRow
+from snapfs.volume.check import K_CHUNK, K_NODE
+from snapfs.volume.collector import Collector
+from snapfs.volume.fence import Fence
 from snapfs.volume.files import BlockFile
 from snapfs.volume.head import Head
+from snapfs.volume.publish import publish_catalog
+from snapfs.volume.refcounts import Refcounts
 
 log = logging.getLogger("snapfs.engine")
 
-RELEASE_SLICE = 16384  # dead blobs released from the index per transaction
 
-
-class Flusher(EngineBase):
+class Committer:
     """Flush cycles: upload dirty blocks and pending snapshots, commit the catalog in one
-    transaction, publish it, then delete what the published catalog no longer needs."""
+    transaction, publish it, then let the collector delete what the published catalog no
+    longer needs.
+
+    owns: the commit (select → stage → plan → apply → publish, see commit.py) and whether
+    the last cycle left work behind (`backlog`).
+    does not own: the heads' blocks and saves (`Head`), the refcounts (`Refcounts`), the
+    packs and the index (`ChunkStore`), publishing and the loss of the store (`Fence`),
+    what goes after a commit (`Collector`)."""
+
+    def __init__(
+        self,
+        heads: dict[str, Head],
+        catalog: Catalog,
+        chunks: ChunkStore,
+        refs: Refcounts,
+        fence: Fence,
+        space: CacheSpace,
+        config: EngineConfig,
+        commit_lock: trio.Lock,
+        collector: Collector,
+    ) -> None:
+        self.heads = heads
+        self.catalog = catalog
+        self.chunks = chunks
+        self.store = fence.store
+        self.tree = refs.tree
+        self.refs = refs
+        self.fence = fence
+        self.space = space
+        self.config = config
+        self.commit_lock = commit_lock
+        self.collector = collector
+        self.backlog = False  # the last flush cycle left work behind (a full batch)
+        self.deduplicated = 0
+
+    def statistics(self) -> dict:
+        return {"deduplicated_blocks": self.deduplicated}
 
     async def sync(self) -> None:
         """Make everything written before the call durable locally (as fsync does), upload
         it, complete every pending snapshot and publish the catalog. Errors of the store
         propagate after its retries."""
-        if self.lease_lost:
-            raise ReadOnly(f"cannot sync: {self.lease_lost}")
+        if self.fence.lost:
+            raise ReadOnly(f"cannot sync: {self.fence.lost}")
         # What to upload: every block dirty now. One written again during the sync is
         # uploaded all the same, with what it holds when read (the version from before
         # the call, or a newer one): skipping it left the store without either.
@@ -39,16 +77,16 @@ class Flusher(EngineBase):
         # again during the upload stays dirty, and what it held before the call must not
         # be lost with the newer write if the machine dies before the next sync.
         for head in list(self.heads.values()):
-            await self._persist_dirty(head)
+            await head.persist_dirty()
         while await self.flush_once(want=want):
             pass
         async with self.commit_lock:
             # The cycles stop at once when this writer lost the store meanwhile (another
             # task learned it) or its catalog failed: then what came before this call is
             # not in the store, and sync must not say it is.
-            self.writable()
-            await self._publish()
-            await self._collect(drain=True)
+            self.fence.writable()
+            await self.publish()
+            await self.collector.collect(drain=True)
 
     async def flush_once(
         self,
@@ -62,15 +100,15 @@ class Flusher(EngineBase):
         those left alone for `min_age` seconds or dirty for `max_age` seconds, when given
         (the background flusher lets hot blocks be rewritten in the cache instead of
         uploading every version, but not forever). Returns whether it found work."""
-        if self.read_only or self.lease_lost or self.catalog.failed:
+        if self.fence.read_only or self.fence.lost or self.catalog.failed:
             return False
         async with self.commit_lock:
-            if self.lease_lost or self.catalog.failed:  # while this cycle waited for the lock
+            if self.fence.lost or self.catalog.failed:  # while this cycle waited for the lock
                 return False
             for head in list(self.heads.values()):
                 if head.pending:
                     await self._commit(head, head.pending[0])
-                    self._backlog = True
+                    self.backlog = True
                     return True
             budget = self.config.batch_bytes
             did = False
@@ -81,7 +119,7 @@ class Flusher(EngineBase):
                     # Taken while an earlier volume of this cycle committed: its cut comes
                     # first (a head commit now would put later writes under it).
                     await self._commit(head, head.pending[0])
-                    self._backlog = True
+                    self.backlog = True
                     return True
                 blocks = []
                 for blk, dirty in head.dirty.items():
@@ -101,7 +139,7 @@ class Flusher(EngineBase):
                     if want is not None:
                         want[head.row.id].difference_update(blocks)
                     did = True
-            self._backlog = budget <= 0
+            self.backlog = budget <= 0
             return did
 
     async def _commit(self, head: Head, snap: SnapshotRow | None, blocks: list[int] | None = None):
@@ -112,7 +150,7 @@ class Flusher(EngineBase):
             await self._commit_inner(head, snap, blocks)
         except BaseException:
             self.chunks.discard_staged()
-            self.sweep_needed = True
+            self.collector.cycle_failed()
             raise
 
     async def _commit_inner(
@@ -128,8 +166,8 @@ class Flusher(EngineBase):
         # blocks stay dirty (raises before anything is marked clean).
         await self.fence.check_current()
         self._apply(head, plan)  # a plain def: no await between the check and the change
-        await self._publish()
-        await self._collect()
+        await self.publish()
+        await self.collector.collect()
 
     async def _stage(self, head: Head, selection: commit.Selection) -> commit.Staged:
         """Read, hash and stage the selected blocks a slice at a time, so that a commit
@@ -170,7 +208,7 @@ class Flusher(EngineBase):
         """Read one slice of a commit's blocks and hash them: (blk, chunk id or None for
         zeros, data)."""
         bs = head.bs
-        zero = self._zeros(bs)
+        zero = zeros(bs)
 
         def load(saved: dict[int, int]) -> list[tuple[int, bytes]]:
             out = []
@@ -198,9 +236,9 @@ class Flusher(EngineBase):
         (packs, their index fragment, the barrier)."""
         for oid, data in plan.nodes.items():
             self.chunks.stage(NODE, oid, data)
-        await self._flush_staged()
+        await self.flush_staged()
 
-    async def _flush_staged(self, check_fence: bool = False) -> None:
+    async def flush_staged(self, check_fence: bool = False) -> None:
         """Upload everything staged (packs, then their index fragment) and make it durable;
         with `check_fence`, then check that no other writer published since. On any error
         what was staged is forgotten: uploaded packs are orphans for the sweep."""
@@ -211,7 +249,7 @@ class Flusher(EngineBase):
                 await self.fence.check_current()
         except BaseException:
             self.chunks.discard_staged()
-            self.sweep_needed = True
+            self.collector.cycle_failed()
             raise
 
     def _apply(self, head: Head, plan: commit.CommitPlan) -> None:
@@ -254,7 +292,7 @@ class Flusher(EngineBase):
         head.pending.pop(0)
         head.saves.release(epoch, pending=bool(head.pending))
 
-    async def _replace_tree(self, head: Head, root: bytes | None) -> dict[bytes, int]:
+    async def replace_tree(self, head: Head, root: bytes | None) -> dict[bytes, int]:
         """The refcount deltas that make `root` the head's tree instead of its own (rollback,
         volume delete: root None), with commit_lock held. Every snapshot pending on the
         volume is committed first, since its commit builds on the tree being replaced; one
@@ -263,7 +301,7 @@ class Flusher(EngineBase):
         pending for ever)."""
         while True:
             while head.pending:
-                self.writable()
+                self.fence.writable()
                 await self._commit(head, head.pending[0])
             deltas = {} if root is None else {K_NODE + root: 1}
             if head.row.root is not None:
@@ -271,74 +309,8 @@ class Flusher(EngineBase):
             if not head.pending:
                 return deltas
 
-    async def _publish(self) -> None:
+    async def publish(self) -> None:
         """Publish the catalog as the next write-once object (the fence decides whether and
         at which seq). If that seq holds another writer's catalog, this writer lost the
         store: it publishes and deletes nothing from then on."""
-        try:
-            await self.fence.publish(
-                lambda seq, writer, changes: publish.catalog_doc(
-                    self.catalog, seq, writer, changes, self.chunks.fragment_keys()
-                )
-            )
-        except ReadOnly:
-            if self.fence.lost:
-                self.last_error = self.fence.lost
-            raise
-
-    async def _collect(self, drain: bool = False) -> None:
-        """Once a catalog without them is out: expand up to `drop_batches` batches of the
-        queue of dropped trees (all of it with `drain`; the flusher is kicked for the rest)
-        and release the garbage each round makes, then delete the queued store objects
-        whose grace period is over (`_release_garbage`). Every step goes through a table
-        (`drops`, `garbage`), so a crash in between only repeats or continues it. Called
-        with commit_lock held."""
-        if self.read_only or not self.fence.up_to_date():
-            return
-        while True:
-            left = await self._expand_drops(self.config.drop_batches)
-            if not (left and drain):
-                break
-            self._release_blobs()
-        if left:
-            self.kick()
-        await self._release_garbage()
-
-    async def _release_garbage(self) -> None:
-        """Release the dead blobs (`_release_blobs`), then delete the queued store objects
-        whose grace period is over. Only once every change is published (`_collect`'s
-        guard)."""
-        self._release_blobs()
-        await self.fence.delete_due()
-
-    def _release_blobs(self) -> None:
-        """Drop dead blobs from the index (their packs lose live bytes) and queue packs with
-        nothing live left, `RELEASE_SLICE` blobs a transaction (a dropped tree's garbage can
-        be large); the first also stamps the store objects queued before their change was
-        published."""
-        while True:
-            blobs = self.catalog.garbage(BLOB_KINDS, RELEASE_SLICE)
-            if not blobs and not self.catalog.unstamped_garbage(STORE_KINDS):
-                return
-            with self.catalog.transaction():
-                self.fence.published_now()
-                empty = self.chunks.release(blobs)
-                self.catalog.forget_garbage(blobs)
-                self.fence.queue(K_PACK + pid for pid in empty)
-            if len(blobs) < RELEASE_SLICE:
-                return
-
-    async def _expand_drops(self, batches: int | None) -> bool:
-        """Expand the queue of dropped nodes, `batches` batches of `drop_batch` nodes (None:
-        until it is empty), each one transaction that decrements the children and takes the
-        nodes off the queue. Returns whether nodes are left. Called with commit_lock held.
-        A node read that fails raises; what was expanded before stays."""
-        done = 0
-        while batches is None or done < batches:
-            keys, deltas = await self.refs.plan_expand(self.config.drop_batch)
-            if not keys:
-                return False
-            with self.catalog.transaction():
-                self.refs.apply_expand(keys, deltas)
-            done += 1
-        return bool(self.refs.queued(1))
+        await publish_catalog(self.fence, self.catalog, self.chunks)

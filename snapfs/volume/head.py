@@ -7,7 +7,7 @@ import os
 import trio
 import trio.lowlevel
 
-from snapfs.errors import CacheSyncFailed
+from snapfs.errors import CacheSyncFailed, NotFound
 from snapfs.volume.cache import CacheSpace, Dirty, VolumeCache
 from snapfs.volume.catalog import Catalog, SnapshotRow, VolumeRow
 from snapfs.volume.files import BlockFile, Files
@@ -24,6 +24,7 @@ class Head:
         self, row: VolumeRow, cache_dir: str, files: Files, space: CacheSpace, catalog: Catalog
     ) -> None:
         self.row = row
+        self.catalog = catalog
         base = os.path.join(cache_dir, f"vol-{row.id}")
         self.cache_path, self.frozen_path = base + ".cache", base + ".frozen"
         self.cache = files.open(self.cache_path, row.size)
@@ -37,6 +38,7 @@ class Head:
         self.write_lock = trio.Lock()
         self.fetching = InFlight()
         self.mapped = 0  # blocks the committed tree maps to data
+        self.gen = 0  # write generation: bumped at every change of a block's dirty record
         # Why an fdatasync of the cache file failed, once one did: from then on every sync
         # of the volume fails (the kernel may have dropped pages it could not write back;
         # a later fdatasync that succeeds says nothing about them) until it is remounted.
@@ -57,6 +59,24 @@ class Head:
 
     def blen(self, blk: int) -> int:
         return min(self.bs, self.row.size - blk * self.bs)
+
+    def next_gen(self) -> int:
+        """A new write generation (a commit leaves a block dirty that was written again,
+        with a newer generation, after the commit read it)."""
+        self.gen += 1
+        return self.gen
+
+    async def persist_dirty(self) -> None:
+        """Sync the cache file, then commit the rows of the dirty blocks that have none yet.
+        A block is `synced` only once its row is in: at every await, each dirty block has
+        a row or is not synced. A block written again during the sync keeps the row (it is
+        dirty, in the same epoch); its new bytes wait for the next sync."""
+        todo = self.blocks.unsynced()
+        await self.datasync()
+        rows = [(blk, self.dirty[blk].epoch) for blk in todo if blk in self.dirty]
+        with self.catalog.transaction():
+            self.catalog.set_dirty(self.row.id, rows)
+        self.blocks.mark_synced(todo)
 
     async def datasync(self, file: BlockFile | None = None) -> None:
         """Make the writes to the cache file (or to `file`, the saves file) durable, or
@@ -87,3 +107,21 @@ class Head:
         for path in (self.cache_path, self.frozen_path):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+
+
+def find_head(heads: dict[str, Head], name: str) -> Head:
+    """The head of volume `name`; NotFound when there is none."""
+    head = heads.get(name)
+    if head is None:
+        raise NotFound(f"volume {name!r} not found")
+    return head
+
+
+def find_snapshot(catalog: Catalog, heads: dict[str, Head], volume: str, name: str) -> SnapshotRow:
+    """Snapshot volume@name (not one being deleted); NotFound naming what is missing."""
+    snap = catalog.snapshot(volume, name)
+    if snap is None or snap.state == "deleting":
+        if volume not in heads and not catalog.snapshots(volume):
+            raise NotFound(f"volume {volume!r} not found")
+        raise NotFound(f"snapshot {volume}@{name} not found")
+    return snap

@@ -19,15 +19,22 @@ seq for a `put_new`: the fence checks for a newer catalog after it published and
 deletes).
 """
 
+from __future__ import annotations
+
 import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 from snapfs import codec
 from snapfs.errors import IntegrityError, NotFound, ObjectNotFound, StoreError
 from snapfs.store.base import Store
 from snapfs.volume.catalog import Catalog, ReferenceRow
+
+if TYPE_CHECKING:
+    from snapfs.chunks import ChunkStore
+    from snapfs.volume.fence import Fence
 
 FORMAT = 1
 MANIFEST = "manifest"
@@ -196,3 +203,14 @@ def _doc(
         "volumes": volumes,
         "snapshots": snapshots,
     }
+
+
+async def publish_catalog(fence: Fence, catalog: Catalog, chunks: ChunkStore) -> None:
+    """Publish the catalog as the next write-once object (the fence decides whether and at
+    which seq; ReadOnly once this writer lost the store: it publishes nothing from then
+    on)."""
+    await fence.publish(
+        lambda seq, writer, changes: catalog_doc(
+            catalog, seq, writer, changes, chunks.fragment_keys()
+        )
+    )

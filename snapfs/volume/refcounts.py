@@ -64,6 +64,13 @@ class Refcounts:
     def rows(self) -> int:
         return self.catalog.ref_count_rows()
 
+    def statistics(self) -> dict:
+        return {
+            "stored_bytes": self.referenced_bytes(),
+            "stored_data_bytes": self.referenced_bytes(K_CHUNK),
+            "stored_objects": self.rows(),
+        }
+
     # ------------------------------------------------------------------ planning
 
     @staticmethod

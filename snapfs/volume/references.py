@@ -11,7 +11,7 @@ States:
                 count on each complete subtree copied so far (`pins`) instead of its root
     available   holds its root; `snapshot manage` may adopt it into a volume
 
-`Referencing` (a part of the Engine)
+`References` (a component the Engine holds)
     owns: the reference rows and the moves of a root's count between a snapshot and a
           reference (unmanage, manage: the count moves, its value does not change), the
           drop of a deleted reference's count, and the inbound protocol's transactions
@@ -24,16 +24,27 @@ inbound or available, only an inbound one has pins (whole node ids), and every n
 holds has a refcount (a writer's).
 """
 
+from __future__ import annotations
+
 import secrets
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import trio
 
 from snapfs.access import check_owner
 from snapfs.errors import AlreadyExists, Busy, InvalidArgument, InvalidReference
 from snapfs.units import check_name
-from snapfs.volume.catalog import ReferenceRow, SnapshotRow, check_guid
+from snapfs.volume.catalog import Catalog, ReferenceRow, SnapshotRow, check_guid
 from snapfs.volume.check import K_NODE, key_to_store_key
-from snapfs.volume.flusher import Flusher
+from snapfs.volume.head import Head, find_head, find_snapshot
+from snapfs.volume.refcounts import Refcounts
+
+if TYPE_CHECKING:
+    from snapfs.volume.collector import Collector
+    from snapfs.volume.fence import Fence
+    from snapfs.volume.flusher import Committer
 
 REFERENCE_ID_CHARS = 16  # hex digits of a reference id
 
@@ -72,8 +83,38 @@ def check_references(rows: list[ReferenceRow], counted: Callable[[bytes], int] |
     return found
 
 
-class Referencing(Flusher):
-    """Unmanage, manage, list and delete references; the target side of a replicate."""
+class References:
+    """Unmanage, manage, list and delete references; the target side of a replicate.
+
+    owns: the reference rows (through the catalog) and the counts they hold.
+    does not own: the snapshots it turns into references and back (the catalog's rows,
+    the engine's opens), the refcounts (`Refcounts`), publishing (`Committer`, `Fence`),
+    what a dropped reference frees (`Collector`)."""
+
+    def __init__(
+        self,
+        heads: dict[str, Head],
+        catalog: Catalog,
+        refs: Refcounts,
+        fence: Fence,
+        commit_lock: trio.Lock,
+        committer: Committer,
+        collector: Collector,
+        snap_opens: dict[int, int],
+    ) -> None:
+        self.heads = heads
+        self.catalog = catalog
+        self.refs = refs
+        self.fence = fence
+        self.store = fence.store
+        self.chunks = committer.chunks
+        self.commit_lock = commit_lock
+        self.committer = committer
+        self.collector = collector
+        self.snap_opens = snap_opens
+
+    def snapshot_row(self, volume: str, name: str) -> SnapshotRow:
+        return find_snapshot(self.catalog, self.heads, volume, name)
 
     def references(self) -> list[ReferenceRow]:
         return self.catalog.references()
@@ -89,7 +130,7 @@ class Referencing(Flusher):
         """Forget snapshot volume@name in the catalog, keeping its tree under a new
         reference: in one transaction the row goes and its root's count moves to the
         reference. Only available, non-temporary snapshots that nobody has open."""
-        self.writable()
+        self.fence.writable()
         snap = self.snapshot_row(volume, name)
         check_owner(snap.owner, uid, f"snapshot {volume}@{name}")
         async with self.commit_lock:
@@ -114,7 +155,7 @@ class Referencing(Flusher):
                 self.catalog.add_reference(ref)
                 self.catalog.delete_snapshot(snap.id)
                 self.fence.changed()
-            await self._publish()
+            await self.committer.publish()
         return ref
 
     def _check_unmanageable(self, snap: SnapshotRow) -> None:
@@ -133,8 +174,8 @@ class Referencing(Flusher):
         the reference's count moves to the snapshot, which keeps the reference's guid.
         NotFound without the volume; InvalidReference when `rid` is no available
         reference here, or its block size differs or it is larger than the volume."""
-        self.writable()
-        head = self.head(volume)
+        self.fence.writable()
+        head = find_head(self.heads, volume)
         check_owner(head.row.owner, uid, f"volume {volume!r}")
         async with self.commit_lock:
             ref = self._adoptable(rid, head.row.size, head.row.block_size, uid)
@@ -160,7 +201,7 @@ class Referencing(Flusher):
                 )
                 self.catalog.delete_reference(ref.id)
                 self.fence.changed()
-            await self._publish()
+            await self.committer.publish()
         snap = self.catalog.snapshot(volume, name)
         assert snap is not None
         return snap
@@ -182,7 +223,7 @@ class Referencing(Flusher):
 
     async def delete_reference(self, rid: str, uid: int = 0) -> None:
         """Drop reference `rid` and the counts it holds: frees what nothing else needs."""
-        self.writable()
+        self.fence.writable()
         check_owner(self.reference(rid).owner, uid, f"reference {rid}")
         async with self.commit_lock:
             ref = self.reference(rid)
@@ -193,8 +234,8 @@ class Referencing(Flusher):
                 self.refs.apply(deltas)
                 self.catalog.delete_reference(ref.id)
                 self.fence.changed()
-            await self._publish()
-            await self._collect()
+            await self.committer.publish()
+            await self.collector.collect()
 
     # ------------------------------------------------------------------ inbound (replicate)
 
@@ -209,7 +250,7 @@ class Referencing(Flusher):
         refused (AlreadyExists) when available; an inbound one (a backup that failed or was
         killed) is taken over: it is retargeted to `snap` and keeps its pins, which the
         walk takes over where the trees agree, so what it copied is not sent again."""
-        self.writable()
+        self.fence.writable()
         check_name(name, "reference name")
         check_guid(snap.guid)
         async with self.commit_lock:
@@ -225,7 +266,7 @@ class Referencing(Flusher):
                     self.catalog.delete_reference(ref.id)
                 self.catalog.add_reference(ref)
                 self.fence.changed()
-            await self._publish()
+            await self.committer.publish()
         return ref
 
     def _inbound_row(
@@ -262,7 +303,7 @@ class Referencing(Flusher):
         holds; publish. A crash before the transaction leaves orphan packs (swept).
         `locked`: the caller holds commit_lock (a copy into a writer that serves a mount
         holds it for the whole batch, see volume/replicate.py)."""
-        self.writable()
+        self.fence.writable()
         if locked:
             await self._commit_inbound(rid, deltas, sizes, pins)
             return
@@ -270,13 +311,13 @@ class Referencing(Flusher):
             await self._commit_inbound(rid, deltas, sizes, pins)
 
     async def _commit_inbound(self, rid, deltas, sizes, pins: list[bytes]) -> None:
-        await self._flush_staged(check_fence=True)
+        await self.committer.flush_staged(check_fence=True)
         with self.catalog.transaction():
             self.chunks.record()
             self.refs.apply(deltas, sizes)
             self.catalog.update_reference(rid, pins=b"".join(pins))
             self.fence.changed()
-        await self._publish()
+        await self.committer.publish()
 
     async def finish_inbound(self, rid: str, stale: list[bytes]) -> ReferenceRow:
         """The copy is complete: the reference holds its root (its last pin) and becomes
@@ -293,6 +334,6 @@ class Referencing(Flusher):
                 self.refs.apply(deltas)
                 self.catalog.update_reference(rid, state="available", pins=b"")
                 self.fence.changed()
-            await self._publish()
-            await self._collect()
+            await self.committer.publish()
+            await self.collector.collect()
         return self.reference(rid)

@@ -36,7 +36,7 @@ inbound reference of a target engine (a writer of the other store):
 
 owns: the walk, the frontier, the batch's deltas and sizes, the orphans found at a resume,
 the statistics; the source side helpers (`read_only_engine`, `reference_snapshot`).
-does not own: the reference rows and transactions (`Referencing` in the target engine),
+does not own: the reference rows and transactions (`References` in the target engine),
 the stores, the lease (the caller's: snapfs/replicate.py, or the mount's daemon).
 """
 
@@ -107,7 +107,7 @@ class Replicator:
     ) -> ReferenceRow:
         """Copy what the target lacks; returns the available reference. A rerun after an
         interruption resumes the inbound reference of the same guid and root (`unique`: a
-        backup; see `Referencing.begin_inbound`). On error or cancellation what this batch
+        backup; see `References.begin_inbound`). On error or cancellation what this batch
         staged is forgotten (its uploaded packs are orphans, which a rerun adopts)."""
         known = {r.id for r in self.target.references()}
         ref = await self.target.begin_inbound(self.snap, name, description, source, unique)
@@ -127,7 +127,7 @@ class Replicator:
         except BaseException:
             if self._locked or not self.shared:  # else nothing of ours is staged
                 self.target.chunks.discard_staged()
-                self.target.sweep_needed = True
+                self.target.collector.cycle_failed()
             raise
         finally:
             self._unlock()

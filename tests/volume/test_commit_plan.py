@@ -14,7 +14,7 @@ from snapfs.volume import commit
 from snapfs.volume.cache import Dirty
 from snapfs.volume.catalog import Catalog, SnapshotRow, VolumeRow
 from snapfs.volume.check import K_CHUNK, K_NODE
-from snapfs.volume.flusher import Flusher
+from snapfs.volume.flusher import Committer
 from snapfs.volume.refcounts import Refcounts
 
 BS = 4096
@@ -236,5 +236,5 @@ def test_select_takes_a_snapshots_blocks_up_to_its_epoch_and_its_saves():
 def test_select_and_apply_cannot_await():
     # "No await from the fence check to the change" is a structure: apply is a plain def.
     assert not inspect.iscoroutinefunction(commit.select)
-    assert not inspect.iscoroutinefunction(Flusher._apply)
+    assert not inspect.iscoroutinefunction(Committer._apply)
     assert not inspect.iscoroutinefunction(commit.CommitPlan.cleaned)

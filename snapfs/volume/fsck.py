@@ -1,6 +1,6 @@
-"""Background maintenance: the flusher loop, gc of packs, the orphan sweep, and the checks:
-`check_state` (every local component's own `check()`), `assert_invariants` and fsck
-(`check`: those, plus the walk of every root against the refcounts and the store)."""
+"""The checks: `check_state` (every local component's own `check()`), `assert_invariants`
+and fsck (`check`: those, plus the walk of every root against the refcounts and the
+store)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,16 @@ import logging
 import trio
 import trio.lowlevel
 
-from snapfs.chunks import CHUNK, fragment_key, pack_key
+from snapfs.chunks import CHUNK, ChunkStore, pack_key
 from snapfs.errors import (
     IntegrityError,
     ObjectNotFound,
-    SnapfsError,
 )
 from snapfs.tree import TreeReader
+from snapfs.volume.cache import CacheSpace
+from snapfs.volume.catalog import Catalog
 from snapfs.volume.check import (
     K_CHUNK,
-    K_FRAG,
     K_NODE,
     K_PACK,
     CheckReport,
@@ -26,168 +26,44 @@ from snapfs.volume.check import (
     Walk,
     key_to_store_key,
 )
-from snapfs.volume.flusher import Flusher
+from snapfs.volume.datapath import DataPath
+from snapfs.volume.fence import Fence
 from snapfs.volume.head import Head
+from snapfs.volume.refcounts import Refcounts
 from snapfs.volume.references import check_references
 
 log = logging.getLogger("snapfs.engine")
 
 
-class Maintenance(Flusher):
-    """The background loop (flush, publish, gc, orphan sweep) and the checks."""
+class Checker:
+    """fsck and the invariants: every component's own `check()` (`check_state`), then one
+    walk of every root against the refcounts and the store (`check`).
 
-    _sweep_at = 0.0  # when the orphans the last sweep remembered are due (config.clock)
+    owns: nothing; it reads every component's state, under the commit lock for the walk."""
 
-    async def run_flusher(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Background task: every `flush_delay` (at once when kicked), flush the blocks left
-        alone for `flush_delay` or dirty for `flush_max_age`. Cycles follow each other
-        without a pause only while there is a backlog (a full batch or a pending
-        snapshot): under steady writes, blocks that settle meanwhile wait for the next tick
-        instead of making a commit each (every commit has fixed costs: barriers, a catalog
-        transaction and a publish).
-        Store errors are logged and retried with backoff; cancellation stops it between
-        cycles (the final flush is `close()`'s, shielded)."""
-        task_status.started()
-        backoff = 1.0
-        while True:
-            with trio.move_on_after(min(self.config.flush_delay, self.config.flush_max_age)):
-                await self._kick.wait()
-            self._kick = trio.Event()
-            try:
-                while (
-                    await self.flush_once(
-                        min_age=self.config.flush_delay, max_age=self.config.flush_max_age
-                    )
-                    and self._backlog
-                ):
-                    await trio.lowlevel.checkpoint()
-                if not self.lease_lost and (not self.fence.up_to_date() or self.refs.queued(1)):
-                    async with self.commit_lock:
-                        await self._publish()
-                        await self._collect()
-                due = self.fence.next_due()
-                if due is not None and due <= self.config.clock() and not self.lease_lost:
-                    async with self.commit_lock:  # garbage whose grace period is over
-                        await self._collect()
-                if not self.lease_lost and self.chunks.sparse_packs(self.config.gc_threshold):
-                    await self.gc()  # background gc: work follows the garbage
-                if (
-                    self.sweep_needed
-                    and not self.lease_lost
-                    and self.config.clock() >= self._sweep_at
-                ):
-                    await self.sweep_orphans()
-                backoff = 1.0
-            except Exception as exc:  # the daemon must outlive any failure of a cycle
-                self.flush_errors += 1
-                self.last_error = str(exc) or exc.__class__.__name__
-                if isinstance(exc, SnapfsError):
-                    log.warning("flush failed, retrying in %.0fs: %s", backoff, exc)
-                else:
-                    log.exception("flush failed unexpectedly, retrying in %.0fs", backoff)
-                await trio.sleep(backoff)
-                backoff = min(backoff * 2, 30.0)
-
-    async def expand_drops(self, batches: int | None = 1) -> int:
-        """Expand `batches` batches of the queue of dropped trees now (None: all of it;
-        the flusher does it in the background), once every change is published, and
-        release the garbage. Returns how many nodes are left on the queue. Store errors
-        propagate (what was expanded stays)."""
-        self.writable()
-        async with self.commit_lock:
-            await self._publish()
-            if self.fence.up_to_date():
-                await self._expand_drops(batches)
-                await self._release_garbage()
-            return len(self.refs.queued())
-
-    async def gc(self, threshold: float | None = None) -> dict:
-        """Rewrite packs whose live share fell below `threshold` (their live blobs move to new
-        packs, then the old packs go), and fold the index fragments into a checkpoint when
-        they have piled up. The work follows the garbage, not the data kept."""
-        self.writable()
-        threshold = self.config.gc_threshold if threshold is None else threshold
-        async with self.commit_lock:
-            await self._publish()
-            await self._collect()
-            before = self.chunks.statistics()
-            sparse = self.chunks.sparse_packs(threshold)
-            moved = 0
-            try:
-                for pid, _size, _live in sparse:
-                    for key, body in await self.chunks.read_live(pid):
-                        self.chunks.stage_body(key, body)
-                        moved += len(body)
-                    await self.chunks.upload_sealed()
-                await self.chunks.flush()
-                await self.store.barrier()
-            except BaseException:
-                self.chunks.discard_staged()
-                self.sweep_needed = True
-                raise
-            # The index changed: a catalog naming the new fragment goes out, and the old
-            # packs stay in the store for the grace period after it: a reader that loaded
-            # the catalog before (a read-only mount) still finds its blobs.
-            with self.catalog.transaction():
-                self.chunks.record()
-                self.chunks.forget_packs([pid for pid, _s, _l in sparse])
-                self.fence.queue((K_PACK + pid for pid, _s, _l in sparse), published=False)
-                if sparse:
-                    self.fence.changed()
-            await self._publish()
-            await self._collect()
-            if self.chunks.statistics().fragments > 32:
-                old = await self.chunks.checkpoint()
-                await self.store.barrier()
-                with self.catalog.transaction():
-                    self.chunks.record()
-                    self.chunks.forget_fragments(old)
-                    self.fence.queue((K_FRAG + _fragment_id(k) for k in old), published=False)
-                    self.fence.changed()
-                await self._publish()
-                await self._collect()
-            after = self.chunks.statistics()
-            return {
-                "rewritten_packs": len(sparse),
-                "moved_bytes": moved,
-                "store_bytes_before": before.pack_bytes,
-                "store_bytes_after": after.pack_bytes,
-                "live_bytes": after.live_bytes,
-                "packs": after.packs,
-            }
-
-    async def sweep_orphans(self) -> int:
-        """Delete the packs and index fragments that no committed catalog knows: what a
-        flush or gc cycle uploaded before it failed (store error, crash, cancellation), or
-        what a displaced writer uploaded and never published. The flusher runs it after
-        such a failure or an unclean shutdown. Only after this writer's fence, and only
-        objects seen orphaned for the grace period (the fence remembers when). Objects
-        queued for deletion are not orphans. Returns how many objects went."""
-        self.writable()
-        async with self.commit_lock:
-            await self._publish()
-            await self._collect()
-            self.fence.check_may_delete()
-            garbage = self.catalog.garbage()
-            keep = self.chunks.known_packs()
-            keep.update(k[1:] for k in garbage if k[:1] == K_PACK)
-            orphans = set()
-            for key in await self.store.list("p/"):
-                pid = _pack_id(key)
-                if pid is not None and pid not in keep:
-                    orphans.add(key)
-            fragments = self.chunks.fragment_keys()
-            fragments.update(fragment_key(k[1:]) for k in garbage if k[:1] == K_FRAG)
-            orphans.update(k for k in await self.store.list("i/") if k not in fragments)
-            removed, due = await self.fence.sweep(orphans)
-            if removed:
-                log.info("removed %d objects that a failed cycle left in the store", removed)
-            self.orphans_removed += removed
-            self.sweep_needed = due is not None
-            self._sweep_at = due or 0.0
-            return removed
-
-    # ------------------------------------------------------------------ checks
+    def __init__(
+        self,
+        heads: dict[str, Head],
+        catalog: Catalog,
+        chunks: ChunkStore,
+        refs: Refcounts,
+        fence: Fence,
+        space: CacheSpace,
+        data: DataPath,
+        commit_lock: trio.Lock,
+    ) -> None:
+        self.heads = heads
+        self.catalog = catalog
+        self.chunks = chunks
+        self.tree = refs.tree
+        self.refs = refs
+        self.fence = fence
+        self.store = fence.store
+        self.read_only = fence.read_only
+        self.space = space
+        self.data = data
+        self.commit_lock = commit_lock
+        self.offline = False  # a read-only engine in a temporary cache dir (fsck STORE_URL)
 
     def check_state(self) -> list[str]:
         """Every local component's own check, as findings (one line each, naming the
@@ -198,7 +74,7 @@ class Maintenance(Flusher):
         nodes counted). A plain def: the state of one instant."""
         heads = list(self.heads.values())
         saved = sum(h.saves.count() * h.bs for h in heads)
-        found = self.snap_cache.check()
+        found = self.data.check()
         found += self.space.check({h.row.id for h in heads}, saved)
         counted = None if self.read_only else self.refs.count
         if counted is not None:
@@ -230,7 +106,7 @@ class Maintenance(Flusher):
         ]
         if epochs != sorted(epochs):
             found.append(f"volume {name}: pending snapshots out of order (epochs {epochs})")
-        found += head.blocks.check(self.catalog.dirty(head.row.id), self.gen)
+        found += head.blocks.check(self.catalog.dirty(head.row.id), head.gen)
         found += head.saves.check(epochs, head.nblocks, name)
         return found
 
@@ -254,7 +130,7 @@ class Maintenance(Flusher):
         and delete orphan packs."""
         async with self.commit_lock:
             report = CheckReport(not_checked=self._not_checked())
-            if not self._offline():
+            if not self.offline:
                 report.state = self.check_state()
             roots = self._roots() + self._queue_roots()
             walk = await Walk(self.tree, strict=False).run(roots)
@@ -284,12 +160,8 @@ class Maintenance(Flusher):
         queued = [] if self.read_only else self.refs.queued()
         return [Root("the queue of dropped trees", key[1:], 0, queued=True) for key in queued]
 
-    def _offline(self) -> bool:
-        """A read-only engine in a temporary cache dir (`snapfs fsck STORE_URL`)."""
-        return self.read_only and getattr(self, "checking", False)
-
     def _not_checked(self) -> list[str]:
-        if self._offline():
+        if self.offline:
             return [
                 "refcounts, the block cache and the copy-on-write saves: they live in the "
                 "writer's cache dir, not in the store (run `snapfs fsck` on its mount)"
@@ -435,14 +307,3 @@ class _Found:
         report.wrong_counts[:0] = [line(k, w) for k, w in self._lines["wrong"]]
         report.missing += [line(k, w) for k, w in self._lines["missing"]]
         report.corrupt += [line(k, w) for k, w in self._lines["corrupt"]]
-
-
-def _pack_id(key: str) -> bytes | None:
-    try:
-        return bytes.fromhex(key.rsplit("/", 1)[1])
-    except ValueError:
-        return None  # not a name snapfs writes: left alone
-
-
-def _fragment_id(key: str) -> bytes:
-    return bytes.fromhex(key.rsplit("/", 1)[1])
