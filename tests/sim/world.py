@@ -619,7 +619,7 @@ class World:
                 # while this walk went on: a fragment that still listed it may have won).
                 if attempt:
                     await trio.sleep(0.01)
-                    await self.auditor._reload_index()
+                    await self.auditor.follower.reload_index()
                 missing = await self._audit_walk()
                 if not missing:
                     break

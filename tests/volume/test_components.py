@@ -12,10 +12,22 @@ from snapfs.volume.collector import Collector
 from snapfs.volume.datapath import DataPath
 from snapfs.volume.engine import Engine, EngineConfig, EngineStatistics
 from snapfs.volume.flusher import Committer
+from snapfs.volume.follow import Follower
 from snapfs.volume.fsck import Checker
 from snapfs.volume.references import References
+from snapfs.volume.volumes import Volumes
 
-COMPONENTS = (Engine, DataPath, Committer, Collector, Background, References, Checker)
+COMPONENTS = (
+    Engine,
+    Volumes,
+    Follower,
+    DataPath,
+    Committer,
+    Collector,
+    Background,
+    References,
+    Checker,
+)
 
 
 def test_engine_and_its_components_have_no_base_class():

@@ -11,7 +11,8 @@ from snapfs.errors import AlreadyExists, InvalidArgument
 from snapfs.store import MemoryStore
 from snapfs.volume import publish
 from snapfs.volume.catalog import Catalog, legacy_guid
-from snapfs.volume.engine import Engine, EngineConfig, record_guid
+from snapfs.volume.engine import Engine, EngineConfig
+from snapfs.volume.follow import record_guid
 
 BS = 4096
 GUID = "00112233445566778899aabbccddeeff"
