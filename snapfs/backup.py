@@ -195,7 +195,8 @@ def watched_restore(mnt: str, volume: str, show: bool) -> Iterator[progress_line
     def poll() -> None:
         while not done.wait(0.25):
             with contextlib.suppress(CliError, OSError):
-                running = ctl(mnt, "status").get("restores", {})  # type: ignore[union-attr]
+                status = ctl(mnt, "status")
+                running = status.get("restores", {}) if isinstance(status, dict) else {}
                 if volume in running:
                     line.update(int(running[volume]["copied_bytes"]))
 

@@ -405,7 +405,9 @@ def dispatch(words: list[str], mount: str | None, as_json: bool) -> int:
         return cmd_stream(words, mount, as_json)
     result = ctl(find_mount(mount), shlex.join(words))
     print(json.dumps(result, indent=2, default=str) if as_json else render(words, result))
-    return fsck_status(result) if words[0] == "fsck" else 0
+    if words[0] == "fsck" and isinstance(result, dict):
+        return fsck_status(result)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

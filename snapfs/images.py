@@ -129,7 +129,7 @@ def _read_output(proc: subprocess.Popen, progress: Progress | None) -> str:
     while chunk := os.read(proc.stdout.fileno(), 65536):
         chunks.append(chunk)
         reports = re.findall(rb"\((\d+(?:\.\d+)?)/100%\)", chunk)
-        if progress is not None and reports:
+        if progress is not None and progress.total is not None and reports:
             progress.update(int(float(reports[-1]) * progress.total / 100))
     proc.wait()
     return b"".join(chunks).decode(errors="replace")

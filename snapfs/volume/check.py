@@ -6,6 +6,7 @@ rebuilds its refcounts with it (store-only restore).
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from snapfs.chunks import CHUNK, NODE
@@ -48,7 +49,9 @@ class Walk:
     goes on with the rest. `want`: the keys whose first root to remember in `needed_by`
     (fsck's second walk, made only when something is wrong)."""
 
-    def __init__(self, tree: TreeReader, strict: bool = True, want: set[bytes] = frozenset()):
+    def __init__(
+        self, tree: TreeReader, strict: bool = True, want: Collection[bytes] = frozenset()
+    ):
         self.tree, self.strict, self.want = tree, strict, want
         self.counts: dict[bytes, int] = {}
         self.sizes: dict[bytes, int] = {}

@@ -133,17 +133,17 @@ class Follower:
         for ref in publish.doc_references(doc):
             cat.add_reference(ref)
         volumes = {v["name"]: v for v in doc["volumes"]}
-        for row in cat.volumes():
-            v = volumes.pop(row.name, None)
-            head = self.vols.heads.get(row.name)
-            if v is None or v["block_size"] != row.block_size:
-                cat.delete_volume(row.id)
-                self.vols.drop_head(row)
+        for vrow in cat.volumes():
+            v = volumes.pop(vrow.name, None)
+            head = self.vols.heads.get(vrow.name)
+            if v is None or v["block_size"] != vrow.block_size:
+                cat.delete_volume(vrow.id)
+                self.vols.drop_head(vrow)
                 if v is not None:
-                    volumes[row.name] = v  # taken again, with another block size
-            elif (v["root"], v["root_level"], v["size"]) != (row.root, row.root_level, row.size):
+                    volumes[vrow.name] = v  # taken again, with another block size
+            elif (v["root"], v["root_level"], v["size"]) != (vrow.root, vrow.root_level, vrow.size):
                 cat.update_volume(
-                    row.id, root=v["root"], root_level=v["root_level"], size=v["size"]
+                    vrow.id, root=v["root"], root_level=v["root_level"], size=v["size"]
                 )
                 if head is not None:
                     head.row.root, head.row.root_level = v["root"], v["root_level"]
@@ -153,10 +153,10 @@ class Follower:
                     head.blocks.forget_clean()  # cached from the old root
         for v in volumes.values():
             vid = add_volume_record(cat, v)
-            row = cat.volume(v["name"])
-            assert row is not None and row.id == vid
+            added = cat.volume(v["name"])
+            assert added is not None and added.id == vid
             if self.vols.heads:  # else the open adds the heads
-                self.vols.add_head(row)
+                self.vols.add_head(added)
 
 
 def add_volume_record(cat: Catalog, v: dict) -> int:

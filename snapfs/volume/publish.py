@@ -115,7 +115,7 @@ async def latest_catalog(store: Store, known: int = 0) -> dict | None:
 
 
 def catalog_doc(
-    catalog: Catalog, seq: int, writer: str = "", changes: int = 0, fragments: list[str] = ()
+    catalog: Catalog, seq: int, writer: str = "", changes: int = 0, fragments: Iterable[str] = ()
 ) -> dict:
     """The catalog document: the volumes and available snapshots, and the index fragments
     that place every object they reference (a reader GETs them by name: a store listing
@@ -189,7 +189,7 @@ def _doc(
     changes: int,
     volumes: list,
     snapshots: list,
-    fragments: list = (),
+    fragments: Iterable[str] = (),
     references: Iterable = (),
 ) -> dict:
     return {
