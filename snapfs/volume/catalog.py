@@ -490,6 +490,16 @@ class Catalog:
         ).fetchone()
         return row is not None
 
+    def timed_garbage(self, kinds: Iterable[bytes], limit: int = 5) -> list[bytes]:
+        """Up to `limit` keys of `kinds` queued with a time (fsck: blobs must have none)."""
+        kinds = tuple(kinds)
+        marks = ",".join("?" for _ in kinds)
+        sql = (
+            f"SELECT key FROM garbage WHERE since IS NOT NULL AND substr(key, 1, 1) IN ({marks})"
+            " LIMIT ?"
+        )
+        return [r[0] for r in self.db.execute(sql, (*kinds, limit))]
+
     def forget_garbage(self, keys: Iterable[bytes]) -> None:
         self.db.executemany("DELETE FROM garbage WHERE key=?", ((k,) for k in keys))
 

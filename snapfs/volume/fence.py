@@ -49,7 +49,7 @@ from snapfs.store.base import Store
 from snapfs.tasks import run_all
 from snapfs.volume import lease, publish
 from snapfs.volume.catalog import BLOB_KINDS, Catalog
-from snapfs.volume.check import K_CATALOG, K_FRAG, K_PACK
+from snapfs.volume.check import K_CATALOG, K_FRAG, K_PACK, key_to_store_key
 
 log = logging.getLogger("snapfs.fence")
 CLAIM_TRIES = 10  # a fresh cache dir's fence against a writer that keeps publishing
@@ -152,6 +152,22 @@ class Fence:
             raise ReadOnly(f"this writer lost the store ({self.lost}): remount")
         if self.catalog.failed:
             raise CatalogFailed(f"the local catalog failed ({self.catalog.failed}): remount")
+
+    def check(self) -> list[str]:
+        """The fence's own invariants, as findings (a writer's; a plain def): the newest
+        published catalog covers no change that was not made (`covers` <= the change
+        counter), and a blob queued as garbage has no time (it leaves the index once a
+        catalog without it is out; only store objects wait for a grace period)."""
+        found = []
+        covers, changes = self.covers, self.changes()
+        if covers > changes:
+            found.append(f"fence: the published catalog covers change {covers}, beyond {changes}")
+        found += [
+            f"{key_to_store_key(key)}: a blob queued as garbage with a time (only store "
+            "objects wait for a grace period)"
+            for key in self.catalog.timed_garbage(BLOB_KINDS)
+        ]
+        return found
 
     def statistics(self) -> dict:
         return {

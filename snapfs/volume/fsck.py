@@ -70,8 +70,9 @@ class Checker:
         object): the snapshot chunk cache; the block cache's totals and clean blocks
         (`CacheSpace`); per volume its dirty records against its `dirty` rows
         (`VolumeCache`), its pending snapshots and its copy-on-write saves (`CowSaves`);
-        the refcount rows (`Refcounts`, a writer's); the references (states, pins, their
-        nodes counted). A plain def: the state of one instant."""
+        the refcount rows (`Refcounts`, a writer's); the fence's counter and garbage
+        times (`Fence`, a writer's); the references (states, pins, their nodes counted).
+        A plain def: the state of one instant."""
         heads = list(self.heads.values())
         saved = sum(h.saves.count() * h.bs for h in heads)
         found = self.data.check()
@@ -79,6 +80,7 @@ class Checker:
         counted = None if self.read_only else self.refs.count
         if counted is not None:
             found += self.refs.check()
+            found += self.fence.check()
             found += self._check_queue()
         found += check_references(self.catalog.references(), counted)
         for head in heads:

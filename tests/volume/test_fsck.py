@@ -103,6 +103,20 @@ async def test_reference_holding_pins_while_available(engine):
     await state_finding(engine, f"reference {ref.id} (nightly)", "pins")
 
 
+async def test_fence_covers_more_than_was_changed(engine):
+    with engine.catalog.transaction():
+        engine.catalog.set_meta("published", engine.fence.changes() + 1)
+    one(engine.fence.check(), "fence: the published catalog covers change")
+    await state_finding(engine, "fence: the published catalog covers change")
+
+
+async def test_a_blob_queued_with_a_time(engine):
+    key = K_CHUNK + bytes(32)
+    with engine.catalog.transaction():
+        engine.catalog.add_garbage([key], since=1.0)
+    await state_finding(engine, key_to_store_key(key), "queued as garbage with a time")
+
+
 async def test_chunk_cache_bytes(engine):
     engine.snap_cache.bytes += 1
     await state_finding(engine, "chunk cache")
