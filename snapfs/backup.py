@@ -212,6 +212,42 @@ def watched_restore(mnt: str, volume: str, show: bool) -> Iterator[progress_line
         line.close()
 
 
+def interruptible_restore(mnt: str, line: str, volume: str) -> dict:
+    """The restore's ctl call, in a thread: a FUSE call cannot be interrupted, so Ctrl-C
+    reaches this (main) thread instead, which asks the daemon to cancel the restore
+    (`cancel restore VOL`), waits for the call to end and raises KeyboardInterrupt after
+    one line saying what is left (exit 130)."""
+    reply: list = []
+
+    def call() -> None:
+        try:
+            reply.append(ctl(mnt, line))
+        except CliError as exc:
+            reply.append(exc)
+
+    worker = threading.Thread(target=call, daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.2)
+    except KeyboardInterrupt:
+        while worker.is_alive():  # until the daemon has the restore to cancel
+            with contextlib.suppress(CliError):
+                ctl(mnt, shlex.join(["cancel", "restore", volume]))
+                break
+            worker.join(0.2)
+        worker.join()
+        got = reply[0] if reply else None
+        if isinstance(got, dict):  # the copy was complete: the volume is there
+            return got
+        print(f"snapfs: {got or 'restore interrupted'}", file=sys.stderr)
+        raise
+    if isinstance(reply[0], CliError):
+        raise reply[0]
+    assert isinstance(reply[0], dict)
+    return reply[0]
+
+
 def restore(args: list[str], mount: str | None, as_json: bool) -> int:
     """The mount's daemon copies the backup from the bank and makes the volume."""
     (name,), opts, flags = parse_words(
@@ -227,8 +263,7 @@ def restore(args: list[str], mount: str | None, as_json: bool) -> int:
     with watched_restore(
         mnt, opts["as"], progress_line.wanted(as_json, "no-progress" in flags)
     ) as shown:
-        r = ctl(mnt, line)
-        assert isinstance(r, dict)
+        r = interruptible_restore(mnt, line, opts["as"])
         shown.update(r["sent_bytes"] + r.get("adopted_bytes", 0))
     print(
         json.dumps(r)

@@ -9,6 +9,7 @@ A command is one line of shell-quoted words, the same words a user gives the `sn
 why; `execute()` runs it against the engine as a given uid and returns a JSON-able result.
 """
 
+import logging
 import os
 import secrets
 import shlex
@@ -17,12 +18,16 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import trio
+
 from snapfs.access import check_owner, check_root, visible
-from snapfs.errors import AlreadyExists, Busy, InvalidArgument, PermissionDenied
+from snapfs.errors import AlreadyExists, Busy, InvalidArgument, NotFound, PermissionDenied
 from snapfs.units import IMPORTING, check_name, parse_seconds, parse_size, split_snapshot_ref
 from snapfs.volume.bank import restore_backup
 from snapfs.volume.catalog import ReferenceRow, SnapshotRow, check_guid
 from snapfs.volume.engine import Engine
+
+log = logging.getLogger("snapfs.control")
 
 MAX_LINE = 64 * 1024
 
@@ -104,6 +109,11 @@ SPECS = [
         ("name",),
         {"bank": str, "as": _volume},
         help="",  # `snapfs restore` (snapfs/backup.py) sends it; in the CLI's usage text
+    ),
+    Spec(
+        ("cancel", "restore"),
+        ("volume",),
+        help="stop the restore into VOLUME (what it copied stays: run it again to go on)",
     ),
     Spec(
         ("diff",),
@@ -201,6 +211,7 @@ class Controller:
     def __init__(self, engine: Engine, status: dict[str, Any]) -> None:
         self.engine = engine
         self.status = status
+        self._restores: dict[str, trio.CancelScope] = {}  # volume → its restore's copy
 
     async def execute(self, line: str, uid: int) -> Any:
         spec, params = parse(line)
@@ -303,15 +314,28 @@ class Controller:
         running = self.status.setdefault("restores", {})
         if volume in running:
             raise Busy(f"a restore into {volume!r} is under way")
-        running[volume] = {"backup": name, "copied_bytes": 0}
+        running[volume] = {"backup": name, "copied_bytes": 0, "uid": uid}
+        self._restores[volume] = cancel = trio.CancelScope()
 
         def copied(n: int) -> None:
             running[volume]["copied_bytes"] += n
 
         try:
-            return await restore_backup(self.engine, bank, name, volume, uid, copied)
+            return await restore_backup(self.engine, bank, name, volume, uid, copied, cancel)
         finally:
-            del running[volume]
+            del running[volume], self._restores[volume]
+
+    async def do_cancel_restore(self, uid, volume):
+        """Stop the restore into `volume` (the CLI sends it on Ctrl-C): its copy stops at
+        once, what it copied stays for the next restore; a copy already complete still
+        makes the volume. Its starter's or root's."""
+        running = self.status.get("restores", {}).get(volume)
+        if running is None or volume not in self._restores:
+            raise NotFound(f"no restore into {volume!r} is under way")
+        check_owner(running["uid"], uid, f"the restore into {volume!r}")
+        self._restores[volume].cancel()
+        log.info("restore into %s: cancelled", volume)
+        return {"cancelled": volume}
 
     async def do_diff(self, uid, a, b=None):
         """VOL@A VOL@B: blocks whose content differs; VOL@A VOL: blocks of the volume that

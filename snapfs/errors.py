@@ -88,6 +88,12 @@ class ReadOnly(SnapfsError):
     errno = errno.EROFS
 
 
+class Cancelled(SnapfsError):
+    """A long operation (a restore) was cancelled at the user's request."""
+
+    errno = errno.ECANCELED
+
+
 class CorruptStream(SnapfsError):
     """A send/receive stream that is cut short, damaged or not a stream at all: refused
     whole, before anything of it is applied (snapfs/stream.py)."""

@@ -23,7 +23,9 @@ reference rows (references.py).
 import dataclasses
 from collections.abc import Callable
 
-from snapfs.errors import AlreadyExists, InvalidReference, NotFound
+import trio
+
+from snapfs.errors import AlreadyExists, Cancelled, InvalidReference, NotFound
 from snapfs.store import open_store
 from snapfs.units import check_name
 from snapfs.volume.catalog import ReferenceRow
@@ -51,11 +53,15 @@ async def restore_backup(
     volume: str,
     uid: int,
     on_bytes: Callable[[int], None] | None = None,
+    cancel: trio.CancelScope | None = None,
 ) -> dict:
     """Copy backup `name` of the bank at `bank_url` into `engine`'s store (only what it
     lacks) and make volume `volume` of it, owned by `uid`; an existing volume is refused
     (AlreadyExists) before anything is copied. `on_bytes(n)` as bytes are copied (the
-    progress the daemon's status shows). Returns the report."""
+    progress the daemon's status shows). `cancel` (not entered yet): cancelling it stops
+    the copy (Cancelled; what was copied stays, as an inbound reference the next restore
+    of this backup resumes); once the copy is complete the volume is made regardless.
+    Returns the report."""
     engine.writable()
     check_name(volume, "volume name")
     if any(v.name == volume for v in engine.volumes()):
@@ -66,7 +72,13 @@ async def restore_backup(
             backup = named_backup(source, name)
             snap = reference_snapshot(backup, uid)
             copy = Replicator(source, snap, engine, shared=True, on_bytes=on_bytes)
-            ref = await copy.run(name, backup.description, f"{bank.url} {backup.id}")
+            with cancel or trio.CancelScope():  # only the copy can be cut short
+                ref = await copy.run(name, backup.description, f"{bank.url} {backup.id}")
+            if cancel is not None and cancel.cancelled_caught:
+                raise Cancelled(
+                    f"restore of {name!r} as {volume!r} cancelled: what was copied stays; "
+                    "run it again to go on"
+                )
     finally:
         await bank.aclose()
     await engine.create_volume(volume, ref.size, ref.block_size, uid=uid)

@@ -6,12 +6,16 @@ second still restores exactly; bad input refused with one line; a Swift bank."""
 import json
 import os
 import pty
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
+from snapfs.ctlclient import ctl
 from tests.conftest import SNAPFS, Snapfs, refused, sha256
+from tests.faultproxy import FaultProxy
 from tests.fuse.test_replicate import MiB, write
 
 pytestmark = pytest.mark.fuse
@@ -132,3 +136,52 @@ def test_restore_shows_its_progress_on_a_terminal_only(snapfs: Snapfs, workdir: 
     piped = other.cli("restore", "b1", "--bank", bank, "--as", "r2")
     assert "\r" not in piped.stderr and piped.stderr == ""
     assert sha256(other.vol("r")) == sha256(fs.vol("db")) == sha256(other.vol("r2"))
+
+
+def test_ctrl_c_cancels_a_restore_and_the_next_goes_on(
+    swift_env, snapfs: Snapfs, workdir: Path, cleanup
+):
+    """`snapfs restore` is one ctl call that the daemon answers when the restore ends, and
+    a FUSE call does not return on a signal: the call runs in a thread, so Ctrl-C reaches
+    the CLI, which sends `cancel restore VOL`. It exits 130 with one line; no volume is
+    made; the next restore goes on and is exact. The bank is reached through a proxy that
+    delays every request, so the restore is surely under way when the signal comes."""
+    fs = snapfs
+    fs.cli("volume", "create", "db", "--size", "48M", "--block-size", "64K")
+    write(fs, "db", 0, os.urandom(40 * MiB))
+    want = sha256(fs.vol("db"))
+    bank = site(workdir, cleanup, "bank", swift_env["new_container_url"](), mount=False)
+    backup(fs, "db", bank.store_url, "b1", workdir / "bcache")
+    proxy = FaultProxy(swift_env["port"], seed=5, fault_rate=0.0, delay_rate=1.0, max_delay=0.4)
+    port = proxy.start()
+    cleanup.push("fault proxy", proxy.stop)  # pushed first: stopped after the daemon's exit
+    slow_bank = f"swift://127.0.0.1:{port}/{bank.store_url.rsplit('/', 1)[1]}"
+    (workdir / "site2").mkdir()
+    other = Snapfs(
+        workdir / "site2", cleanup, env={"ST_AUTH": f"http://127.0.0.1:{port}/auth/v1.0"}
+    )
+    other.init()
+    other.mount()
+    cmd = [*SNAPFS, "--mount", str(other.mnt), "restore", "b1", "--bank", slow_bank, "--as", "r"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=other.env)
+    cleanup.push("restore", lambda: proc.poll() is None and proc.kill())
+    for _ in range(600):
+        running = ctl(str(other.mnt), "status").get("restores", {})  # type: ignore[union-attr]
+        if running.get("r", {}).get("copied_bytes"):
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the restore did not start copying")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, (out, err)
+    lines = err.decode().strip().splitlines()
+    assert len(lines) == 1 and "cancelled" in lines[0] and "run it again" in lines[0], lines
+    assert [v["name"] for v in other.cli_json("volume", "list")] == []
+    refs = other.cli_json("snapshot", "unmanaged", "list")
+    assert [(r["name"], r["state"]) for r in refs] == [("b1", "inbound")], refs
+    assert ctl(str(other.mnt), "status").get("restores") == {}  # type: ignore[union-attr]
+    done = json.loads(other.cli("--json", "restore", "b1", "--bank", slow_bank, "--as", "r").stdout)
+    assert done["volume"] == "r"
+    assert sha256(other.vol("r")) == want
+    assert other.cli_json("fsck")["clean"]
