@@ -216,34 +216,37 @@ def interruptible_restore(mnt: str, line: str, volume: str) -> dict:
     """The restore's ctl call, in a thread: a FUSE call cannot be interrupted, so Ctrl-C
     reaches this (main) thread instead, which asks the daemon to cancel the restore
     (`cancel restore VOL`), waits for the call to end and raises KeyboardInterrupt after
-    one line saying what is left (exit 130)."""
+    one line saying what is left (exit 130). (An Event, not Thread.join: a join that
+    Ctrl-C interrupts can leave the thread marked stopped while it runs.)"""
     reply: list = []
+    finished = threading.Event()
 
     def call() -> None:
         try:
             reply.append(ctl(mnt, line))
         except CliError as exc:
             reply.append(exc)
+        finally:
+            finished.set()
 
-    worker = threading.Thread(target=call, daemon=True)
-    worker.start()
+    threading.Thread(target=call, daemon=True).start()
     try:
-        while worker.is_alive():
-            worker.join(0.2)
+        while not finished.wait(0.2):
+            pass
     except KeyboardInterrupt:
-        while worker.is_alive():  # until the daemon has the restore to cancel
+        while not finished.is_set():  # until the daemon has the restore to cancel
             with contextlib.suppress(CliError):
                 ctl(mnt, shlex.join(["cancel", "restore", volume]))
                 break
-            worker.join(0.2)
-        worker.join()
+            finished.wait(0.2)
+        finished.wait()
         got = reply[0] if reply else None
         if isinstance(got, dict):  # the copy was complete: the volume is there
             return got
         print(f"snapfs: {got or 'restore interrupted'}", file=sys.stderr)
         raise
-    if isinstance(reply[0], CliError):
-        raise reply[0]
+    if not reply or isinstance(reply[0], CliError):
+        raise reply[0] if reply else CliError("restore: no reply from the daemon")
     assert isinstance(reply[0], dict)
     return reply[0]
 

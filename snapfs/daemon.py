@@ -232,6 +232,7 @@ class Daemon:
             raise SnapfsError(f"cannot mount {self.mountpoint}: {exc}") from None
         try:
             async with trio.open_nursery() as nursery:
+                ops.commands = nursery  # ctl commands that outlast their write
                 if not self.opts.read_only:
                     await nursery.start(engine.run_flusher)
                     await nursery.start(engine.fence.keep_lease, engine.lost)

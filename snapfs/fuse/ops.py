@@ -54,6 +54,11 @@ FALLOC_KEEP_SIZE, FALLOC_PUNCH_HOLE, FALLOC_ZERO_RANGE = 0x01, 0x02, 0x10
 _REPLY_FROM_FD = getattr(pyfuse3, "ReplyFromFd", None)
 
 
+# How long a ctl command may run inside its write before the write returns and the command
+# goes on in the background (its reply is read from the same handle).
+WRITE_WAIT = 1.0
+
+
 @dataclass
 class Handle:
     kind: str  # "vol" | "snap" | "ctl"
@@ -61,6 +66,7 @@ class Handle:
     uid: int
     inbuf: bytearray = field(default_factory=bytearray)
     reply: bytes = b""
+    done: trio.Event | None = None  # a ctl command runs on this handle until it is set
 
 
 def errno_of(exc: BaseException) -> int:
@@ -143,6 +149,9 @@ class Operations(pyfuse3.Operations):
         self._notify = notify
         self._told = KernelView()
         self._kernel_lock = trio.Lock()
+        # Where a ctl command that outlasts its write goes on (the daemon's nursery; None
+        # in tests without one: every command then ends inside its write).
+        self.commands: trio.Nursery | None = None
 
     # ------------------------------------------------------------------ names and inodes
 
@@ -429,6 +438,8 @@ class Operations(pyfuse3.Operations):
             if snap.state != "available":
                 snap = await self.engine.wait_available(snap.volume, snap.name)
             return await self.engine.read_snapshot(snap, off, size)
+        if handle.done is not None:
+            await handle.done.wait()  # a command that outlasted its write
         return handle.reply[off : off + size]
 
     async def write(self, fh, off, buf):
@@ -445,8 +456,37 @@ class Operations(pyfuse3.Operations):
         while b"\n" in handle.inbuf:
             line, _, rest = bytes(handle.inbuf).partition(b"\n")
             handle.inbuf = bytearray(rest)
-            await self._run_command(handle, line)
+            await self._start_command(handle, line)
         return len(buf)
+
+    async def _start_command(self, handle: Handle, line: bytes) -> None:
+        """Run a ctl command for at most WRITE_WAIT seconds inside the write (its errno is
+        the write's); one that takes longer goes on in the background and the write
+        returns, and the handle's read waits for its reply. The kernel runs one write to
+        a file at a time (it holds the inode's lock for the whole FUSE write), so a long
+        command answered inside its write (a restore, a sync, fsck) would hold every other
+        ctl command of the mount, `status` and `cancel restore` too, until it ended."""
+        if handle.done is not None:
+            await handle.done.wait()  # a second line on the handle: after the first
+        if self.commands is None:
+            await self._run_command(handle, line)
+            return
+        done = handle.done = trio.Event()
+        failed: list[pyfuse3.FUSEError] = []
+
+        async def run() -> None:
+            try:
+                await self._run_command(handle, line)
+            except pyfuse3.FUSEError as exc:  # the reply says why
+                failed.append(exc)
+            finally:
+                done.set()
+
+        self.commands.start_soon(run)
+        with trio.move_on_after(WRITE_WAIT):
+            await done.wait()
+        if failed:
+            raise failed[0]
 
     async def _run_command(self, handle: Handle, line: bytes) -> None:
         try:
@@ -520,7 +560,7 @@ class Operations(pyfuse3.Operations):
             self.engine.close_snapshot(handle.key)
         elif handle.kind == "ctl" and handle.inbuf.strip():
             with contextlib.suppress(pyfuse3.FUSEError):
-                await self._run_command(handle, bytes(handle.inbuf))
+                await self._start_command(handle, bytes(handle.inbuf))
 
     # ------------------------------------------------------------------ xattrs
 

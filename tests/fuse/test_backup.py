@@ -167,11 +167,11 @@ def test_ctrl_c_cancels_a_restore_and_the_next_goes_on(
     cleanup.push("restore", lambda: proc.poll() is None and proc.kill())
     for _ in range(600):
         running = ctl(str(other.mnt), "status").get("restores", {})  # type: ignore[union-attr]
-        if running.get("r", {}).get("copied_bytes"):
+        if running.get("r", {}).get("copied_bytes") or proc.poll() is not None:
             break
         time.sleep(0.05)
-    else:
-        pytest.fail("the restore did not start copying")
+    assert proc.poll() is None, proc.communicate()
+    assert running.get("r", {}).get("copied_bytes"), f"the restore did not start: {running}"
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, (out, err)
