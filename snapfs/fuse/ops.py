@@ -67,6 +67,9 @@ class Handle:
     inbuf: bytearray = field(default_factory=bytearray)
     reply: bytes = b""
     done: trio.Event | None = None  # a ctl command runs on this handle until it is set
+    error: int = 0  # the errno of the handle's last command, 0 when it succeeded
+    detached: bool = False  # that command outlasted its write: close() reports it
+    read_back: bool = False  # its reply was read (the CLI): close() reports nothing
 
 
 def errno_of(exc: BaseException) -> int:
@@ -440,6 +443,7 @@ class Operations(pyfuse3.Operations):
             return await self.engine.read_snapshot(snap, off, size)
         if handle.done is not None:
             await handle.done.wait()  # a command that outlasted its write
+            handle.read_back = True
         return handle.reply[off : off + size]
 
     async def write(self, fh, off, buf):
@@ -468,25 +472,27 @@ class Operations(pyfuse3.Operations):
         ctl command of the mount, `status` and `cancel restore` too, until it ended."""
         if handle.done is not None:
             await handle.done.wait()  # a second line on the handle: after the first
+        handle.error, handle.detached, handle.read_back = 0, False, False
         if self.commands is None:
             await self._run_command(handle, line)
             return
         done = handle.done = trio.Event()
-        failed: list[pyfuse3.FUSEError] = []
 
         async def run() -> None:
             try:
                 await self._run_command(handle, line)
             except pyfuse3.FUSEError as exc:  # the reply says why
-                failed.append(exc)
+                handle.error = exc.errno
             finally:
                 done.set()
 
         self.commands.start_soon(run)
         with trio.move_on_after(WRITE_WAIT):
             await done.wait()
-        if failed:
-            raise failed[0]
+        if not done.is_set():
+            handle.detached = True  # flush (close) waits for it, and reports its errno
+        elif handle.error:
+            raise pyfuse3.FUSEError(handle.error)
 
     async def _run_command(self, handle: Handle, line: bytes) -> None:
         try:
@@ -543,7 +549,17 @@ class Operations(pyfuse3.Operations):
             self.engine.writable()  # EROFS on a read-only mount or a writer that lost
 
     async def flush(self, fh):
-        return None
+        """close(): a ctl command that outlasted its write is waited for here (the kernel
+        holds no inode lock during a flush), so `echo sync > ctl` returns once the sync is
+        done, as it did when every command ended inside its write; its failure is
+        close()'s errno, unless its reply was read (the CLI reads it)."""
+        handle = self._handles.get(fh)
+        if handle is None or handle.kind != "ctl" or handle.done is None:
+            return
+        await handle.done.wait()
+        if handle.detached and handle.error and not handle.read_back:
+            handle.detached = False  # reported once
+            raise pyfuse3.FUSEError(handle.error)
 
     async def fsync(self, fh, datasync):
         handle = self._handle(fh)

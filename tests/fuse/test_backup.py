@@ -3,6 +3,7 @@ second sends only its changes), each restored exactly on another site (a second 
 its own store and cache dir, nothing shared but the bank); the first backup deleted, the
 second still restores exactly; bad input refused with one line; a Swift bank."""
 
+import errno
 import json
 import os
 import pty
@@ -181,7 +182,27 @@ def test_ctrl_c_cancels_a_restore_and_the_next_goes_on(
     refs = other.cli_json("snapshot", "unmanaged", "list")
     assert [(r["name"], r["state"]) for r in refs] == [("b1", "inbound")], refs
     assert ctl(str(other.mnt), "status").get("restores") == {}  # type: ignore[union-attr]
-    done = json.loads(other.cli("--json", "restore", "b1", "--bank", slow_bank, "--as", "r").stdout)
-    assert done["volume"] == "r"
+    # As a shell's `echo LINE > ctl` does (write, close, no read): a command that outlasts
+    # its write is waited for by close(), which reports its failure.
+    missing = shell_ctl(other, f"restore nope --bank {slow_bank} --as r")
+    assert missing is not None and missing.errno == errno.ENOENT, missing
+    assert shell_ctl(other, f"restore b1 --bank {slow_bank} --as r") is None
+    assert [v["name"] for v in other.cli_json("volume", "list")] == ["r"]
     assert sha256(other.vol("r")) == want
     assert other.cli_json("fsck")["clean"]
+
+
+def shell_ctl(fs: Snapfs, line: str) -> OSError | None:
+    """`echo LINE > MNT/.snapfs/ctl`: write the line, close, read nothing; returns what
+    close() failed with (the write must not fail: the command outlasts it)."""
+    fd = os.open(fs.mnt / ".snapfs" / "ctl", os.O_WRONLY)
+    started = time.monotonic()
+    try:
+        os.write(fd, (line + "\n").encode())
+        assert time.monotonic() - started < 3, "the write waited for the whole command"
+    finally:
+        try:
+            os.close(fd)
+        except OSError as exc:
+            return exc
+    return None
