@@ -227,3 +227,59 @@ async def test_ctl_commands_make_the_kernel_forget_what_they_changed(mounted):
     await command("volume create w --size 1M --block-size 64K")
     assert told == []  # the kernel was told nothing of the new w yet
     assert (await ops.lookup(VOLUMES, b"w", CTX)).st_ino != w
+
+
+async def test_a_ctl_command_that_outlasts_its_write(mounted, monkeypatch, autojump_clock):
+    """The kernel holds the ctl file's inode lock for a whole write, so a command runs in
+    the write for at most WRITE_WAIT: a longer one goes on in the background. Its reply
+    is read from the handle (the read waits for it); unread, close() (flush) waits for it
+    and answers its errno; read, close() answers nothing. A quick failure stays the
+    write's errno. Meanwhile another handle's command is answered at once."""
+    engine, ops, _ino, _fh = mounted
+    slow = trio.Event()
+
+    async def sync() -> None:  # a sync that fails once let go
+        await slow.wait()
+        raise fuse_ops.StoreError("the store refused")
+
+    monkeypatch.setattr(engine, "sync", sync)
+    async with trio.open_nursery() as nursery:
+        ops.commands = nursery
+        started = trio.current_time()
+        fh = (await ops.open(CTL, os.O_RDWR, CTX)).fh
+        assert await ops.write(fh, 0, b"sync\n") == 5  # returns: the sync goes on
+        assert trio.current_time() - started >= fuse_ops.WRITE_WAIT
+        other = (await ops.open(CTL, os.O_RDWR, CTX)).fh
+        await ops.write(other, 0, b"status\n")  # not held by the sync
+        assert b'"ok": true' in await ops.read(other, 0, 4096)
+        await ops.flush(other)
+        got = []
+
+        async def read_back() -> None:
+            got.append(await ops.read(fh, 0, 4096))
+
+        nursery.start_soon(read_back)
+        await trio.sleep(5)
+        assert got == []  # the read waits for the reply
+        slow.set()
+        await trio.sleep(0.1)
+        assert b"the store refused" in got[0]
+        await ops.flush(fh)  # the reply was read: close() says nothing
+        # Unread: close() answers the command's errno, once.
+        slow = trio.Event()
+        fh2 = (await ops.open(CTL, os.O_RDWR, CTX)).fh
+        await ops.write(fh2, 0, b"sync\n")
+        with trio.move_on_after(3) as waiting:
+            await ops.flush(fh2)
+        assert waiting.cancelled_caught  # close() waits for the command
+        slow.set()
+        with pytest.raises(pyfuse3.FUSEError) as failed:
+            await ops.flush(fh2)
+        assert failed.value.errno == errno.EIO
+        await ops.flush(fh2)
+        # A quick failure is the write's own errno.
+        fh3 = (await ops.open(CTL, os.O_RDWR, CTX)).fh
+        with pytest.raises(pyfuse3.FUSEError) as refused:
+            await ops.write(fh3, 0, b"volume delete nope\n")
+        assert refused.value.errno == errno.ENOENT
+        await ops.flush(fh3)
