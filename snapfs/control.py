@@ -211,7 +211,8 @@ class Controller:
     def __init__(self, engine: Engine, status: dict[str, Any]) -> None:
         self.engine = engine
         self.status = status
-        self._restores: dict[str, trio.CancelScope] = {}  # volume → its restore's copy
+        # volume → (the restore's copy, who started it); its progress is in status
+        self._restores: dict[str, tuple[trio.CancelScope, int]] = {}
 
     async def execute(self, line: str, uid: int) -> Any:
         spec, params = parse(line)
@@ -314,8 +315,9 @@ class Controller:
         running = self.status.setdefault("restores", {})
         if volume in running:
             raise Busy(f"a restore into {volume!r} is under way")
-        running[volume] = {"backup": name, "copied_bytes": 0, "uid": uid}
-        self._restores[volume] = cancel = trio.CancelScope()
+        running[volume] = {"backup": name, "copied_bytes": 0}
+        cancel = trio.CancelScope()
+        self._restores[volume] = (cancel, uid)
 
         def copied(n: int) -> None:
             running[volume]["copied_bytes"] += n
@@ -329,11 +331,11 @@ class Controller:
         """Stop the restore into `volume` (the CLI sends it on Ctrl-C): its copy stops at
         once, what it copied stays for the next restore; a copy already complete still
         makes the volume. Its starter's or root's."""
-        running = self.status.get("restores", {}).get(volume)
-        if running is None or volume not in self._restores:
+        if volume not in self._restores:
             raise NotFound(f"no restore into {volume!r} is under way")
-        check_owner(running["uid"], uid, f"the restore into {volume!r}")
-        self._restores[volume].cancel()
+        cancel, starter = self._restores[volume]
+        check_owner(starter, uid, f"the restore into {volume!r}")
+        cancel.cancel()
         log.info("restore into %s: cancelled", volume)
         return {"cancelled": volume}
 

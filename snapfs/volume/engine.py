@@ -51,7 +51,7 @@ from snapfs.volume.files import Files
 from snapfs.volume.flusher import Committer
 from snapfs.volume.follow import Follower, add_snapshot_record, add_volume_record
 from snapfs.volume.fsck import Checker
-from snapfs.volume.head import Head, find_head, find_snapshot
+from snapfs.volume.head import Head
 from snapfs.volume.refcounts import Refcounts
 from snapfs.volume.references import References
 from snapfs.volume.volumes import Volumes
@@ -167,14 +167,13 @@ class Engine:
             self.wake.kick,
         )
         self.referencing = References(
-            self.heads,
+            self.vols,
             catalog,
             self.refs,
             self.fence,
             self.commit_lock,
             self.committer,
             self.collector,
-            self.vols.snap_opens,
         )
         self.follower = Follower(catalog, self.chunks, self.fence, config, self.vols)
         self.checker = Checker(
@@ -411,10 +410,10 @@ class Engine:
     # ------------------------------------------------------------------ delegated
 
     def head(self, name: str) -> Head:
-        return find_head(self.heads, name)
+        return self.vols.head(name)
 
     def snapshot_row(self, volume: str, name: str) -> SnapshotRow:
-        return find_snapshot(self.catalog, self.heads, volume, name)
+        return self.vols.snapshot_row(volume, name)
 
     # a read-only engine follows the writer (`Follower`)
 

@@ -38,13 +38,13 @@ from snapfs.errors import AlreadyExists, Busy, InvalidArgument, InvalidReference
 from snapfs.units import check_name
 from snapfs.volume.catalog import Catalog, ReferenceRow, SnapshotRow, check_guid
 from snapfs.volume.check import K_NODE, key_to_store_key
-from snapfs.volume.head import Head, find_head, find_snapshot
 from snapfs.volume.refcounts import Refcounts
 
 if TYPE_CHECKING:
     from snapfs.volume.collector import Collector
     from snapfs.volume.fence import Fence
     from snapfs.volume.flusher import Committer
+    from snapfs.volume.volumes import Volumes
 
 REFERENCE_ID_CHARS = 16  # hex digits of a reference id
 
@@ -93,16 +93,15 @@ class References:
 
     def __init__(
         self,
-        heads: dict[str, Head],
+        vols: Volumes,
         catalog: Catalog,
         refs: Refcounts,
         fence: Fence,
         commit_lock: trio.Lock,
         committer: Committer,
         collector: Collector,
-        snap_opens: dict[int, int],
     ) -> None:
-        self.heads = heads
+        self.vols = vols  # the volumes and snapshots a reference comes from or goes to
         self.catalog = catalog
         self.refs = refs
         self.fence = fence
@@ -111,10 +110,6 @@ class References:
         self.commit_lock = commit_lock
         self.committer = committer
         self.collector = collector
-        self.snap_opens = snap_opens
-
-    def snapshot_row(self, volume: str, name: str) -> SnapshotRow:
-        return find_snapshot(self.catalog, self.heads, volume, name)
 
     def references(self) -> list[ReferenceRow]:
         return self.catalog.references()
@@ -131,10 +126,10 @@ class References:
         reference: in one transaction the row goes and its root's count moves to the
         reference. Only available, non-temporary snapshots that nobody has open."""
         self.fence.writable()
-        snap = self.snapshot_row(volume, name)
+        snap = self.vols.snapshot_row(volume, name)
         check_owner(snap.owner, uid, f"snapshot {volume}@{name}")
         async with self.commit_lock:
-            snap = self.snapshot_row(volume, name)
+            snap = self.vols.snapshot_row(volume, name)
             self._check_unmanageable(snap)
             ref = ReferenceRow(
                 new_reference_id(),
@@ -164,7 +159,7 @@ class References:
             raise InvalidArgument(f"{what} is temporary: it cannot be unmanaged")
         if snap.state != "available":
             raise Busy(f"{what} is {snap.state}: wait until it is uploaded (snapfs sync)")
-        if self.snap_opens.get(snap.id):
+        if self.vols.snap_opens.get(snap.id):
             raise Busy(f"{what} is open")
 
     async def manage(
@@ -175,7 +170,7 @@ class References:
         NotFound without the volume; InvalidReference when `rid` is no available
         reference here, or its block size differs or it is larger than the volume."""
         self.fence.writable()
-        head = find_head(self.heads, volume)
+        head = self.vols.head(volume)
         check_owner(head.row.owner, uid, f"volume {volume!r}")
         async with self.commit_lock:
             ref = self._adoptable(rid, head.row.size, head.row.block_size, uid)
